@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine (see README.md):
+#   make run    train + sample the embedded default (configs/toy2d.yaml) on the CPU
+#   make test   run the test suite
+# Both create .venv from requirements.lock on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/toy2d.yaml
+
+.PHONY: run test test-fast bench clean venv
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) train.py fit --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/guidance_cost.py
+
+clean:
+	rm -rf checkpoints/runs .pytest_cache

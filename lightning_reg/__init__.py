@@ -1,0 +1,1 @@
+"""lightning-reg: REG (Rectified Gradient Guidance) for conditional diffusion models."""

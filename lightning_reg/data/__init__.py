@@ -1,0 +1,1 @@
+"""Data modules: the paper toy distributions and HF-datasets image data."""

@@ -1,0 +1,133 @@
+"""The paper's toy problems (REG_NOTES §4) as Lightning data modules with known densities.
+
+* ``Toy1D``: one condition, ``p(x|y)`` a mixture with means [0.5, 1.5], stds [0.25, 0.25]; the
+  "unconditional" density is a *different* mixture (means [-1, 1], stds [0.5, 0.5]), not the class
+  marginal, so the data itself supplies null-labelled samples (``null_fraction``).
+* ``Toy2D``: two classes, a ring (class 0) and a cross (class 1), each a dense Gaussian mixture along
+  the shape, so densities, scores and the exact denoiser are all closed-form.
+
+Batches are ``(x, y)`` with ``y`` in ``[0, num_classes]``; ``num_classes`` is the null label.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_reg.data.mixtures import GaussianMixture
+from lightning_reg.errors import ConfigError
+
+
+class ToyDistribution:
+    """Class-conditional mixtures ``p(x|y)`` plus the unconditional ``p(x)`` (default: class marginal)."""
+
+    def __init__(self, conditionals: list[GaussianMixture], unconditional: GaussianMixture | None = None):
+        self.conditionals = conditionals
+        self.unconditional = unconditional or GaussianMixture.combine(conditionals)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.conditionals)
+
+    @property
+    def dim(self) -> int:
+        return self.unconditional.dim
+
+    def mixture(self, label: int) -> GaussianMixture:
+        """``p(x|y=label)``; the null label ``num_classes`` gives ``p(x)``."""
+        return self.unconditional if label == self.num_classes else self.conditionals[label]
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One sample per label (float64, shape (N, dim))."""
+        out = torch.empty(len(labels), self.dim, dtype=torch.float64)
+        for label in labels.unique().tolist():
+            idx = (labels == label).nonzero().squeeze(1)
+            out[idx] = self.mixture(label).sample(len(idx), generator)
+        return out
+
+    def log_prob(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(x), dtype=torch.float64)
+        for label in labels.unique().tolist():
+            idx = (labels == label).nonzero().squeeze(1)
+            out[idx] = self.mixture(label).log_prob(x[idx])
+        return out
+
+
+def toy1d_distribution() -> ToyDistribution:
+    return ToyDistribution([GaussianMixture([0.5, 1.5], [0.25, 0.25])],
+                           unconditional=GaussianMixture([-1.0, 1.0], [0.5, 0.5]))
+
+
+def ring(radius: float = 1.0, components: int = 48, std: float = 0.06) -> GaussianMixture:
+    angle = torch.arange(components, dtype=torch.float64) * (2 * math.pi / components)
+    return GaussianMixture(radius * torch.stack([angle.cos(), angle.sin()], 1), [std] * components)
+
+
+def cross(arm: float = 0.6, components: int = 48, std: float = 0.06) -> GaussianMixture:
+    u = torch.linspace(-arm, arm, components // 2, dtype=torch.float64)
+    zero = torch.zeros_like(u)
+    points = torch.cat([torch.stack([u, zero], 1), torch.stack([zero, u], 1)])
+    return GaussianMixture(points, [std] * len(points))
+
+
+def toy2d_distribution() -> ToyDistribution:
+    return ToyDistribution([ring(), cross()])
+
+
+class ToyDataModule(L.LightningDataModule):
+    """Deterministic (given ``seed``) train/val sets drawn from a ``ToyDistribution``."""
+
+    def __init__(self, distribution: ToyDistribution, num_train: int = 100_000, num_val: int = 4096,
+                 batch_size: int = 512, null_fraction: float = 0.0, seed: int = 0):
+        super().__init__()
+        if num_train <= 0 or num_val <= 0 or batch_size <= 0:
+            raise ConfigError("num_train, num_val and batch_size must be positive")
+        if not 0.0 <= null_fraction < 1.0:
+            raise ConfigError(f"null_fraction must lie in [0, 1), got {null_fraction}")
+        self.distribution = distribution
+        self.num_train, self.num_val, self.batch_size = num_train, num_val, batch_size
+        self.null_fraction, self.seed = null_fraction, seed
+
+    @property
+    def num_classes(self) -> int:
+        return self.distribution.num_classes
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (self.distribution.dim,)
+
+    def make_split(self, n: int, seed: int) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, self.num_classes, (n,), generator=g)
+        null = torch.rand(n, generator=g) < self.null_fraction
+        labels[null] = self.num_classes
+        return TensorDataset(self.distribution.sample(labels, g).float(), labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self.make_split(self.num_train, self.seed)
+        self.val_set = self.make_split(self.num_val, self.seed + 1)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class Toy1D(ToyDataModule):
+    """The paper's 1D set-up: half of the data are null-labelled draws of the unconditional mixture."""
+
+    def __init__(self, num_train: int = 100_000, num_val: int = 4096, batch_size: int = 512,
+                 null_fraction: float = 0.5, seed: int = 0):
+        super().__init__(toy1d_distribution(), num_train, num_val, batch_size, null_fraction, seed)
+
+
+class Toy2D(ToyDataModule):
+    """Two classes: a ring and a cross; unconditional = their marginal (learned by label dropout)."""
+
+    def __init__(self, num_train: int = 100_000, num_val: int = 4096, batch_size: int = 512,
+                 null_fraction: float = 0.0, seed: int = 0):
+        super().__init__(toy2d_distribution(), num_train, num_val, batch_size, null_fraction, seed)

@@ -1,0 +1,107 @@
+"""Samplers: plain functions over a denoiser ``D(x, t) -> x0_hat`` (labels and guidance bound in).
+
+Each takes standard-normal ``noise`` (scaled by the schedule's ``prior_std``), walks the schedule's
+``sampling_times`` from noise to clean and returns ``x_0``. ``noise_sampler(x)`` draws the fresh
+noise of stochastic steps (default ``torch.randn_like``; pass a per-sample source for results that
+do not depend on batch composition).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_reg.diffusion.predictions import eps_from_x0
+from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, NoiseSchedule
+from lightning_reg.errors import ConfigError
+
+DenoiserFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _steps(times: Tensor, progress: bool, name: str):
+    pairs = list(zip(times[:-1], times[1:]))
+    return tqdm(list(enumerate(pairs)), desc=name, leave=False, disable=not progress)
+
+
+def _check_finite(x: Tensor, step: int, t: Tensor, denoiser) -> None:
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"non-finite values after sampling step {step} (t={float(t):.4g}) with {denoiser!r}; "
+            "lower the guidance weight or check the model")
+
+
+@torch.no_grad()
+def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: int, *, eta: float = 0.0,
+         noise_sampler: Callable[[Tensor], Tensor] = torch.randn_like, progress: bool = False) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) for any ``x_t = a x0 + s eps``; ``eta = 1`` is DDPM ancestral.
+
+    ``x_next = a_next x0_hat + sqrt(s_next^2 - c^2) eps_hat + c z`` with the posterior std
+    ``c = eta * s_next * sqrt(1 - (a_cur s_next / (a_next s_cur))^2)``.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"eta must lie in [0, 1], got {eta}")
+    times = schedule.sampling_times(steps)
+    x = noise * schedule.prior_std
+    for i, (t_cur, t_next) in _steps(times, progress, "ddpm" if eta == 1 else "ddim"):
+        (a_cur, s_cur), (a_next, s_next) = schedule.alpha_sigma(t_cur), schedule.alpha_sigma(t_next)
+        x0_hat = denoiser(x, t_cur)
+        eps_hat = eps_from_x0(x0_hat, x, float(a_cur), float(s_cur))
+        c = eta * s_next * (1 - (a_cur * s_next / (a_next * s_cur)) ** 2).clamp(min=0).sqrt()
+        x = float(a_next) * x0_hat + float((s_next ** 2 - c ** 2).clamp(min=0).sqrt()) * eps_hat
+        if c > 0:
+            x = x + float(c) * noise_sampler(x)
+        _check_finite(x, i, t_cur, denoiser)
+    return x
+
+
+@torch.no_grad()
+def edm_heun(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: int, *,
+             noise_sampler=None, progress: bool = False) -> Tensor:
+    """EDM deterministic Heun 2nd-order sampler (Karras et al. 2022, Alg. 1): ``dx/dsigma = (x - D)/sigma``."""
+    if not isinstance(schedule, EDMSchedule):
+        raise ConfigError("sampler 'edm_heun' needs the 'edm' schedule")
+    times = schedule.sampling_times(steps)
+    x = noise * schedule.prior_std
+    for i, (t_cur, t_next) in _steps(times, progress, "edm_heun"):
+        d_cur = (x - denoiser(x, t_cur)) / float(t_cur)
+        x_next = x + float(t_next - t_cur) * d_cur
+        if t_next > 0:  # 2nd-order correction, skipped on the last step to sigma = 0
+            d_prime = (x_next - denoiser(x_next, t_next)) / float(t_next)
+            x_next = x + float(t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+        _check_finite(x, i, t_cur, denoiser)
+    return x
+
+
+@torch.no_grad()
+def flow_euler(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: int, *,
+               noise_sampler=None, progress: bool = False) -> Tensor:
+    """Euler on the flow ODE ``dx/dt = v = (x - x0_hat) / t`` from t = 1 to 0."""
+    if not isinstance(schedule, FlowSchedule):
+        raise ConfigError("sampler 'flow_euler' needs the 'flow' schedule")
+    times = schedule.sampling_times(steps)
+    x = noise * schedule.prior_std
+    for i, (t_cur, t_next) in _steps(times, progress, "flow_euler"):
+        v = (x - denoiser(x, t_cur)) / float(t_cur)
+        x = x + float(t_next - t_cur) * v
+        _check_finite(x, i, t_cur, denoiser)
+    return x
+
+
+SAMPLERS = {
+    "ddpm": partial(ddim, eta=1.0),
+    "ddim": ddim,
+    "edm_heun": edm_heun,
+    "flow_euler": flow_euler,
+}
+
+
+def get_sampler(name: str, **kwargs) -> Callable[..., Tensor]:
+    """A sampler by name (``ddpm``, ``ddim``, ``edm_heun``, ``flow_euler``); kwargs such as ``eta``."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return partial(SAMPLERS[name], **kwargs) if kwargs else SAMPLERS[name]

@@ -1,0 +1,188 @@
+"""Forward noising processes ``x_t = a_t * x_0 + s_t * eps`` (REG_NOTES notation).
+
+Every schedule maps a time value ``t`` to ``(a_t, s_t)``; samplers and guidance only ever see
+those two numbers, so the same code serves discrete VP (DDPM), EDM and rectified flow:
+
+=============  =====================  ======================  ==========================
+schedule       time ``t``             ``a_t``                 ``s_t``
+=============  =====================  ======================  ==========================
+``vp``         index 0..T-1 (-1 clean) ``sqrt(abar_t)``       ``sqrt(1 - abar_t)``
+``edm``        noise level sigma       1                       sigma
+``flow``       t in [0, 1]             ``1 - t``               t
+=============  =====================  ======================  ==========================
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from lightning_reg.errors import ConfigError
+
+
+def _as_tensor(t: Tensor | float) -> Tensor:
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+class NoiseSchedule(ABC):
+    """A forward process over a time variable; ``sampling_times`` runs from noise to clean."""
+
+    name: str
+    prior_std: float = 1.0  # std of x at the first sampling time: x_T = prior_std * noise
+    predictions: tuple[str, ...]  # prediction targets this schedule supports
+
+    @abstractmethod
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(a_t, s_t)`` as float64 tensors shaped like ``t``."""
+
+    @abstractmethod
+    def sample_training_times(self, n: int, device=None) -> Tensor:
+        """Times at which training noises the data."""
+
+    @abstractmethod
+    def sampling_times(self, steps: int) -> Tensor:
+        """``steps + 1`` decreasing times; the last one is clean (``s = 0``)."""
+
+    @abstractmethod
+    def net_time(self, t: Tensor) -> Tensor:
+        """The time value the backbone is conditioned on."""
+
+    @abstractmethod
+    def progress(self, t: Tensor | float) -> float:
+        """Sampling progress ``p``: 0 at the noisiest time, 1 at the clean end (REG_NOTES §3)."""
+
+    def check_steps(self, steps: int) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self).keys() == vars(other).keys() and all(
+            torch.equal(v, vars(other)[k]) if isinstance(v, Tensor) else v == vars(other)[k]
+            for k, v in vars(self).items()
+        )
+
+
+class VPSchedule(NoiseSchedule):
+    """Discrete variance-preserving (DDPM) process with linear or cosine betas over ``T`` steps."""
+
+    name = "vp"
+    predictions = ("eps", "x0", "v")
+
+    def __init__(self, num_timesteps: int = 1000, betas: str = "linear",
+                 beta_start: float = 1e-4, beta_end: float = 0.02):
+        if not isinstance(num_timesteps, int) or num_timesteps <= 0:
+            raise ConfigError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+        if betas == "linear":
+            if not 0 < beta_start <= beta_end < 1:
+                raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+            beta = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        elif betas == "cosine":  # Nichol & Dhariwal (2021), eq. 17
+            f = lambda u: math.cos((u / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            beta = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_timesteps)],
+                                dtype=torch.float64)
+        else:
+            raise ConfigError(f"unknown betas schedule {betas!r}; choose 'linear' or 'cosine'")
+        self.num_timesteps, self.betas = num_timesteps, betas
+        self.beta_start, self.beta_end = beta_start, beta_end
+        # index 0 of the padded table is the clean time t = -1 (abar = 1)
+        self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - beta, 0)])
+
+    def alpha_sigma(self, t):
+        abar = self.alpha_bar[_as_tensor(t).round().long() + 1]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def sample_training_times(self, n, device=None):
+        return torch.randint(0, self.num_timesteps, (n,), device=device).double()
+
+    def sampling_times(self, steps):
+        """DiT/ADM respacing: ``steps`` evenly strided indices of ``T-1 .. 0``, then clean (-1)."""
+        self.check_steps(steps)
+        if steps > self.num_timesteps:
+            raise ConfigError(f"steps={steps} exceeds the schedule's num_timesteps={self.num_timesteps}")
+        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round()
+        return torch.cat([times, torch.tensor([-1.0], dtype=torch.float64)])
+
+    def net_time(self, t):
+        return t
+
+    def progress(self, t):
+        return 1.0 - float(t) / self.num_timesteps
+
+
+class EDMSchedule(NoiseSchedule):
+    """EDM (Karras et al. 2022): ``x = x_0 + sigma * eps``; Karras sigmas (eq. 5) for sampling."""
+
+    name = "edm"
+    predictions = ("edm", "x0", "eps")
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
+        if not 0 < sigma_min < sigma_max:
+            raise ConfigError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if sigma_data <= 0 or rho <= 0 or p_std <= 0:
+            raise ConfigError("sigma_data, rho and p_std must be positive")
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+        self.prior_std = sigma_max
+
+    def alpha_sigma(self, t):
+        sigma = _as_tensor(t)
+        return torch.ones_like(sigma), sigma
+
+    def sample_training_times(self, n, device=None):
+        return (torch.randn(n, device=device, dtype=torch.float64) * self.p_std + self.p_mean).exp()
+
+    def _ramp(self, sigma):
+        """Position of sigma on the Karras ramp in ``sigma^(1/rho)``: 0 at sigma_max, 1 at sigma_min."""
+        hi, lo = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
+        return (hi - sigma ** (1 / self.rho)) / (hi - lo)
+
+    def sampling_times(self, steps):
+        self.check_steps(steps)
+        hi, lo = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+        sigmas = (hi + ramp * (lo - hi)) ** self.rho
+        return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+    def net_time(self, t):
+        return 250.0 * t.log()  # EDM's c_noise = ln(sigma)/4, scaled x1000 like DDPM indices
+
+    def progress(self, t):
+        return min(max(self._ramp(float(t)), 0.0), 1.0)
+
+
+class FlowSchedule(NoiseSchedule):
+    """Rectified flow / flow matching: ``x_t = (1 - t) x_0 + t eps``, Euler steps on a uniform grid."""
+
+    name = "flow"
+    predictions = ("velocity", "x0")
+
+    def alpha_sigma(self, t):
+        t = _as_tensor(t)
+        return 1 - t, t
+
+    def sample_training_times(self, n, device=None):
+        return torch.rand(n, device=device, dtype=torch.float64)
+
+    def sampling_times(self, steps):
+        self.check_steps(steps)
+        return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+
+    def net_time(self, t):
+        return 1000.0 * t
+
+    def progress(self, t):
+        return 1.0 - float(t)
+
+
+SCHEDULES = {"vp": VPSchedule, "edm": EDMSchedule, "flow": FlowSchedule}
+
+
+def make_schedule(name: str, **kwargs) -> NoiseSchedule:
+    """Build a schedule by name (``vp``, ``edm``, ``flow``)."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](**kwargs)

@@ -1,0 +1,129 @@
+"""Guidance methods (REG_NOTES §3), one small class each; every one takes ``reg: none|paper|vjp``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.errors import ConfigError
+from lightning_reg.guidance.base import Guidance, check_finite
+
+
+class Conditional(Guidance):
+    """No guidance: the conditional prediction alone (``w = 0``)."""
+
+    name = "conditional"
+
+    def __init__(self, reg: str = "none", **kwargs):
+        super().__init__(scale=0.0, convention="w", reg=reg, **kwargs)
+
+
+class CFG(Guidance):
+    """Classifier-free guidance with a constant weight: ``eps_c + w (eps_c - eps_null)``."""
+
+    name = "cfg"
+
+
+class IntervalCFG(Guidance):
+    """CFG only for ``t_lo <= t <= t_hi`` (Kynkäänniemi et al. 2024), the conditional prediction outside.
+
+    Times are in the schedule's own unit: DDPM index for ``vp`` (DiT: [205, 502] of 1000), sigma for
+    ``edm`` (EDM2: [0.28, 2.90]), t for ``flow``.
+    """
+
+    name = "interval"
+
+    def __init__(self, scale: float = 1.0, t_lo: float = 0.0, t_hi: float = float("inf"), **kwargs):
+        super().__init__(scale, **kwargs)
+        self.t_lo = check_finite("interval t_lo", t_lo)
+        self.t_hi = t_hi if t_hi == float("inf") else check_finite("interval t_hi", t_hi)
+        if self.t_lo > self.t_hi:
+            raise ConfigError(f"inverted guidance interval: t_lo={t_lo} > t_hi={t_hi}")
+
+    def weight(self, t, model):
+        return self.w if self.t_lo <= float(t) <= self.t_hi else 0.0
+
+
+class LinearCFG(Guidance):
+    """Weight moving linearly with sampling progress ``p``: ``w(t) = w + (w_end - w) * p``."""
+
+    name = "linear"
+
+    def __init__(self, scale: float = 1.0, scale_end: float = 0.0, **kwargs):
+        super().__init__(scale, **kwargs)
+        self.w_end = self.to_w(check_finite("linear scale_end", scale_end), self.convention, "scale_end")
+
+    def weight(self, t, model):
+        p = model.schedule.progress(t)
+        return self.w + (self.w_end - self.w) * p
+
+
+class CosineCFG(Guidance):
+    """MDT's cosine schedule ``w2(t) = w2 * (1 - cos(pi p^s)) / 2`` applied as ``eps_u + w2(t) d``.
+
+    In our convention the guidance term is ``(w2(t) - 1) d``, and that is what REG multiplies. (The
+    authors' cosine+REG patch multiplies ``w2(t) d`` instead, an off-by-one in the weight; we follow
+    the math.)
+    """
+
+    name = "cosine"
+
+    def __init__(self, scale: float = 1.0, power: float = 1.0, **kwargs):
+        super().__init__(scale, **kwargs)
+        self.power = check_finite("cosine power", power, minimum=0.0)
+
+    def weight(self, t, model):
+        w2 = self.w + 1.0
+        p = model.schedule.progress(t)
+        return w2 * (1 - math.cos(math.pi * p ** self.power)) / 2 - 1.0
+
+
+class Autoguidance(Guidance):
+    """Autoguidance (Karras et al. 2024): the reference is a weaker model given the *same* labels.
+
+    ``reference`` is a ``Denoiser`` (a smaller or earlier model); ``sample.py`` loads it from
+    ``reference_checkpoint``.
+    """
+
+    name = "autoguidance"
+    needs_reference_model = True
+
+    def __init__(self, scale: float = 1.0, reference: Denoiser | None = None,
+                 reference_checkpoint: str | None = None, **kwargs):
+        super().__init__(scale, **kwargs)
+        self.reference, self.reference_checkpoint = reference, reference_checkpoint
+
+    def bind(self, model):
+        super().bind(model)
+        ref = self.reference
+        if ref is None:
+            raise ConfigError("autoguidance needs a reference model: set reference_checkpoint "
+                              "(a weaker or earlier checkpoint of the same task)")
+        if ref.num_classes != model.num_classes or ref.data_shape != model.data_shape:
+            raise ConfigError(
+                f"autoguidance reference has num_classes={ref.num_classes}, data_shape={ref.data_shape}; "
+                f"the model has num_classes={model.num_classes}, data_shape={model.data_shape}")
+        if ref.schedule != model.schedule:
+            raise ConfigError("autoguidance reference was trained with another noise schedule")
+
+    def reference_x0(self, model, x, t, y):
+        return self.reference(x, t, y)
+
+    def conditional_and_reference(self, model, x, t, y):
+        return model(x, t, y), self.reference(x, t, y)
+
+
+GUIDANCE = {cls.name: cls for cls in (Conditional, CFG, IntervalCFG, LinearCFG, CosineCFG, Autoguidance)}
+
+
+def make_guidance(method: str = "cfg", **params) -> Guidance:
+    """A guidance method by name plus its parameters, e.g. ``make_guidance("cfg", scale=1, reg="paper")``."""
+    if method not in GUIDANCE:
+        raise ConfigError(f"unknown guidance method {method!r}; choose one of {sorted(GUIDANCE)}")
+    try:
+        return GUIDANCE[method](**params)
+    except TypeError as err:
+        raise ConfigError(f"bad parameters for guidance {method!r}: {err}") from None

@@ -1,0 +1,97 @@
+"""``ConditionalDiffusion``: trains any backbone ``net(x, t, y)`` as a class-conditional diffusion model.
+
+Label dropout (Ho & Salimans 2022) replaces a label by the null id ``num_classes`` with probability
+``label_dropout`` so the same network also learns the unconditional prediction CFG needs. An EMA
+copy of the weights (``torch.optim.swa_utils.AveragedModel``) is used for validation and sampling.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef
+from lightning_reg.diffusion.predictions import Prediction
+from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
+from lightning_reg.errors import ConfigError
+
+# Under LightningCLI the backbone is saved as its class_path config (so ``load_from_checkpoint``
+# rebuilds it); Lightning's advice to ignore it would drop that config.
+warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+
+
+class ConditionalDiffusion(L.LightningModule):
+    """Args:
+        net: backbone ``net(x, t, y)`` with attributes ``num_classes`` and ``data_shape``.
+        schedule: forward process (``VPSchedule``, ``EDMSchedule``, ``FlowSchedule``).
+        prediction: what ``net`` predicts: ``eps``, ``x0``, ``v`` (VP), ``edm`` (EDM), ``velocity`` (flow).
+        label_dropout: probability of training a sample with the null label (DiT: 0.1).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up.
+        ema_decay: decay of the EMA weights used for validation and sampling.
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule | None = None, prediction: str = "eps",
+                 label_dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_steps: int = 100, ema_decay: float = 0.999):
+        super().__init__()
+        if not 0.0 <= label_dropout < 1.0:
+            raise ConfigError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        if lr <= 0 or warmup_steps < 0:
+            raise ConfigError("lr must be positive and warmup_steps non-negative")
+        self.save_hyperparameters()
+        self.net = net
+        self.schedule = schedule or VPSchedule()
+        sigma_data = getattr(self.schedule, "sigma_data", 0.5)
+        self.denoiser = Denoiser(net, self.schedule, Prediction(prediction, sigma_data))
+        self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.num_classes
+
+    def ema_denoiser(self) -> Denoiser:
+        """The denoiser on the EMA weights (what validation and sampling use)."""
+        return Denoiser(self.ema.module, self.schedule, self.denoiser.prediction)
+
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Replace each label by the null id with probability ``label_dropout``."""
+        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def diffusion_loss(self, net: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
+        """Unweighted MSE between ``net``'s output and the prediction target at a random time."""
+        t = self.schedule.sample_training_times(x0.shape[0], device=x0.device)
+        a, s = (broadcast_coef(c, x0) for c in self.schedule.alpha_sigma(t))
+        eps = torch.randn_like(x0)
+        x_t = a * x0 + s * eps
+        prediction = self.denoiser.prediction
+        out = net(prediction.input_scale(a, s) * x_t, self.schedule.net_time(t).to(x0.dtype), y)
+        return (out - prediction.target(x0, eps, a, s)).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        self.denoiser.check_labels(y, allow_null=True)
+        loss = self.diffusion_loss(self.net, x0, self.drop_labels(y))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.ema.update_parameters(self.net)
+
+    def validation_step(self, batch, batch_idx):
+        x0, y = batch
+        loss = self.diffusion_loss(self.ema.module, x0, y)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = max(self.hparams.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
