@@ -7,21 +7,12 @@ Backbone protocol: ``forward(x, t, y) -> tensor shaped like x``; label id
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of real-valued times ``t`` (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
+from lightning_reg.models.embeddings import sinusoidal_embedding
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -120,7 +111,7 @@ class DiT(nn.Module):
         p = self.patch_size
         h = rearrange(x, "b c (gh p1) (gw p2) -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
         h = self.patch_embed(h) + self.pos_embed
-        c = self.time_mlp(timestep_embedding(t, h.shape[-1]).to(h.dtype)) + self.label_embed(y)
+        c = self.time_mlp(sinusoidal_embedding(t, h.shape[-1]).to(h.dtype)) + self.label_embed(y)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor, nn
 
-
-def sinusoidal_embedding(v: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Transformer-style ``[cos(v f_i), sin(v f_i)]`` with ``f_i = max_period^(-i / (dim/2))``, per column of v."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=v.device, dtype=torch.float32) / half)
-    angles = v.float().unsqueeze(-1) * freqs
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).flatten(start_dim=1)
+from lightning_reg.models.embeddings import sinusoidal_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -41,5 +32,5 @@ class ToyMLP(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         h = self.x_proj(sinusoidal_embedding(self.x_scale * x, self.embedding_dim))
-        h = h + self.t_proj(sinusoidal_embedding(t[:, None], self.embedding_dim)) + self.y_embed(y)
+        h = h + self.t_proj(sinusoidal_embedding(t, self.embedding_dim)) + self.y_embed(y)
         return self.out(self.blocks(h))

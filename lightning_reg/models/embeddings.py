@@ -1,0 +1,19 @@
+"""Sinusoidal embeddings shared by the backbones (Vaswani et al. 2017, §3.5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def sinusoidal_embedding(v: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """``[cos(v f_i), sin(v f_i)]`` with ``f_i = max_period^(-i / (dim/2))``.
+
+    ``v`` of shape (B,) gives (B, dim); (B, k) gives (B, k * dim), one embedding per column.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=v.device, dtype=torch.float32) / half)
+    angles = v.float().unsqueeze(-1) * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).flatten(start_dim=1)
