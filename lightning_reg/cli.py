@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -28,10 +29,38 @@ class TrainCLI(LightningCLI):
             print(f"\ncheckpoint: {ckpt or '(none saved)'}\nlogs:       {trainer.log_dir}")
 
 
+# Lines of jsonargparse's report on a ``class_path`` union that only restate the type, not the problem.
+_UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+                "Expected a <class 'NoneType'>")
+
+
+def parse_error_message(err: ArgumentError) -> str:
+    """jsonargparse's (often multi-line) parse error as one line that keeps the key and the problem."""
+    lines = (line.strip().lstrip("- ") for line in str(err).splitlines())
+    return " ".join(line for line in lines if line and not line.startswith(_UNION_NOISE))
+
+
+def config_error_behind(err: BaseException) -> ConfigError | None:
+    """The ``ConfigError`` that caused ``err`` (jsonargparse wraps errors of nested ``init_args`` classes)."""
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(args=None) -> None:
+    """Run the CLI; bad flags, config keys and values end in one ``error: ...`` line and exit code 2."""
     try:
         TrainCLI(ConditionalDiffusion, L.LightningDataModule, subclass_mode_data=True, args=args,
-                 save_config_kwargs={"overwrite": True})
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+                 save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    except ArgumentError as err:
+        fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
+    except Exception as err:
+        cause = config_error_behind(err)
+        if cause is None:
+            raise
+        fail(str(cause))

@@ -19,10 +19,6 @@ from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
 from lightning_reg.errors import ConfigError
 
-# Under LightningCLI the backbone is saved as its class_path config (so ``load_from_checkpoint``
-# rebuilds it); Lightning's advice to ignore it would drop that config.
-warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
-
 
 class ConditionalDiffusion(L.LightningModule):
     """Args:
@@ -44,7 +40,11 @@ class ConditionalDiffusion(L.LightningModule):
             raise ConfigError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         if lr <= 0 or warmup_steps < 0:
             raise ConfigError("lr must be positive and warmup_steps non-negative")
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Under LightningCLI the backbone is saved as its class_path config (so ``load_from_checkpoint``
+            # rebuilds it); Lightning's advice to ignore it would drop that config.
+            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+            self.save_hyperparameters()
         self.net = net
         self.schedule = schedule or VPSchedule()
         sigma_data = getattr(self.schedule, "sigma_data", 0.5)

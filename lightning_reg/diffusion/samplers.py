@@ -36,16 +36,19 @@ def _check_finite(x: Tensor, step: int, t: Tensor, denoiser) -> None:
 
 @torch.no_grad()
 def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: int, *, eta: float = 0.0,
-         noise_sampler: Callable[[Tensor], Tensor] = torch.randn_like, progress: bool = False) -> Tensor:
+         noise_sampler: Callable[[Tensor], Tensor] = torch.randn_like, progress: bool = False,
+         times: Tensor | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) for any ``x_t = a x0 + s eps``; ``eta = 1`` is DDPM ancestral.
 
     ``x_next = a_next x0_hat + sqrt(s_next^2 - c^2) eps_hat + c z`` with the posterior std
     ``c = eta * s_next * sqrt(1 - (a_cur s_next / (a_next s_cur))^2)``.
+    ``times`` (optional) continues a chain: ``noise`` is then the state ``x`` at ``times[0]`` itself
+    (not rescaled) and the walk follows ``times`` instead of ``schedule.sampling_times(steps)``.
     """
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"eta must lie in [0, 1], got {eta}")
-    times = schedule.sampling_times(steps)
-    x = noise * schedule.prior_std
+    x = noise * schedule.prior_std if times is None else noise
+    times = schedule.sampling_times(steps) if times is None else times
     for i, (t_cur, t_next) in _steps(times, progress, "ddpm" if eta == 1 else "ddim"):
         (a_cur, s_cur), (a_next, s_next) = schedule.alpha_sigma(t_cur), schedule.alpha_sigma(t_next)
         x0_hat = denoiser(x, t_cur)

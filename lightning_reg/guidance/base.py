@@ -37,7 +37,8 @@ class Guidance:
         scale: guidance strength, read in ``convention`` (``w``: ``eps_c + w d``; ``w2``: ``eps_u + w2 d``).
         convention: ``w`` or ``w2``.
         reg: ``none``, ``paper`` (REG, the default form when on) or ``vjp`` (exact first order).
-        guidance_channels: guide only these channels (dim 1); DiT's checkpoints used ``[0, 1, 2]``.
+        guidance_channels: guide only these channels (dim 1), the others keep the conditional
+            prediction; DiT's checkpoints used ``[0, 1, 2]``. ``None``: all channels.
     """
 
     name = "guidance"
@@ -52,7 +53,13 @@ class Guidance:
         scale = check_finite(f"{self.name} scale", scale)
         self.w = self.to_w(scale, convention, "scale")
         self.convention, self.reg = convention, reg
-        self.guidance_channels = None if guidance_channels is None else list(guidance_channels)
+        if guidance_channels is not None:
+            guidance_channels = list(guidance_channels)
+            if not guidance_channels or not all(isinstance(c, int) and not isinstance(c, bool)
+                                                for c in guidance_channels):
+                raise ConfigError(f"guidance_channels must be a non-empty list of channel indices or null "
+                                  f"(all channels), got {guidance_channels!r}")
+        self.guidance_channels = guidance_channels
 
     @staticmethod
     def to_w(value: float, convention: str, field: str) -> float:
@@ -75,13 +82,13 @@ class Guidance:
             if bad:
                 raise ConfigError(f"guidance_channels {bad} outside the model's {channels} channels")
 
-    def _term(self, w: float, x0_c: Tensor, x0_ref: Tensor) -> Tensor:
-        g = w * (x0_c - x0_ref)
-        if self.guidance_channels is not None:
-            mask = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
-            mask[self.guidance_channels] = 1
-            g = g * mask.reshape(1, -1, *([1] * (g.ndim - 2)))
-        return g
+    def _masked(self, g: Tensor) -> Tensor:
+        """``g`` on ``guidance_channels`` (dim 1), zero elsewhere; all of ``g`` when unset."""
+        if self.guidance_channels is None:
+            return g
+        mask = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+        mask[self.guidance_channels] = 1
+        return g * mask.reshape(1, -1, *([1] * (g.ndim - 2)))
 
     def reference_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """The reference prediction: the null label through the same model (CFG)."""
@@ -93,22 +100,27 @@ class Guidance:
         return x0.chunk(2)
 
     def guided_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """``x0_c + w(t) * (x0_c - x0_ref)``, rectified by REG when it is on."""
+        """``x0_c + w(t) * (x0_c - x0_ref)``, rectified by REG when it is on.
+
+        Channels outside ``guidance_channels`` keep the conditional prediction in every mode (the
+        ``vjp`` rectification of the masked term is masked again, since ``J^T`` mixes channels).
+        """
         w = self.weight(t, model)
         if w == 0:
             return model(x, t, y)
         if self.reg == "none":
             x0_c, x0_ref = self.conditional_and_reference(model, x, t, y)
-            return x0_c + self._term(w, x0_c, x0_ref)
+            return x0_c + self._masked(w * (x0_c - x0_ref))
         with torch.no_grad():
             x0_ref = self.reference_x0(model, x, t, y)
         a_t, _ = model.coefficients(t, x)
-        return rectified_guidance(lambda x_in: model(x_in, t, y), x, a_t,
-                                  lambda x0_c: self._term(w, x0_c, x0_ref), self.reg)
+        x0_c, rectified = rectified_guidance(model, x, t, y, a_t,
+                                             lambda x0_c: self._masked(w * (x0_c - x0_ref)), self.reg)
+        return x0_c + self._masked(rectified)
 
     def __repr__(self):
         fields = {k: v for k, v in vars(self).items() if k != "reference"}
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())})"
+        return f"{type(self).__name__}(method={self.name!r}, {', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
 class GuidedDenoiser:

@@ -48,13 +48,17 @@ class IntervalCFG(Guidance):
 
 
 class LinearCFG(Guidance):
-    """Weight moving linearly with sampling progress ``p``: ``w(t) = w + (w_end - w) * p``."""
+    """Weight moving linearly with sampling progress ``p``: ``w(t) = w + (w_end - w) * p``.
+
+    ``scale_end`` is read in the same convention as ``scale``; unset, it is "no guidance" (``w_end = 0``).
+    """
 
     name = "linear"
 
-    def __init__(self, scale: float = 1.0, scale_end: float = 0.0, **kwargs):
+    def __init__(self, scale: float = 1.0, scale_end: float | None = None, **kwargs):
         super().__init__(scale, **kwargs)
-        self.w_end = self.to_w(check_finite("linear scale_end", scale_end), self.convention, "scale_end")
+        self.w_end = 0.0 if scale_end is None else self.to_w(
+            check_finite("linear scale_end", scale_end), self.convention, "scale_end")
 
     def weight(self, t, model):
         p = model.schedule.progress(t)
@@ -100,8 +104,10 @@ class Autoguidance(Guidance):
         super().bind(model)
         ref = self.reference
         if ref is None:
-            raise ConfigError("autoguidance needs a reference model: set reference_checkpoint "
-                              "(a weaker or earlier checkpoint of the same task)")
+            hint = (f"reference_checkpoint={self.reference_checkpoint!r} is set but was not loaded; pass "
+                    "reference=Denoiser(...) or sample through sample.py" if self.reference_checkpoint else
+                    "set reference_checkpoint (a weaker or earlier checkpoint of the same task)")
+            raise ConfigError(f"autoguidance needs a reference model: {hint}")
         if ref.num_classes != model.num_classes or ref.data_shape != model.data_shape:
             raise ConfigError(
                 f"autoguidance reference has num_classes={ref.num_classes}, data_shape={ref.data_shape}; "

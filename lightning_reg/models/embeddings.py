@@ -14,6 +14,7 @@ def sinusoidal_embedding(v: Tensor, dim: int, max_period: float = 10_000.0) -> T
     ``v`` of shape (B,) gives (B, dim); (B, k) gives (B, k * dim), one embedding per column.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=v.device, dtype=torch.float32) / half)
-    angles = v.float().unsqueeze(-1) * freqs
+    dtype = torch.promote_types(v.dtype, torch.float32)  # float64 inputs stay float64
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=v.device, dtype=dtype) / half)
+    angles = v.to(dtype).unsqueeze(-1) * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=-1).flatten(start_dim=1)

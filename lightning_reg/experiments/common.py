@@ -1,0 +1,132 @@
+"""What the toy experiments share: the command line, the denoiser (exact or a checkpoint), the error
+table against the oracle, and writing outputs only once everything is computed."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from lightning_reg.data.toy import ToyDistribution  # noqa: E402
+from lightning_reg.diffusion.denoiser import Denoiser  # noqa: E402
+from lightning_reg.diffusion.schedules import VPSchedule  # noqa: E402
+from lightning_reg.errors import ConfigError  # noqa: E402
+from lightning_reg.oracle import METHODS, ExactMixtureDenoiser  # noqa: E402
+
+LABELS = {"cfg": "CFG  grad log R_t", "reg_paper": "REG (paper)", "reg_vjp": "REG (vjp)",
+          "oracle": "oracle grad log E_t"}
+STYLES = {"cfg": dict(color="tab:blue", ls="--"), "reg_paper": dict(color="tab:red", ls="-"),
+          "reg_vjp": dict(color="tab:orange", ls=":"), "oracle": dict(color="black", ls="-", lw=2)}
+
+
+def parser(description: str, steps: int, rollouts: int, out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a trained ConditionalDiffusion checkpoint (EMA weights)")
+    source.add_argument("--exact", action="store_true", help="the exact mixture denoiser (no network)")
+    p.add_argument("--steps", type=int, default=steps, help="respaced DDPM sampling steps of the 1000-step schedule")
+    p.add_argument("--w", type=float, default=1.0, help="guidance weight, eps_c + w (eps_c - eps_u)")
+    p.add_argument("--rollouts", type=int, default=rollouts, help="Monte Carlo chains per point for the oracle")
+    p.add_argument("--eta", type=float, default=1.0, help="oracle chain: 1 = DDPM ancestral, 0 = deterministic DDIM")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8192, help="oracle chains run at once (bounds memory)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; 1 is fastest for these small tensors on a shared CPU")
+    p.add_argument("--out", type=Path, default=Path(out), help="output folder")
+    return p
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Check the shared flags, then set the thread count and the seed."""
+    for field in ("steps", "rollouts", "batch_size", "threads"):
+        if getattr(args, field) < 1:
+            raise ConfigError(f"--{field.replace('_', '-')} must be a positive integer, got {getattr(args, field)}")
+    if args.w < 0:
+        raise ConfigError(f"--w must be >= 0, got {args.w}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
+def load_denoiser(args: argparse.Namespace, distribution: ToyDistribution) -> Denoiser:
+    """The exact mixture denoiser (float64, linear-beta VP over 1000 steps) or a checkpoint's EMA denoiser."""
+    if args.exact:
+        return ExactMixtureDenoiser(distribution, VPSchedule(1000))
+    from lightning_reg.module import ConditionalDiffusion
+    if not args.checkpoint.is_file():
+        raise ConfigError(f"--checkpoint {args.checkpoint} does not exist; train one or pass --exact")
+    denoiser = ConditionalDiffusion.load_from_checkpoint(args.checkpoint, map_location="cpu").ema_denoiser().eval()
+    if (denoiser.num_classes, denoiser.data_shape) != (distribution.num_classes, (distribution.dim,)):
+        raise ConfigError(f"--checkpoint has num_classes={denoiser.num_classes}, data_shape={denoiser.data_shape}; "
+                          f"this experiment needs {distribution.num_classes} classes of dimension {distribution.dim}")
+    if not isinstance(denoiser.schedule, VPSchedule):
+        raise ConfigError(f"--checkpoint uses the {denoiser.schedule.name!r} schedule; the toy experiments need 'vp'")
+    return denoiser
+
+
+def dtype_of(denoiser: Denoiser) -> torch.dtype:
+    return torch.float64 if isinstance(denoiser, ExactMixtureDenoiser) else torch.float32
+
+
+def error_table(times: Tensor, grads: dict[str, Tensor]) -> list[dict]:
+    """Mean over the grid of ``||estimate - oracle||`` (absolute error in 1D) per method and step, then the
+    mean and the median over all steps and points (the median resists the oracle's heavy-tailed outliers)."""
+    errors = {m: (grads[m] - grads["oracle"]).norm(dim=-1) for m in METHODS}
+    rows = [{"step": i, "t": int(t), **{m: float(errors[m][i].mean()) for m in METHODS}} for i, t in enumerate(times)]
+    rows.append({"step": "all", "t": "", **{m: float(errors[m].mean()) for m in METHODS}})
+    rows.append({"step": "median", "t": "", **{m: float(errors[m].median()) for m in METHODS}})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'step':>5} {'t':>5} " + " ".join(f"{m:>11}" for m in METHODS))
+    for r in rows:
+        print(f"{r['step']:>5} {r['t']:>5} " + " ".join(f"{r[m]:11.4g}" for m in METHODS))
+    worse = [r["step"] for r in rows if isinstance(r["step"], int) and r["reg_paper"] >= r["cfg"]]
+    print(f"steps where REG (paper) is not closer to the oracle than CFG: {worse or 'none'}")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(out: Path, rows: list[dict], figures: dict[str, plt.Figure], estimates: dict) -> None:
+    """Write ``errors.csv``, ``estimates.pt`` (times and every method's estimates) and the figures, each
+    file atomically, after all computing is done."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "estimates.pt", lambda path: torch.save(estimates, path))
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic(out / "errors.csv", write_csv)
+    for name, fig in figures.items():
+        _atomic(out / f"{name}.png", lambda path: fig.savefig(path, dpi=110, bbox_inches="tight", format="png"))
+        plt.close(fig)
+    print(f"wrote errors.csv, estimates.pt, {', '.join(f'{n}.png' for n in figures)} in {out}")
+
+
+def main_guard(main: Callable[[list[str] | None], None]) -> None:
+    """Run ``main``; bad input prints one line and exits with status 2."""
+    try:
+        main(None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,154 @@
+"""The paper's 2D evidence (Figure 2): samples with and without REG, and ``grad log E_t`` vs ``grad log R_t``.
+
+``python -m lightning_reg.experiments.toy2d --exact [--label 0|1]``: two classes (ring, cross), 25
+respaced DDPM steps. On a grid over [-1.5, 1.5]^2, at every step, CFG's ``grad log R_t``, REG (paper
+and vjp forms) and the Monte Carlo oracle ``grad log E_t`` (REG_NOTES §1-2, §4). Writes
+``samples.png`` (the guided target ``p(x|y) R_0`` and samples of CFG, REG-paper, REG-vjp),
+``fields.png`` (arrow fields at the paper's t = 9), ``reg_correction.png`` (|REG - CFG| there),
+``error_per_step.png`` and ``errors.csv``.
+
+The paper's ``t`` counts the denoising steps still to come after the current one (``steps - 1`` at
+the first step, 0 at the last); ``--paper-t 9`` is our step index ``steps - 1 - 9``.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from matplotlib.colors import Normalize
+import torch
+from einops import rearrange
+
+from lightning_reg.data.toy import toy2d_distribution
+from lightning_reg.diffusion.samplers import get_sampler
+from lightning_reg.errors import ConfigError
+from lightning_reg.experiments.common import (LABELS, STYLES, dtype_of, error_table, load_denoiser, main_guard,
+                                              parser, prepare, print_table, write_outputs)
+from lightning_reg.guidance import GuidedDenoiser, make_guidance
+from lightning_reg.oracle import METHODS, density_ratio_log_reward, guidance_gradients
+
+LIMIT = 1.5
+REG_FORMS = {"cfg": "none", "reg_paper": "paper", "reg_vjp": "vjp"}
+
+
+def grid(n: int, dtype) -> torch.Tensor:
+    """``n x n`` points over ``[-LIMIT, LIMIT]^2``, row-major in (y, x) so ``rearrange`` gives images."""
+    u = torch.linspace(-LIMIT, LIMIT, n, dtype=dtype)
+    gy, gx = torch.meshgrid(u, u, indexing="ij")
+    return torch.stack([gx.flatten(), gy.flatten()], 1)
+
+
+def samples_figure(log_target, n, samples, label, w):
+    fig, axes = plt.subplots(1, 1 + len(samples), figsize=(4.2 * (1 + len(samples)), 4.2), sharex=True, sharey=True)
+    extent = (-LIMIT, LIMIT, -LIMIT, LIMIT)
+    density = rearrange(log_target.softmax(0), "(h w) -> h w", h=n)
+    axes[0].imshow(density, origin="lower", extent=extent, cmap="viridis")
+    axes[0].set_title(f"target p(x0|y={label}) R_0(x0)")
+    for ax, (m, x) in zip(axes[1:], samples.items()):
+        ax.contour(density, levels=4, origin="lower", extent=extent, colors="lightgrey", linewidths=0.7)
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4, color=STYLES[m]["color"])
+        ax.set_title(f"DDPM samples: {'CFG' if m == 'cfg' else 'CFG + ' + LABELS[m]}, w = {w:g}")
+    for ax in axes:
+        ax.set_xlim(-LIMIT, LIMIT)
+        ax.set_ylim(-LIMIT, LIMIT)
+        ax.set_aspect("equal")
+    fig.suptitle("2D toy: guided target and DDPM samples with and without REG")
+    fig.tight_layout()
+    return fig
+
+
+def fields_figure(x, grads, i, t, paper_t):
+    """Unit arrows (direction) coloured by ``log10 |gradient|`` on one colour scale for all panels."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), sharex=True, sharey=True)
+    fields = {m: grads[m][i] for m in ("oracle", *METHODS)}
+    logs = {m: (g.norm(dim=1) + 1e-12).log10() for m, g in fields.items()}
+    top = max(float(v.max()) for v in logs.values())
+    norm = Normalize(max(min(float(v.min()) for v in logs.values()), top - 6), top)  # at most 6 decades
+    spacing = float(x[:, 0].unique().diff().min())
+    for ax, (m, g) in zip(axes, fields.items()):
+        unit = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        q = ax.quiver(x[:, 0], x[:, 1], unit[:, 0], unit[:, 1], logs[m].clamp(min=norm.vmin), cmap="viridis",
+                      norm=norm, angles="xy", pivot="mid", scale_units="xy", scale=1 / (0.8 * spacing), width=0.006)
+        ax.set_title(LABELS[m])
+        ax.set_aspect("equal")
+    fig.colorbar(q, ax=axes, shrink=0.85, label="log10 |gradient|")
+    fig.suptitle(f"2D toy: guidance direction at step {i} (t = {int(t)}; paper's t = {paper_t}); "
+                 "unit arrows, colour = magnitude")
+    return fig
+
+
+def correction_figure(grads, n, i, t):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    extent = (-LIMIT, LIMIT, -LIMIT, LIMIT)
+    for ax, m in zip(axes, ("reg_paper", "reg_vjp")):
+        magnitude = rearrange((grads[m][i] - grads["cfg"][i]).norm(dim=1), "(h w) -> h w", h=n)
+        im = ax.imshow(magnitude, origin="lower", extent=extent, cmap="magma")
+        fig.colorbar(im, ax=ax, shrink=0.85)
+        ax.set_title(f"|{LABELS[m]} - CFG|")
+    fig.suptitle(f"2D toy: magnitude of the REG correction at step {i} (t = {int(t)})")
+    fig.tight_layout()
+    return fig
+
+
+def error_figure(rows):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    per_step = [r for r in rows if isinstance(r["step"], int)]
+    for m in METHODS:
+        ax.plot([r["step"] for r in per_step], [r[m] for r in per_step], marker="o", ms=3, label=LABELS[m], **STYLES[m])
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling step (0 = noisiest)")
+    ax.set_ylabel("mean |estimate - oracle| over the grid")
+    ax.legend()
+    ax.set_title("2D toy: error to the oracle grad log E_t per step")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser("2D toy: CFG and REG against the optimal guidance oracle", steps=25, rollouts=64,
+               out="outputs/toy2d")
+    p.add_argument("--grid", type=int, default=15, help="points per axis over [-1.5, 1.5]^2")
+    p.add_argument("--label", type=int, default=0, help="class: 0 = ring, 1 = cross")
+    p.add_argument("--paper-t", type=int, default=9, help="the step shown in fields/reg_correction (paper's t)")
+    p.add_argument("--samples", type=int, default=2000, help="samples per method")
+    args = p.parse_args(argv)
+    prepare(args)
+    distribution = toy2d_distribution()
+    if args.grid < 2 or args.samples < 1:
+        raise ConfigError(f"--grid must be at least 2 and --samples positive, got {args.grid}, {args.samples}")
+    if args.label not in range(distribution.num_classes):
+        raise ConfigError(f"--label must be 0 (ring) or 1 (cross), got {args.label}")
+    if not 0 <= args.paper_t < args.steps:
+        raise ConfigError(f"--paper-t must lie in [0, {args.steps - 1}] for --steps {args.steps}, got {args.paper_t}")
+    denoiser = load_denoiser(args, distribution)
+    dtype = dtype_of(denoiser)
+    x, log_reward = grid(args.grid, dtype), density_ratio_log_reward(distribution, args.w)
+    y = torch.full((len(x),), args.label, dtype=torch.long)
+    times, grads = guidance_gradients(denoiser, x, y, args.w, log_reward, args.steps, rollouts=args.rollouts,
+                                      eta=args.eta, generator=torch.Generator().manual_seed(args.seed),
+                                      batch_size=args.batch_size)
+    rows = error_table(times, grads)
+    print_table(rows)
+
+    labels = torch.full((args.samples,), args.label, dtype=torch.long)
+    noise = torch.randn(args.samples, 2, dtype=dtype, generator=torch.Generator().manual_seed(args.seed + 1))
+    sampler = get_sampler("ddpm")
+    samples = {}
+    for m, reg in REG_FORMS.items():
+        torch.manual_seed(args.seed + 2)  # the same stochastic-step noise for every method
+        guided = GuidedDenoiser(denoiser, make_guidance("cfg", scale=args.w, reg=reg), labels)
+        samples[m] = sampler(guided, noise, denoiser.schedule, args.steps, progress=True)
+    fine = grid(200, torch.float64)
+    log_target = distribution.log_prob(fine, torch.full((len(fine),), args.label)) + log_reward(
+        fine, torch.full((len(fine),), args.label))
+
+    i = args.steps - 1 - args.paper_t
+    write_outputs(args.out, rows, {
+        "samples": samples_figure(log_target, 200, samples, args.label, args.w),
+        "fields": fields_figure(x, grads, i, times[i], args.paper_t),
+        "reg_correction": correction_figure(grads, args.grid, i, times[i]),
+        "error_per_step": error_figure(rows),
+    }, {"x": x, "times": times, **grads})
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,123 @@
+"""The one sampling path: guided samples for given labels and sample indices, deterministic per index.
+
+Sample ``i`` draws its initial noise *and* the fresh noise of every stochastic step from its own
+``torch.Generator`` seeded by ``sample_seed(seed, i)``, so its chain never depends on which other
+samples share its batch, on the batch size or on the number of processes (up to the backbone's own
+floating-point rounding, which can vary with the batch size; see ``docs/sampling.md``).
+
+Both the validation callback (``lightning_reg.callbacks.SamplingCallback``) and ``sample.py`` call
+``generate``; the chain itself is ``get_sampler(sampler)`` over a ``GuidedDenoiser``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Mapping, Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.samplers import get_sampler
+from lightning_reg.errors import ConfigError
+from lightning_reg.guidance.base import Guidance, GuidedDenoiser
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample ``index``: the first 63 bits of ``sha256("seed:index")`` (no collisions
+    between runs with different ``seed``, unlike ``seed * K + index``)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+class PerSampleNoise:
+    """Standard-normal draws where row ``r`` always comes from sample ``indices[r]``'s own generator.
+
+    Used as the initial noise (``draw``) and as the samplers' ``noise_sampler(x)``. Draws are made on the
+    CPU (float32) and moved to ``x``'s device and dtype, so they do not depend on the accelerator either.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+
+    def draw(self, shape: Sequence[int], device="cpu", dtype=torch.float32) -> Tensor:
+        """One ``shape`` draw per sample, stacked to ``(len(indices), *shape)``."""
+        rows = [torch.randn(tuple(shape), generator=g) for g in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.draw(x.shape[1:], x.device, x.dtype)
+
+
+def balanced_labels(n: int, num_classes: int) -> Tensor:
+    """Class-balanced labels: sample ``i`` gets class ``i % num_classes``."""
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be positive, got {num_classes}")
+    return torch.arange(n) % num_classes
+
+
+def rank_indices(n: int, rank: int, world_size: int) -> Tensor:
+    """The sample indices process ``rank`` of ``world_size`` takes: ``rank, rank + W, rank + 2W, ... < n``."""
+    return torch.arange(rank, n, world_size)
+
+
+def gather_by_index(local: Tensor, n: int, world_size: int, all_gather: Callable[[Tensor], Tensor]) -> Tensor:
+    """All ``n`` rows in index order, from each rank's ``local = rows[rank_indices(n, rank, W)]``.
+
+    Ranks hold ``ceil(n / W)`` or one fewer rows; each pads to ``ceil(n / W)`` so ``all_gather`` (which
+    returns ``(W, m, ...)``) can stack them, and row ``m * W + w`` of the interleave is index ``m W + w``.
+    """
+    if world_size == 1:
+        return local
+    per_rank = -(-n // world_size)
+    pad = local.new_zeros(per_rank - len(local), *local.shape[1:])
+    gathered = all_gather(torch.cat([local, pad]))
+    return rearrange(gathered, "w m ... -> (m w) ...")[:n]
+
+
+def setting_name(guidance: Mapping) -> str:
+    """A readable, metric-key-safe name for a guidance dict, e.g. ``{method: cfg, scale: 1, reg: paper}``
+    -> ``cfg_w1_paper`` (``w2`` convention: ``cfg_w2x1.5_paper``); other numeric parameters are appended
+    as ``_key<value>``."""
+    params = dict(guidance)
+    method, reg = params.pop("method", "cfg"), params.pop("reg", "none")
+    convention = params.pop("convention", "w")
+    scale = params.pop("scale", 0.0 if method == "conditional" else 1.0)
+    params.pop("reference", None)
+    params.pop("reference_checkpoint", None)
+    weight = f"w{scale:g}" if convention == "w" else f"w2x{scale:g}"
+    extra = "".join(f"_{k}{v:g}" if isinstance(v, (int, float)) else f"_{k}{v}" for k, v in sorted(params.items())
+                    if v is not None)
+    return f"{method}_{weight}_{reg}{extra}".replace(" ", "")
+
+
+def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler: str = "ddpm", steps: int,
+             seed: int, batch_size: int, device="cpu", sampler_kwargs: Mapping | None = None,
+             progress: bool = False) -> Tensor:
+    """Samples ``x_0`` (float32 on the CPU, ``(N, *data_shape)``) for ``labels`` (N,) at sample ``indices`` (N,).
+
+    Each batch runs ``get_sampler(sampler, **sampler_kwargs)(GuidedDenoiser(denoiser, guidance, y), noise,
+    schedule, steps, noise_sampler=...)`` with the per-sample noise of ``PerSampleNoise(seed, indices)``.
+    ``denoiser`` must already be on ``device``.
+    """
+    labels, indices = torch.as_tensor(labels).long().reshape(-1), torch.as_tensor(indices).long().reshape(-1)
+    if len(labels) != len(indices):
+        raise ConfigError(f"labels and indices must have one entry per sample, got {len(labels)} and {len(indices)}")
+    for field, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+    sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}))
+    denoiser.check_labels(labels)
+    dtype = next(denoiser.parameters(), torch.empty(0)).dtype
+    out = []
+    with tqdm(total=len(labels), desc=f"sampling {sampler}", unit="sample", disable=not progress) as bar:
+        for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
+            noise = PerSampleNoise(seed, idx.tolist())
+            guided = GuidedDenoiser(denoiser, guidance, y.to(device))
+            x0 = sample_fn(guided, noise.draw(denoiser.data_shape, device, dtype), denoiser.schedule, steps,
+                           noise_sampler=noise)
+            out.append(x0.float().cpu())
+            bar.update(len(y))
+    return torch.cat(out) if out else torch.empty(0, *denoiser.data_shape)

@@ -1,0 +1,154 @@
+"""The output folder of ``sample.py``: shards, the run fingerprint, and the final files, all written atomically.
+
+Layout::
+
+    run.json                 fingerprint of the arguments that decide the samples (resume check)
+    shard_00000.npz ...      indices, samples, labels of samples [k S, (k + 1) S)   (S = shard size)
+    samples.npz              samples (float32 toy data, uint8 NHWC images) and labels, in index order
+    images/000000.png ...    image data only, plus images/grid.png
+    meta.json                checkpoint sha256, resolved config, seeds, versions, wall time, world size
+
+Every file is written to a temporary name in the same folder and renamed with ``os.replace``, so a
+file under its final name is always complete: an interrupted run leaves only finished shards, and a
+restart with the same fingerprint skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+
+from lightning_reg.errors import ConfigError
+
+RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR = "run.json", "samples.npz", "meta.json", "images"
+SHARD_GLOB = "shard_*.npz"
+
+
+def shard_path(folder: Path, k: int) -> Path:
+    return Path(folder) / f"shard_{k:05d}.npz"
+
+
+def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
+    """Index ranges of the shards: ``[k S, min((k + 1) S, N))``."""
+    return [range(start, min(start + shard_size, num_samples)) for start in range(0, num_samples, shard_size)]
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path, write: Callable[[object], None], binary: bool = True) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, data: dict) -> None:
+    atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True, default=str), binary=False)
+
+
+def read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run_files(folder: Path) -> list[Path]:
+    """What a sampling run leaves in ``folder`` (other files are never touched)."""
+    names = [RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR]
+    return sorted(folder.glob(SHARD_GLOB)) + [folder / n for n in names if (folder / n).exists()]
+
+
+def check_output(folder, fingerprint: dict, overwrite: bool) -> None:
+    """Refuse (``ConfigError``) a folder holding another run's files unless ``overwrite``; creates nothing.
+
+    The same fingerprint (a restart) is accepted: its finished shards are reused.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output {folder} is a file; give a folder")
+    existing = _run_files(folder) if folder.is_dir() else []
+    if overwrite or not existing:
+        return
+    run_file = folder / RUN_FILE
+    previous = read_json(run_file) if run_file.is_file() else None
+    if previous != json.loads(json.dumps(fingerprint, sort_keys=True, default=str)):
+        changed = sorted(k for k in set(fingerprint) | set(previous or {})
+                         if (previous or {}).get(k) != fingerprint.get(k))
+        detail = f"arguments differ in {changed}" if previous is not None else f"it has no {RUN_FILE}"
+        raise ConfigError(f"--output {folder} holds another sampling run ({detail}); choose another folder "
+                          "or pass --overwrite true to delete its samples")
+
+
+def prepare_output(folder, fingerprint: dict, overwrite: bool) -> None:
+    """Create ``folder``, delete a previous run's files if ``overwrite``, and write ``run.json``."""
+    folder = Path(folder)
+    check_output(folder, fingerprint, overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for path in _run_files(folder):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    write_json(folder / RUN_FILE, fingerprint)
+
+
+def write_shard(folder, k: int, indices: Tensor, samples: Tensor, labels: Tensor) -> None:
+    atomic_write(shard_path(folder, k), lambda f: np.savez(f, indices=indices.numpy(), samples=samples.numpy(),
+                                                           labels=labels.numpy()))
+
+
+def read_shards(folder, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(samples, labels)`` of shards ``0 .. num_shards - 1``, checked to be in index order."""
+    parts = []
+    for k in range(num_shards):
+        with np.load(shard_path(folder, k)) as shard:
+            parts.append((shard["indices"], shard["samples"], shard["labels"]))
+    indices = np.concatenate([p[0] for p in parts])
+    if not np.array_equal(indices, np.arange(len(indices))):
+        raise RuntimeError(f"shards in {folder} do not cover the indices 0..{len(indices) - 1} in order")
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def to_uint8_nhwc(images) -> np.ndarray:
+    """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C): ``round((x + 1) * 127.5)`` clipped to [0, 255]."""
+    images = torch.as_tensor(images)
+    return rearrange(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), "n c h w -> n h w c").numpy()
+
+
+def write_png(path, image_hwc: np.ndarray) -> None:
+    image = Image.fromarray(image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc)
+    atomic_write(path, lambda f: image.save(f, format="png"))
+
+
+def write_images(folder, images_nhwc: np.ndarray, grid: np.ndarray) -> None:
+    """``images/{i:06d}.png`` per sample and ``images/grid.png``."""
+    out = Path(folder) / IMAGES_DIR
+    out.mkdir(exist_ok=True)
+    for i, image in enumerate(images_nhwc):
+        write_png(out / f"{i:06d}.png", image)
+    write_png(out / "grid.png", grid)
+
+
+def write_samples(folder, samples: np.ndarray, labels: np.ndarray) -> None:
+    atomic_write(Path(folder) / SAMPLES_FILE, lambda f: np.savez(f, samples=samples, labels=labels))

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny ToyMLP-backed ``ConditionalDiffusion`` that trains in seconds on a CPU."""
+
+import pytest
+import torch
+
+from lightning_reg.diffusion.schedules import VPSchedule
+from lightning_reg.models.mlp import ToyMLP
+from lightning_reg.module import ConditionalDiffusion
+
+
+@pytest.fixture
+def tiny_module():
+    """``tiny_module(**kwargs)``: a seeded 2-class, 2-D model (hidden 32, 1 block, VP T=1000) with overrides."""
+
+    def make(num_classes: int = 2, dim: int = 2, seed: int = 0, **kwargs) -> ConditionalDiffusion:
+        torch.manual_seed(seed)
+        net = ToyMLP(num_classes=num_classes, dim=dim, hidden=32, blocks=1)
+        return ConditionalDiffusion(net, kwargs.pop("schedule", VPSchedule()), **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: its tensors are small, and on a busy 2-core machine two
+    OpenMP threads make each tiny op ~100x slower. Restores the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

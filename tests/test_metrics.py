@@ -1,0 +1,233 @@
+"""Tests for the metrics: exact toy metrics against closed forms, torchmetrics image metrics offline, figures."""
+
+import math
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_reg.data.mixtures import GaussianMixture
+from lightning_reg.data.toy import ToyDistribution, toy1d_distribution, toy2d_distribution
+from lightning_reg.errors import ConfigError
+from lightning_reg.metrics import (energy_distance, image_grid, image_metrics, mean_log_likelihood,
+                                   on_shape_fraction, save_figure, scatter_figure, sliced_wasserstein, toy_metrics)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _toy2d_targets(per_class: int = 2000, seed: int = 0):
+    distribution = toy2d_distribution()
+    labels = torch.arange(2).repeat_interleave(per_class)
+    return distribution, distribution.sample(labels, _gen(seed)), labels
+
+
+# ---------------------------------------------------------------- toy metrics
+
+
+def test_log_likelihood_at_component_mean_is_gaussian_peak():
+    sigma, mean = 0.3, [1.0, -2.0, 0.5]
+    distribution = ToyDistribution([GaussianMixture([mean], [sigma])])
+    samples = torch.tensor([mean] * 5)
+    expected = -0.5 * 3 * math.log(2 * math.pi * sigma ** 2)
+    assert mean_log_likelihood(samples, torch.zeros(5), distribution) == pytest.approx(expected, rel=1e-12)
+
+
+def test_log_likelihood_uses_each_samples_own_class():
+    distribution = ToyDistribution([GaussianMixture([[0.0]], [1.0]), GaussianMixture([[5.0]], [1.0])])
+    at_own_mean = mean_log_likelihood(torch.tensor([[0.0], [5.0]]), torch.tensor([0, 1]), distribution)
+    swapped = mean_log_likelihood(torch.tensor([[0.0], [5.0]]), torch.tensor([1, 0]), distribution)
+    assert at_own_mean == pytest.approx(-0.5 * math.log(2 * math.pi))
+    assert swapped == pytest.approx(-0.5 * math.log(2 * math.pi) - 12.5)
+
+
+def test_energy_distance_of_identical_sets_is_zero():
+    x = torch.randn(500, 2, generator=_gen(), dtype=torch.float64)
+    # unbiased within-set terms: 2 S/N^2 - 2 S/(N(N-1)) = -(2/N) E|X-X'|, E|X-X'| = sqrt(pi) for N(0, I_2)
+    assert -4 * math.sqrt(math.pi) / 500 < energy_distance(x, x) < 0
+
+
+def test_energy_distance_of_unit_gaussians_matches_closed_form():
+    g = _gen(1)
+    x = torch.randn(3000, 1, generator=g, dtype=torch.float64)
+    y = torch.randn(3000, 1, generator=g, dtype=torch.float64) + 1.0
+    # X - Y ~ N(-1, 2): folded-normal mean sigma sqrt(2/pi) exp(-mu^2 / 2 sigma^2) + mu erf(mu / (sigma sqrt 2));
+    # X - X' ~ N(0, 2): E|X - X'| = 2 / sqrt(pi). Over seeds the estimate has std ~0.024 at N = 3000.
+    mu, sigma = 1.0, math.sqrt(2.0)
+    cross = sigma * math.sqrt(2 / math.pi) * math.exp(-mu ** 2 / (2 * sigma ** 2)) + mu * math.erf(mu / (sigma * math.sqrt(2)))
+    expected = 2 * cross - 2 * (2 / math.sqrt(math.pi))  # = 0.5418
+    assert energy_distance(x, y) == pytest.approx(expected, abs=0.08)
+
+
+def test_sliced_wasserstein_in_1d_is_exact_w2():
+    g = _gen(2)
+    x = torch.randn(4000, generator=g, dtype=torch.float64)
+    # a pure shift moves every quantile by 0.5, whatever the direction's sign
+    assert sliced_wasserstein(x, x + 0.5) == pytest.approx(0.5, abs=1e-9)
+    # two samples of N(0,1) and N(0.5,1) of unequal sizes: W2 = 0.5 up to MC error
+    y = torch.randn(3000, generator=g, dtype=torch.float64) + 0.5
+    assert sliced_wasserstein(x, y) == pytest.approx(0.5, abs=0.06)
+
+
+def test_sliced_wasserstein_unequal_sizes_by_quantiles():
+    # {0, 1} vs {0, 0.5, 1}: quantile functions differ by 0.5 on [1/3, 2/3) only -> W2^2 = 0.25 / 3
+    assert sliced_wasserstein([[0.0], [1.0]], [[0.0], [0.5], [1.0]]) == pytest.approx(math.sqrt(0.25 / 3))
+
+
+def test_sliced_wasserstein_in_2d_recovers_shift_length_on_average():
+    x = torch.randn(2000, 2, generator=_gen(3), dtype=torch.float64)
+    # shifting by (1, 0): W2 along theta is |theta_x|, whose mean over uniform directions is 2/pi
+    assert sliced_wasserstein(x, x + torch.tensor([1.0, 0.0]), projections=4096) == pytest.approx(2 / math.pi, abs=0.02)
+
+
+def test_on_shape_fraction_separates_target_from_noise():
+    distribution, x, labels = _toy2d_targets()
+    assert on_shape_fraction(x, labels, distribution) > 0.95
+    noise = torch.rand(4000, 2, generator=_gen(4), dtype=torch.float64) * 6 - 3
+    assert on_shape_fraction(noise, labels, distribution) < 0.2
+    # ring samples asked to be the cross mostly miss it
+    assert on_shape_fraction(x[labels == 0], torch.ones(2000), distribution) < 0.3
+
+
+def test_toy_metrics_good_vs_bad_samples():
+    distribution, x, labels = _toy2d_targets(seed=5)
+    good = toy_metrics(x, labels, distribution)
+    bad = toy_metrics(x + 0.2, labels, distribution)
+    assert set(good) == {"log_likelihood", "energy_distance", "sliced_wasserstein", "on_shape"}
+    assert good["on_shape"] > 0.95 > bad["on_shape"]
+    assert good["log_likelihood"] > bad["log_likelihood"] + 1.0
+    assert abs(good["energy_distance"]) < 0.01 < bad["energy_distance"]
+    assert good["sliced_wasserstein"] < 0.05 < bad["sliced_wasserstein"]
+    assert toy_metrics(x, labels, distribution) == good  # seeded target draws
+
+
+def test_toy_metrics_1d_has_no_on_shape_and_checks_lengths():
+    distribution = toy1d_distribution()
+    labels = torch.zeros(500, dtype=torch.long)
+    metrics = toy_metrics(distribution.sample(labels, _gen(6)).squeeze(1), labels, distribution)
+    assert set(metrics) == {"log_likelihood", "energy_distance", "sliced_wasserstein"}
+    with pytest.raises(ConfigError, match="one label per sample"):
+        toy_metrics(torch.zeros(10, 1), torch.zeros(9), distribution)
+
+
+# ---------------------------------------------------------------- image metrics
+
+
+class PooledProjection(nn.Module):
+    """Deterministic stand-in for Inception: a fixed random projection of 4x4-pooled pixels."""
+
+    num_features = 8
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(channels * 16, self.num_features, generator=_gen(7)))
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        pooled = nn.functional.adaptive_avg_pool2d(imgs.float() / 255 - 0.5, 4).flatten(1)
+        return pooled @ self.weight
+
+
+class BrightnessClassifier(nn.Module):
+    """Confident logits: class = mean brightness bucket (4 classes)."""
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        bucket = (imgs.float().mean((1, 2, 3)) / 64).long().clamp(max=3)
+        return 50.0 * nn.functional.one_hot(bucket, 4).float()
+
+
+def _random_images(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=_gen(seed))
+
+
+def test_fid_and_kid_with_custom_features():
+    real = _random_images(300, 8)
+    shifted = (real.int() + 60).clamp(max=255).to(torch.uint8)
+    extractor = PooledProjection()
+    same = image_metrics(real, real, metrics=("fid",), feature_extractor=extractor)
+    fresh = image_metrics(_random_images(300, 12), real, metrics=("fid", "kid"), feature_extractor=extractor)
+    other = image_metrics(shifted, real, metrics=("fid", "kid"), feature_extractor=extractor)
+    assert set(other) == {"fid", "kid", "kid_std"}
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6)
+    # a fresh draw of the same distribution is close; a brightness shift is far on both metrics
+    assert fresh["fid"] < 0.05 * other["fid"]
+    assert abs(fresh["kid"]) < 0.05 * other["kid"]
+
+
+def test_inception_score_of_confident_uniform_classes_is_class_count():
+    # 4 equally frequent brightness levels, each predicted with certainty: IS = exp(H(y)) = 4 (per-split noise)
+    levels = torch.tensor([20, 90, 150, 230], dtype=torch.uint8).repeat(500)
+    fake = levels[:, None, None, None].expand(-1, 8, 8, 3).contiguous()
+    result = image_metrics(fake, fake, metrics=("is",), feature_extractor=BrightnessClassifier())
+    assert result["is"] == pytest.approx(4.0, abs=0.1)
+    constant = image_metrics(fake[:100] * 0, fake, metrics=("is",), feature_extractor=BrightnessClassifier())
+    assert constant["is"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_image_metrics_rejects_bad_input():
+    images = _random_images(10, 9)
+    with pytest.raises(ConfigError, match="unknown"):
+        image_metrics(images, images, metrics=("fid", "lpips"), feature_extractor=PooledProjection())
+    with pytest.raises(ConfigError, match="uint8"):
+        image_metrics(images.float(), images, feature_extractor=PooledProjection())
+    with pytest.raises(ConfigError, match="share"):
+        image_metrics(images[:, :8], images, feature_extractor=PooledProjection())
+
+
+def test_missing_inception_weights_raise_config_error(monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    images = _random_images(4, 10)
+    with pytest.raises(ConfigError, match="pt_inception-2015-12-05") as err:
+        image_metrics(images, images)
+    assert torch.hub.get_dir() in str(err.value)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_scatter_figures_written_as_png(tmp_path):
+    distribution, x, labels = _toy2d_targets(per_class=500)
+    fig = scatter_figure({"w=0": (x.numpy(), labels.numpy()), "w=2": (x.numpy() * 1.1, labels.numpy())},
+                         distribution, title="toy 2D")
+    assert len([ax for ax in fig.axes if ax.axison]) == 2
+    save_figure(fig, tmp_path / "sub" / "toy2d.png")
+
+    toy1d = toy1d_distribution()
+    labels1 = torch.tensor([0, 1]).repeat(500)  # class 0 and the null label
+    fig1 = scatter_figure({"cfg": (toy1d.sample(labels1, _gen(11)).numpy(), labels1.numpy())}, toy1d)
+    save_figure(fig1, tmp_path / "toy1d.png")
+    for name in ("sub/toy2d.png", "toy1d.png"):
+        path = tmp_path / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert sorted(os.listdir(tmp_path)) == ["sub", "toy1d.png"]  # no temp files left behind
+
+
+def test_scatter_figure_rejects_3d():
+    with pytest.raises(ConfigError, match="1D or 2D"):
+        scatter_figure({"x": (np.zeros((4, 3)), np.zeros(4))})
+
+
+def test_save_figure_leaves_no_partial_file(tmp_path):
+    class Broken:
+        def savefig(self, *args, **kwargs):
+            raise RuntimeError("render failed")
+
+    with pytest.raises(RuntimeError):
+        save_figure(Broken(), tmp_path / "fig.png")
+    assert os.listdir(tmp_path) == []
+
+
+def test_image_grid_layout():
+    images = np.stack([np.full((4, 5, 1), i, np.uint8) for i in range(1, 8)])  # 7 grey images
+    grid = image_grid(images, nrow=3)
+    assert grid.shape == (3 * 4, 3 * 5, 3) and grid.dtype == np.uint8
+    assert grid[0, 0, 0] == 1 and grid[0, 5, 0] == 2 and grid[4, 0, 0] == 4 and grid[8, 0, 0] == 7
+    assert (grid[8:, 5:] == 0).all()  # two blank tiles pad the last row

@@ -1,0 +1,196 @@
+"""``sample.py``: 1 vs 2 DDP processes, resumption, outputs, and one-line errors that write nothing."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_reg.cli import main as train_main
+from lightning_reg.sampling.cli import main as sample_main
+from lightning_reg.sampling.engine import balanced_labels
+
+ROOT = Path(__file__).parents[1]
+TRAIN_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 50
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+model:
+  net:
+    class_path: lightning_reg.models.mlp.ToyMLP
+    init_args: {num_classes: 2, dim: 2, hidden: 32, blocks: 1, x_scale: 1.0}
+  lr: 0.005
+  warmup_steps: 5
+  ema_decay: 0.5
+data:
+  class_path: lightning_reg.data.toy.Toy2D
+  init_args: {num_train: 2048, num_val: 128, batch_size: 128}
+"""
+# 30 samples in 3 shards of 10, batches of 4 inside a shard.
+ARGS = ["--num_samples", "30", "--shard_size", "10", "--batch_size", "4", "--steps", "6", "--seed", "5",
+        "--guidance", "{method: cfg, scale: 1.0, reg: paper}"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A ToyMLP trained 50 steps through train.py's CLI (so the checkpoint rebuilds the backbone)."""
+    folder = tmp_path_factory.mktemp("train")
+    config = folder / "tiny.yaml"
+    config.write_text(TRAIN_CONFIG)
+    train_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(folder)])
+    (ckpt,) = folder.glob("checkpoints/*.ckpt")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def reference_run(checkpoint, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    sample_main(["--checkpoint", str(checkpoint), "--output", str(out), "--distribution", "toy2d", *ARGS])
+    return out
+
+
+def load(folder: Path):
+    with np.load(folder / "samples.npz") as f:
+        return f["samples"], f["labels"]
+
+
+def test_outputs_of_a_run(reference_run, checkpoint):
+    samples, labels = load(reference_run)
+    assert samples.dtype == np.float32 and samples.shape == (30, 2) and np.isfinite(samples).all()
+    assert labels.tolist() == balanced_labels(30, 2).tolist()
+    assert sorted(p.name for p in reference_run.iterdir()) == [
+        "meta.json", "run.json", "samples.npz", "samples.png", "shard_00000.npz", "shard_00001.npz",
+        "shard_00002.npz"]
+    meta = json.loads((reference_run / "meta.json").read_text())
+    assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert meta["world_size"] == 1 and meta["setting"] == "cfg_w1_paper" and meta["config"]["seed"] == 5
+    assert meta["versions"] == {"torch": torch.__version__, "lightning": lightning.__version__,
+                                "lightning_reg": "0.1.0"}
+    assert set(meta["metrics"]) == {"log_likelihood", "energy_distance", "sliced_wasserstein", "on_shape"}
+    with np.load(reference_run / "shard_00001.npz") as shard:
+        assert shard["indices"].tolist() == list(range(10, 20))
+        assert np.array_equal(shard["samples"], samples[10:20])
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one(reference_run, checkpoint, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(checkpoint), "--output",
+                           str(out), *ARGS, "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for got, want in zip(load(out), load(reference_run)):
+        assert np.array_equal(got, want)  # bit-identical
+    assert json.loads((out / "meta.json").read_text())["world_size"] == 2
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(reference_run, checkpoint, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    args = ["--checkpoint", str(checkpoint), "--output", str(out), "--distribution", "toy2d", *ARGS]
+    sample_main([*args, "--max_shards", "2"])
+    assert "run the same command again to resume" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "shard_00000.npz", "shard_00001.npz"]
+    before = (out / "shard_00000.npz").stat().st_mtime_ns
+    sample_main(args)
+    assert (out / "shard_00000.npz").stat().st_mtime_ns == before  # finished shards are not redone
+    assert json.loads((out / "meta.json").read_text())["new_shards"] == 1
+    for got, want in zip(load(out), load(reference_run)):
+        assert np.array_equal(got, want)
+    sample_main(args)
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_overwrite_replaces_another_run(reference_run, checkpoint, tmp_path):
+    out = tmp_path / "over"
+    base = ["--checkpoint", str(checkpoint), "--output", str(out), "--num_samples", "6", "--steps", "3"]
+    sample_main([*base, "--seed", "0"])
+    first = load(out)[0]
+    sample_main([*base, "--seed", "1", "--overwrite", "true", "--labels", "[1]"])
+    samples, labels = load(out)
+    assert labels.tolist() == [1] * 6 and not np.array_equal(samples, first)
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+
+
+def foreign_checkpoints(checkpoint: Path, folder: Path) -> dict[str, Path]:
+    """A checkpoint of another LightningModule, and ours with a weight removed."""
+    other = folder / "boring.ckpt"
+    torch.save({"state_dict": BoringModel().state_dict(), "hyper_parameters": {},
+                "pytorch-lightning_version": lightning.__version__}, other)
+    ckpt = torch.load(checkpoint, weights_only=False)
+    del ckpt["state_dict"]["net.x_proj.weight"]
+    missing = folder / "missing.ckpt"
+    torch.save(ckpt, missing)
+    return {"other": other, "missing": missing}
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("other", [], "is not a loadable ConditionalDiffusion checkpoint .*net"),
+    ("missing", [], r"is not a loadable ConditionalDiffusion checkpoint .*Missing key.*net\.x_proj\.weight"),
+    ("ok", ["--num_samples", "0"], "--num_samples must be a positive integer, got 0"),
+    ("ok", ["--labels", "[0, 2]"], r"--labels: label ids must lie in \[0, 1\]"),
+    ("ok", ["--guidance", "{method: classifier}"], "unknown guidance method 'classifier'"),
+    ("ok", ["--guidance", "{method: cfg, reg: half}"], "unknown REG mode 'half'"),
+    ("ok", ["--sampler", "euler"], "unknown sampler 'euler'"),
+    ("ok", ["--sampler", "edm_heun"], "sampler 'edm_heun' needs the 'edm' schedule"),
+    ("ok", ["--steps", "two"], "steps"),
+    ("ok", ["--distribution", "toy1d"], "--distribution toy1d has 1 classes in 1D"),
+])
+def test_bad_input_one_line_and_no_output(checkpoint, tmp_path, capsys, case, args, message):
+    ckpt = foreign_checkpoints(checkpoint, tmp_path)[case] if case != "ok" else checkpoint
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--checkpoint", str(ckpt), "--output", str(out), "--num_samples", "4", "--steps", "2", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_another_runs_folder_is_refused_and_left_alone(reference_run, checkpoint, capsys):
+    files = {p.name: p.stat().st_mtime_ns for p in reference_run.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--checkpoint", str(checkpoint), "--output", str(reference_run), *ARGS, "--seed", "6"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds another sampling run (arguments differ in ['seed'])" in err and "--overwrite true" in err
+    assert {p.name: p.stat().st_mtime_ns for p in reference_run.iterdir()} == files
+
+
+def test_image_checkpoint_gives_uint8_samples_and_pngs(tmp_path):
+    from PIL import Image
+
+    from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
+    data = make_synthetic_image_dataset(tmp_path / "data", num_classes=3, n_per_class=4, image_size=8)
+    train_main(["fit", "--seed_everything", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+                "--model.net", "lightning_reg.models.dit.DiT", "--model.net.num_classes", "3",
+                "--model.net.image_size", "8", "--model.net.width", "32", "--model.net.depth", "1",
+                "--model.net.heads", "2", "--data", "lightning_reg.data.images.ImageDataModule",
+                "--data.name", str(data), "--data.image_size", "8", "--data.batch_size", "4"])
+    (ckpt,) = tmp_path.glob("checkpoints/*.ckpt")
+    out = tmp_path / "out"
+    sample_main(["--checkpoint", str(ckpt), "--output", str(out), "--num_samples", "5", "--steps", "2"])
+    samples, labels = load(out)
+    assert samples.dtype == np.uint8 and samples.shape == (5, 8, 8, 3) and labels.tolist() == [0, 1, 2, 0, 1]
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "000003.png")), samples[3])
+    assert np.asarray(Image.open(out / "images" / "grid.png")).shape == (8, 64, 3)  # one row of 8, padded

@@ -1,0 +1,109 @@
+"""``train.py`` (LightningCLI): bad flags and values end in one ``error:`` line, exit code 2, no files;
+the shipped configs parse and train."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_reg.cli import main
+from lightning_reg.module import ConditionalDiffusion
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_DATA = ["--data.init_args.num_train", "1024", "--data.init_args.num_val", "128",
+              "--data.init_args.batch_size", "64"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working directory holding a copy of ``configs/``; the configs write relative to it.
+    ``sys.argv`` is cleared so ``main(args)`` sees only its own arguments, not pytest's."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    return tmp_path
+
+
+def files_under(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+def run_train(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python train.py fit --config configs/toy2d.yaml ARGS`` as a user runs it, in ``workdir``."""
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", "configs/toy2d.yaml", *args],
+                          cwd=workdir, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_error_line(stderr: str, words: list[str]) -> None:
+    """One ``error:`` line holding ``words``; besides it at most Lightning's "Seed set to 0" (no usage wall)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(word in errors[0] for word in words), stderr
+    assert len(stderr.strip().splitlines()) <= 2, stderr
+
+
+# Both ways a bad config fails: jsonargparse refuses a key while parsing, and a constructor raises
+# ConfigError while jsonargparse instantiates a nested class (which it wraps in its own ValueError).
+@pytest.mark.parametrize("args, words", [
+    (["--model.not_a_key", "1"], ["--model.not_a_key"]),
+    (["--model.schedule.init_args.betas", "bogus"], ["betas", "'bogus'", "'linear' or 'cosine'"]),
+], ids=["unknown-key", "nested-config-error"])
+def test_train_script_fails_with_one_line_no_traceback_no_files(workdir, args, words):
+    before = files_under(workdir)
+    result = run_train(workdir, *args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "usage:" not in result.stderr
+    assert_one_error_line(result.stderr, words)
+    assert files_under(workdir) == before
+
+
+@pytest.mark.parametrize("args, yaml_text, words", [
+    (["--config", "bad.yaml"], "model:\n  not_a_key: 1\n", ["model.not_a_key"]),
+    (["--config", "bad.yaml"], "model:\n  schedule:\n    init_args: {betaz: 1}\n", ["model.schedule", "betaz"]),
+    (["--model.lr", "fast"], None, ["model.lr", "fast"]),
+    (["--model.label_dropout", "1.5"], None, ["label_dropout", "[0, 1)", "1.5"]),
+    (["--data.init_args.batch_size", "0"], None, ["batch_size", "positive"]),
+    (["--model.net.init_args.num_classes", "3"], None, ["model.net.num_classes=3", "data has num_classes=2"]),
+], ids=["yaml-unknown-key", "yaml-nested-unknown-key", "bad-type", "model-value", "data-value", "model-vs-data"])
+def test_bad_config_exits_2_with_one_error_line_and_no_files(workdir, capsys, args, yaml_text, words):
+    if yaml_text is not None:
+        (workdir / "bad.yaml").write_text(yaml_text)
+    before = files_under(workdir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/toy2d.yaml", *SMALL_DATA, *args])
+    assert exit_info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, words)
+    assert files_under(workdir) == before
+
+
+def test_print_config_shows_the_merged_config(workdir, capsys):
+    before = files_under(workdir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/toy2d.yaml", "--model.lr", "0.01", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["lr"] == 0.01 and config["model"]["label_dropout"] == 0.1
+    assert config["model"]["net"]["class_path"] == "lightning_reg.models.mlp.ToyMLP"
+    assert config["data"]["class_path"] == "lightning_reg.data.toy.Toy2D"
+    assert files_under(workdir) == before
+
+
+@pytest.mark.parametrize("name, steps", [("toy2d", 20), ("toy1d", 5)])
+def test_short_fit_writes_a_loadable_checkpoint(workdir, capsys, one_thread, name, steps):
+    out_dir = workdir / "runs"
+    main(["fit", "--config", f"configs/{name}.yaml", "--trainer.max_steps", str(steps),
+          "--trainer.default_root_dir", str(out_dir), "--trainer.logger.init_args.save_dir", str(out_dir),
+          "--trainer.log_every_n_steps", "5", "--trainer.enable_progress_bar", "false",
+          "--trainer.enable_model_summary", "false", *SMALL_DATA])
+    stdout = capsys.readouterr().out
+    checkpoint = out_dir / name / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"checkpoint: {checkpoint}" in stdout
+    assert checkpoint.is_file() and (out_dir / name / "version_0" / "config.yaml").is_file()
+    assert "train/loss" in (out_dir / name / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert not (workdir / "checkpoints").exists() and not (workdir / "lightning_logs").exists()
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == steps
+    model = ConditionalDiffusion.load_from_checkpoint(checkpoint)
+    assert model.num_classes == {"toy2d": 2, "toy1d": 1}[name]
