@@ -38,7 +38,8 @@ def grid(n: int, dtype) -> torch.Tensor:
 
 
 def samples_figure(log_target, n, samples, label, w):
-    fig, axes = plt.subplots(1, 1 + len(samples), figsize=(4.2 * (1 + len(samples)), 4.2), sharex=True, sharey=True)
+    fig, axes = plt.subplots(1, 1 + len(samples), figsize=(4.2 * (1 + len(samples)), 4.6), sharex=True, sharey=True,
+                             layout="constrained")
     extent = (-LIMIT, LIMIT, -LIMIT, LIMIT)
     density = rearrange(log_target.softmax(0), "(h w) -> h w", h=n)
     axes[0].imshow(density, origin="lower", extent=extent, cmap="viridis")
@@ -52,7 +53,6 @@ def samples_figure(log_target, n, samples, label, w):
         ax.set_ylim(-LIMIT, LIMIT)
         ax.set_aspect("equal")
     fig.suptitle("2D toy: guided target and DDPM samples with and without REG")
-    fig.tight_layout()
     return fig
 
 
