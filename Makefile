@@ -7,6 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/toy2d.yaml
+BENCH_ARGS ?= --threads 1
 
 .PHONY: run test test-fast bench clean venv
 venv: $(STAMP)
@@ -28,7 +29,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/guidance_cost.py
+	$(PY) benchmarks/guidance_cost.py $(BENCH_ARGS)
 
 clean:
 	rm -rf checkpoints/runs .pytest_cache

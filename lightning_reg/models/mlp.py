@@ -17,10 +17,15 @@ class ResidualBlock(nn.Module):
 
 
 class ToyMLP(nn.Module):
-    """``net(x, t, y)`` for vectors x (B, D): embeddings of x, t and y, summed, then residual blocks."""
+    """``net(x, t, y)`` for vectors x (B, D): embeddings of x, t and y, summed, then residual blocks.
+
+    ``x_scale`` sets the highest frequency of the x embedding. REG differentiates the network in x, so
+    it wants a smooth Jacobian: with 100 the trained 1D model's REG term was visibly jagged, with 10 it
+    is smooth and its median error to the oracle drops from 0.032 to 0.020 (docs/experiments.md).
+    """
 
     def __init__(self, num_classes: int, dim: int = 2, hidden: int = 128, blocks: int = 3,
-                 embedding_dim: int = 32, x_scale: float = 100.0):
+                 embedding_dim: int = 32, x_scale: float = 10.0):
         super().__init__()
         self.num_classes, self.data_shape = num_classes, (dim,)
         self.embedding_dim, self.x_scale = embedding_dim, x_scale
