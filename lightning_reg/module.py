@@ -8,6 +8,7 @@ copy of the weights (``torch.optim.swa_utils.AveragedModel``) is used for valida
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -28,11 +29,14 @@ class ConditionalDiffusion(L.LightningModule):
         label_dropout: probability of training a sample with the null label (DiT: 0.1).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up.
         ema_decay: decay of the EMA weights used for validation and sampling.
+        init_from: fine-tuning: a checkpoint of the same backbone whose EMA weights start both the
+            trained and the EMA weights (not saved as a hyperparameter: the run's own checkpoints
+            stand alone).
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule | None = None, prediction: str = "eps",
                  label_dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 100, ema_decay: float = 0.999):
+                 warmup_steps: int = 100, ema_decay: float = 0.999, init_from: str | None = None):
         super().__init__()
         if not 0.0 <= label_dropout < 1.0:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {label_dropout}")
@@ -44,13 +48,29 @@ class ConditionalDiffusion(L.LightningModule):
             # Under LightningCLI the backbone is saved as its class_path config (so ``load_from_checkpoint``
             # rebuilds it); Lightning's advice to ignore it would drop that config.
             warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
-            self.save_hyperparameters()
+            self.save_hyperparameters(ignore=["init_from"])
+        for key in ("net", "schedule"):  # live objects (built in Python, not from a config) are not pickled
+            if not isinstance(self.hparams.get(key), (dict, type(None))):
+                self._hparams.pop(key)
+                self._hparams_initial.pop(key, None)
         self.net = net
         self.schedule = schedule or VPSchedule()
         sigma_data = getattr(self.schedule, "sigma_data", 0.5)
         self.denoiser = Denoiser(net, self.schedule, Prediction(prediction, sigma_data))
         self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+        if init_from is not None:
+            self.init_weights_from(init_from)
+
+    def init_weights_from(self, path: str) -> None:
+        """Start ``net`` and its EMA from the EMA weights of the checkpoint at ``path`` (fine-tuning)."""
+        source = load_denoiser(path, ema=True, field="model.init_from")
+        try:
+            self.net.load_state_dict(source.net.state_dict())
+        except RuntimeError as err:
+            reason = " ".join(str(err).split())[:300]
+            raise ConfigError(f"model.init_from {path} holds another backbone than model.net: {reason}") from None
+        self.ema.module.load_state_dict(self.net.state_dict())
 
     @property
     def num_classes(self) -> int:
@@ -95,3 +115,18 @@ class ConditionalDiffusion(L.LightningModule):
         warmup = max(self.hparams.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_denoiser(path, ema: bool, field: str = "--checkpoint") -> Denoiser:
+    """The checkpoint's EMA (or raw) denoiser, in eval mode on the CPU; a ConfigError saying what is wrong."""
+    if path is None:
+        raise ConfigError(f"{field} is required: the .ckpt file of a trained ConditionalDiffusion")
+    if not Path(path).is_file():
+        raise ConfigError(f"{field} {path} does not exist")
+    try:
+        model = ConditionalDiffusion.load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
+        reason = " ".join(str(err).split())[:400]
+        raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint "
+                          f"({type(err).__name__}: {reason})") from None
+    return (model.ema_denoiser() if ema else model.denoiser).eval()

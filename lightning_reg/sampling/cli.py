@@ -24,6 +24,7 @@ from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.module import load_denoiser
 from lightning_reg.sampling import writer
 from lightning_reg.sampling.engine import balanced_labels, generate, sample_seed, setting_name
 
@@ -57,23 +58,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--trainer.accelerator", type=str, default="cpu", help="cpu, gpu, cuda, mps or auto")
     p.add_argument("--trainer.devices", type=int, default=1, help="processes (DDP across them when > 1)")
     return p
-
-
-def load_denoiser(path, ema: bool, field: str = "--checkpoint") -> Denoiser:
-    """The checkpoint's EMA (or raw) denoiser, in eval mode on the CPU; a ConfigError saying what is wrong."""
-    from lightning_reg.module import ConditionalDiffusion
-
-    if path is None:
-        raise ConfigError(f"{field} is required: the .ckpt file of a trained ConditionalDiffusion")
-    if not Path(path).is_file():
-        raise ConfigError(f"{field} {path} does not exist")
-    try:
-        model = ConditionalDiffusion.load_from_checkpoint(path, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
-        reason = " ".join(str(err).split())[:400]
-        raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint "
-                          f"({type(err).__name__}: {reason})") from None
-    return (model.ema_denoiser() if ema else model.denoiser).eval()
 
 
 @dataclass
