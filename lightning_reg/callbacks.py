@@ -2,6 +2,7 @@
 
 It uses the same sampling path as ``sample.py`` (``lightning_reg.sampling.engine.generate``): class-balanced
 labels, per-sample seeded noise, the sample indices split across DDP ranks and gathered back in order.
+Metrics: the exact toy metrics (``metrics.toy``) for toy data, FID / IS / KID (``metrics.images``) for images.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics, check_metric_names
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
-from lightning_reg.metrics.toy import toy_metrics
+from lightning_reg.metrics.toy import TOY_METRICS, toy_metric_names, toy_metrics
 from lightning_reg.sampling.engine import balanced_labels, gather_by_index, generate, rank_indices, setting_name
 from lightning_reg.sampling.writer import to_uint8_nhwc, write_png
 
+DEFAULT_IMAGE_METRICS = ("fid", "is")
 DEFAULT_SETTINGS = ({"method": "cfg", "scale": 1.0, "reg": "none"}, {"method": "cfg", "scale": 1.0, "reg": "paper"},
                     {"method": "cfg", "scale": 1.0, "reg": "vjp"})
 GRID_IMAGES = 32  # images per setting in the logged grid (image data)
@@ -28,19 +32,24 @@ GRID_IMAGES = 32  # images per setting in the logged grid (image data)
 
 class SamplingCallback(L.Callback):
     """Every ``every_n_val_epochs`` validation runs (sanity check excluded), sample ``num_samples``
-    class-balanced points per guidance setting and log, for toy data (a datamodule with a ``distribution``),
-    ``sample/<setting>/<metric>`` for each metric of ``metrics.toy.toy_metrics``. A scatter plot (toy data)
-    or an image grid is saved to ``<log_dir>/samples/step_<global_step>.png`` and sent to the logger when
-    it takes images (TensorBoard's ``add_image``, ``log_image``).
+    class-balanced points per guidance setting and log ``sample/<setting>/<metric>`` for each of ``metrics``.
+    A scatter plot (toy data) or an image grid is saved to ``<log_dir>/samples/step_<global_step>.png`` and
+    sent to the logger when it takes images (TensorBoard's ``add_image``, ``log_image``).
 
     Args:
         settings: guidance dicts for ``make_guidance(**setting)``; default CFG ``w = 1`` with REG none/paper/vjp.
         sampler, steps, seed, batch_size, sampler_kwargs: as in ``sample.py``.
+        metrics: toy data (a datamodule with a ``distribution``): names from ``metrics.toy.TOY_METRICS``,
+            default all that apply; images: from ``fid``, ``is``, ``kid``, default ``[fid, is]``, against the
+            first ``num_samples`` validation images (features computed once), on rank 0. ``[]``: none.
+        feature_extractor: image metrics only: a module mapping uint8 NCHW images to features (IS: logits)
+            in place of torchmetrics' Inception-v3, whose weights must be in the torch hub cache.
     """
 
     def __init__(self, every_n_val_epochs: int = 1, num_samples: int = 1000, settings: list[dict] | None = None,
                  sampler: str = "ddpm", steps: int = 25, seed: int = 0, batch_size: int = 1000,
-                 sampler_kwargs: dict | None = None):
+                 sampler_kwargs: dict | None = None, metrics: list[str] | None = None,
+                 feature_extractor: nn.Module | None = None):
         for field, value in (("every_n_val_epochs", every_n_val_epochs), ("num_samples", num_samples),
                              ("steps", steps), ("batch_size", batch_size)):
             if value < 1:
@@ -55,7 +64,30 @@ class SamplingCallback(L.Callback):
         self.every_n_val_epochs, self.num_samples = every_n_val_epochs, num_samples
         self.sampler, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
         self.sampler_kwargs = sampler_kwargs
+        self.requested_metrics = None if metrics is None else check_metric_names(
+            metrics, TOY_METRICS + IMAGE_METRICS, "SamplingCallback metrics")
+        self.metrics: tuple[str, ...] = ()  # resolved against the data in setup
+        self.feature_extractor = feature_extractor
+        self.image_metrics: ImageMetrics | None = None  # image data: built in setup, on rank 0
         self.val_runs = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve ``metrics`` for the data and build the image metrics (loading Inception) before training."""
+        distribution = getattr(trainer.datamodule, "distribution", None)
+        data_shape, requested = pl_module.denoiser.data_shape, self.requested_metrics
+        if distribution is not None:
+            self.metrics = toy_metric_names(distribution, requested)
+        elif len(data_shape) == 3:
+            self.metrics = check_metric_names(DEFAULT_IMAGE_METRICS if requested is None else requested,
+                                              IMAGE_METRICS, "SamplingCallback metrics (image data)")
+        elif requested:
+            raise ConfigError(f"SamplingCallback metrics {list(requested)} need toy data with a known distribution "
+                              "(a datamodule such as Toy1D or Toy2D) or images")
+        if self.metrics and distribution is None and trainer.is_global_zero and self.image_metrics is None:
+            if trainer.datamodule is None:
+                raise ConfigError("SamplingCallback image metrics take their real images from the datamodule's "
+                                  "val_dataloader(); fit with a datamodule or set metrics: []")
+            self.image_metrics = ImageMetrics(self.metrics, data_shape, self.feature_extractor)
 
     def state_dict(self) -> dict:
         return {"val_runs": self.val_runs}
@@ -74,10 +106,10 @@ class SamplingCallback(L.Callback):
             return
         distribution = getattr(trainer.datamodule, "distribution", None)
         path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step}.png"
+        for name, x in samples.items():
+            for metric, value in self.evaluate(trainer, pl_module, x, labels).items():
+                pl_module.log(f"sample/{name}/{metric}", value, rank_zero_only=True)
         if distribution is not None:
-            for name, x in samples.items():
-                for metric, value in toy_metrics(x, labels, distribution, seed=self.seed).items():
-                    pl_module.log(f"sample/{name}/{metric}", value, rank_zero_only=True)
             fig = scatter_figure({name: (x.numpy(), labels.numpy()) for name, x in samples.items()}, distribution,
                                  title=f"step {trainer.global_step}")
             save_figure(fig, path)
@@ -103,6 +135,31 @@ class SamplingCallback(L.Callback):
                              sampler_kwargs=self.sampler_kwargs, progress=trainer.is_global_zero)
             samples[name] = gather_by_index(local.to(pl_module.device), n, world, pl_module.all_gather).cpu()
         return samples, labels
+
+    def evaluate(self, trainer: L.Trainer, pl_module, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """``metrics`` of one setting's samples: exact toy metrics, or image metrics against validation images."""
+        distribution = getattr(trainer.datamodule, "distribution", None)
+        if distribution is not None:
+            return toy_metrics(samples, labels, distribution, seed=self.seed, metrics=self.metrics)
+        if self.image_metrics is None:
+            return {}
+        self.image_metrics.to(pl_module.device)
+        if self.image_metrics.num_real is None:
+            self.image_metrics.set_real(self.validation_images(trainer, self.num_samples))
+        return self.image_metrics(to_uint8_nhwc(samples))
+
+    @staticmethod
+    def validation_images(trainer: L.Trainer, n: int) -> np.ndarray:
+        """The first ``n`` images of the datamodule's validation loader, as uint8 NHWC (the FID/KID reference)."""
+        batches, count = [], 0
+        for x, _ in trainer.datamodule.val_dataloader():
+            batches.append(x)
+            count += len(x)
+            if count >= n:
+                break
+        if count < 2:
+            raise ConfigError(f"SamplingCallback image metrics need at least 2 validation images, found {count}")
+        return to_uint8_nhwc(torch.cat(batches)[:n])
 
     @staticmethod
     def logger_takes_images(trainer: L.Trainer) -> bool:

@@ -3,20 +3,26 @@ validation-time SamplingCallback."""
 
 import json
 
+import urllib.error
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
 from lightning_reg.callbacks import SamplingCallback
 from lightning_reg.cli import TrainCLI
+from lightning_reg.data.images import ImageDataModule
+from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
 from lightning_reg.data.toy import Toy2D, toy2d_distribution
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import make_guidance
+from lightning_reg.models.dit import DiT
 from lightning_reg.models.mlp import ToyMLP
 from lightning_reg.module import ConditionalDiffusion
 from lightning_reg.oracle import ExactMixtureDenoiser
@@ -179,16 +185,25 @@ def test_output_folder_fingerprint(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- callback
-def tiny_fit(tmp_path, callback, max_steps=40):
-    """40 steps (validation every 20) of a small, smooth (x_scale=1) ToyMLP with a fast EMA."""
+def tiny_fit(tmp_path, callback, max_steps=40, images=False):
+    """40 steps (validation every 20) of a small, smooth (x_scale=1) ToyMLP with a fast EMA; with ``images``,
+    4 steps (validation every 2) of a tiny DiT on 8x8 synthetic images (2 classes, 8 validation images)."""
     L.seed_everything(0)
-    model = ConditionalDiffusion(ToyMLP(num_classes=2, dim=2, hidden=32, blocks=1, x_scale=1.0), VPSchedule(1000),
-                                 lr=5e-3, warmup_steps=5, ema_decay=0.5)
-    trainer = L.Trainer(max_steps=max_steps, val_check_interval=20, check_val_every_n_epoch=None,
+    if images:
+        net = DiT(num_classes=2, image_size=8, channels=3, patch_size=2, width=32, depth=1, heads=2)
+        data = ImageDataModule(name=make_synthetic_image_dataset(tmp_path / "images", num_classes=2, n_per_class=16,
+                                                                 image_size=8),
+                               image_size=8, batch_size=8, val_fraction=0.25)
+        max_steps, every = 4, 2
+    else:
+        net = ToyMLP(num_classes=2, dim=2, hidden=32, blocks=1, x_scale=1.0)
+        data, every = Toy2D(num_train=2048, num_val=128, batch_size=128), 20
+    model = ConditionalDiffusion(net, VPSchedule(1000), lr=5e-3, warmup_steps=5, ema_decay=0.5)
+    trainer = L.Trainer(max_steps=max_steps, val_check_interval=every, check_val_every_n_epoch=None,
                         limit_val_batches=1, accelerator="cpu", devices=1, callbacks=[callback],
                         logger=CSVLogger(tmp_path, name="toy"), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, Toy2D(num_train=2048, num_val=128, batch_size=128))
+    trainer.fit(model, data)
     return trainer
 
 
@@ -216,6 +231,66 @@ def test_callback_every_n_val_epochs_and_bad_settings(tmp_path):
         SamplingCallback(settings=[{"method": "classifier"}])
     with pytest.raises(ConfigError, match="every_n_val_epochs"):
         SamplingCallback(every_n_val_epochs=0)
+
+
+class PooledPixels(nn.Module):
+    """Stand-in for Inception (no weights to fetch): 4x4-pooled pixels of uint8 NCHW images, 48 features.
+    ``batch_sizes`` records every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(len(images))
+        return nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+
+
+def test_callback_image_metrics_per_setting_with_real_features_once(tmp_path):
+    settings = [{"method": "cfg", "scale": 1.0, "reg": "none"}, {"method": "cfg", "scale": 1.0, "reg": "paper"}]
+    features = PooledPixels()
+    callback = SamplingCallback(num_samples=8, steps=2, batch_size=8, settings=settings,
+                                metrics=["fid", "is", "kid"], feature_extractor=features)
+    trainer = tiny_fit(tmp_path, callback, images=True)
+    keys = {f"sample/{s}/{m}" for s in ("cfg_w1_none", "cfg_w1_paper") for m in ("fid", "is", "is_std", "kid", "kid_std")}
+    assert keys <= set(trainer.callback_metrics)
+    assert all(torch.isfinite(trainer.callback_metrics[k]) for k in keys)
+    assert float(trainer.callback_metrics["sample/cfg_w1_paper/fid"]) > 0
+    # the 8 validation images were featurised once for FID and once for KID; the 8 samples of each of
+    # 2 validations x 2 settings once per metric (torchmetrics' one-image probe at construction aside)
+    assert features.batch_sizes.count(8) == 2 + 2 * 2 * 3
+    assert int(callback.image_metrics.metrics["fid"].real_features_num_samples) == 8
+    log_dir = tmp_path / "toy" / "version_0"
+    assert sorted(p.name for p in (log_dir / "samples").iterdir()) == ["step_2.png", "step_4.png"]
+
+
+def test_callback_metrics_are_checked_against_the_data_before_training(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"SamplingCallback metrics: unknown \['lpips'\]"):
+        SamplingCallback(metrics=["fid", "lpips"])
+    with pytest.raises(ConfigError, match=r"\['fid'\] do not apply to 2D toy data"):
+        tiny_fit(tmp_path, SamplingCallback(metrics=["fid"]))
+    with pytest.raises(ConfigError, match="image data.*unknown.*on_shape"):
+        tiny_fit(tmp_path, SamplingCallback(metrics=["on_shape"]), images=True)
+
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    steps = []
+
+    class Steps(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            steps.append(trainer.global_step)
+
+    with pytest.raises(ConfigError, match="pt_inception-2015-12-05"):  # default metrics [fid, is] on Inception
+        L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, callbacks=[SamplingCallback(), Steps()]).fit(
+            ConditionalDiffusion(DiT(num_classes=2, image_size=8, width=32, depth=1, heads=2, patch_size=2)),
+            ImageDataModule(name=make_synthetic_image_dataset(tmp_path / "img", num_classes=2, n_per_class=4,
+                                                              image_size=8), image_size=8, batch_size=4))
+    assert steps == []  # refused before the first training step
 
 
 @pytest.mark.parametrize("config", ["configs/toy2d.yaml", "configs/toy1d.yaml"])

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -16,6 +18,7 @@ from lightning_reg.data.toy import ToyDistribution
 from lightning_reg.errors import ConfigError
 
 _CHUNK = 1024  # rows per block of pairwise distances: bounds memory at _CHUNK * N floats
+TOY_METRICS = ("log_likelihood", "energy_distance", "sliced_wasserstein", "on_shape")  # on_shape: 2D only
 
 
 def _points(x, name: str) -> Tensor:
@@ -108,21 +111,37 @@ def on_shape_fraction(samples, labels, distribution: ToyDistribution, radius: fl
     return hits / len(x)
 
 
-def toy_metrics(samples, labels, distribution: ToyDistribution, seed: int = 0) -> dict[str, float]:
-    """All toy metrics; two-sample ones compare each class with fresh target draws for the same labels.
+def toy_metrics(samples, labels, distribution: ToyDistribution, seed: int = 0,
+                metrics=None) -> dict[str, float]:
+    """The toy metrics named in ``metrics`` (default: all of ``TOY_METRICS`` that apply to the data).
 
+    Two-sample metrics compare each class with fresh target draws for the same labels:
     ``energy_distance`` and ``sliced_wasserstein`` are computed per class and averaged with weights
-    ``n_c / N``; ``on_shape`` is reported for 2D data only.
+    ``n_c / N``. ``on_shape`` is defined for 2D data only.
     """
+    names = toy_metric_names(distribution, metrics)
     x, y = _labelled(samples, labels)
     target = distribution.sample(y, torch.Generator().manual_seed(seed))
-    out = {"log_likelihood": mean_log_likelihood(x, y, distribution), "energy_distance": 0.0,
-           "sliced_wasserstein": 0.0}
-    for label in y.unique().tolist():
-        idx = y == label
-        share = idx.sum().item() / len(y)
-        out["energy_distance"] += share * energy_distance(x[idx], target[idx])
-        out["sliced_wasserstein"] += share * sliced_wasserstein(x[idx], target[idx], seed=seed)
-    if distribution.dim == 2:
+    out = {}
+    if "log_likelihood" in names:
+        out["log_likelihood"] = mean_log_likelihood(x, y, distribution)
+    per_class = {"energy_distance": energy_distance, "sliced_wasserstein": partial(sliced_wasserstein, seed=seed)}
+    for name in (n for n in per_class if n in names):
+        out[name] = sum((y == label).sum().item() / len(y) * per_class[name](x[y == label], target[y == label])
+                        for label in y.unique().tolist())
+    if "on_shape" in names:
         out["on_shape"] = on_shape_fraction(x, y, distribution)
     return out
+
+
+def toy_metric_names(distribution: ToyDistribution, metrics=None) -> tuple[str, ...]:
+    """``metrics`` checked against the toy metrics that apply to ``distribution``; ``None``: all of them."""
+    applicable = TOY_METRICS if distribution.dim == 2 else tuple(m for m in TOY_METRICS if m != "on_shape")
+    if metrics is None:
+        return applicable
+    metrics = tuple(metrics)
+    unknown = sorted(set(metrics) - set(applicable))
+    if unknown:
+        raise ConfigError(f"metrics: {unknown} do not apply to {distribution.dim}D toy data; "
+                          f"choose from {list(applicable)}")
+    return metrics
