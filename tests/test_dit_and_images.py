@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_reg.data.images import ImageDataModule
+from lightning_reg.errors import ConfigError
 from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
 from lightning_reg.models.dit import DiT
 
@@ -99,9 +100,9 @@ def test_image_datamodule_on_synthetic(tmp_path):
 
 def test_image_datamodule_bad_key_lists_columns(tmp_path):
     path = make_synthetic_image_dataset(tmp_path / "synth", num_classes=2, n_per_class=2, image_size=8)
-    with pytest.raises(ValueError, match=r"image_key='image'.*available columns: \['img', 'label'\]"):
+    with pytest.raises(ConfigError, match=r"image_key='image'.*available columns: \['img', 'label'\]"):
         ImageDataModule(name=path, image_key="image").setup()
-    with pytest.raises(ValueError, match="label_key='labels'"):
+    with pytest.raises(ConfigError, match="label_key='labels'"):
         ImageDataModule(name=path, label_key="labels").setup()
 
 
@@ -114,7 +115,7 @@ def test_image_datamodule_negative_labels(tmp_path):
         features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")}),
     )
     ds.save_to_disk(str(tmp_path / "neg"))
-    with pytest.raises(ValueError, match="negative labels"):
+    with pytest.raises(ConfigError, match="negative labels"):
         ImageDataModule(name=str(tmp_path / "neg")).setup()
 
 
@@ -127,5 +128,32 @@ def test_image_datamodule_offline_hub_name(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     dm = ImageDataModule(name="no-such-user-xyz/no-such-dataset", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(RuntimeError, match="pre-downloaded into cache_dir"):
+    with pytest.raises(ConfigError, match="pre-downloaded into cache_dir"):
         dm.setup()
+
+
+def test_image_datamodule_random_flip_only_on_training_images(tmp_path):
+    path = make_synthetic_image_dataset(tmp_path / "synth", num_classes=4, n_per_class=2, image_size=8)
+    plain = ImageDataModule(name=path, image_size=8, val_fraction=0.25, seed=1)
+    flip = ImageDataModule(name=path, image_size=8, val_fraction=0.25, seed=1, random_flip=True)
+    plain.setup()
+    flip.setup()
+    torch.manual_seed(0)
+    for i in range(len(plain.val_set)):
+        assert torch.equal(flip.val_set[i][0], plain.val_set[i][0])
+    draws = [flip.train_set[0][0] for _ in range(20)]
+    original, mirrored = plain.train_set[0][0], plain.train_set[0][0].flip(-1)
+    assert not torch.equal(original, mirrored)
+    assert all(torch.equal(x, original) or torch.equal(x, mirrored) for x in draws)
+    assert any(torch.equal(x, original) for x in draws) and any(torch.equal(x, mirrored) for x in draws)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(channels=4), "channels must be 1"),
+    (dict(val_fraction=1.0), "val_fraction"),
+    (dict(max_samples=1), "max_samples must be an integer >= 2"),
+])
+def test_image_datamodule_bad_settings(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        ImageDataModule(**kwargs)

@@ -17,6 +17,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from lightning_reg.errors import ConfigError
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    return " ".join(str(err).split())[:limit]
+
 
 class _ImageLabelDataset(Dataset):
     """Index a HF dataset (optionally through ``indices``) and yield transformed ``(x, y)``."""
@@ -38,11 +44,23 @@ class _ImageLabelDataset(Dataset):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Train/val loaders for a class-conditional image dataset (deterministic split by ``seed``)."""
+    """Train/val loaders for a class-conditional image dataset (deterministic split by ``seed``).
+
+    Args:
+        name: a hub dataset (``uoft-cs/cifar10``) or a folder written by ``Dataset.save_to_disk``.
+        split, image_key, label_key: which split and columns hold the images and the integer class ids.
+        image_size, channels: images are resized (shorter side), centre-cropped and scaled to [-1, 1].
+        batch_size, num_workers: of both loaders.
+        cache_dir: where hub datasets are cached.
+        val_fraction: share of the (shuffled) split held out for validation (and the FID reference).
+        seed: of the train/validation split.
+        max_samples: use only this many images of the split (quick runs).
+        random_flip: horizontal flips of the training images (DiT/ADM augment with them).
+    """
 
     def __init__(
         self,
-        name: str = "cifar10",
+        name: str = "uoft-cs/cifar10",
         split: str = "train",
         image_key: str = "img",
         label_key: str = "label",
@@ -54,17 +72,22 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.01,
         seed: int = 0,
         max_samples: int | None = None,
+        random_flip: bool = False,
     ):
         super().__init__()
+        for field, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
+                                  ("num_workers", num_workers, 0), ("max_samples", max_samples or 2, 2)):
+            if value < low:
+                raise ConfigError(f"{field} must be an integer >= {low}, got {value}")
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+            raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.num_workers, self.cache_dir, self.val_fraction = num_workers, cache_dir, val_fraction
-        self.seed, self.max_samples = seed, max_samples
+        self.seed, self.max_samples, self.random_flip = seed, max_samples, random_flip
         self.transform = v2.Compose([
             v2.ToImage(),
             v2.Resize(image_size, antialias=True),
@@ -85,19 +108,23 @@ class ImageDataModule(L.LightningDataModule):
         import datasets
 
         if self.is_local:
-            ds = datasets.load_from_disk(self.name)
+            try:
+                ds = datasets.load_from_disk(self.name)
+            except FileNotFoundError as e:
+                raise ConfigError(f"data name={self.name!r} is a folder but not a dataset written by "
+                                  f"Dataset.save_to_disk ({_one_line(e)})") from None
             if isinstance(ds, datasets.DatasetDict):
                 if self.split not in ds:
-                    raise ValueError(f"split={self.split!r} not in {self.name!r}; available splits: {list(ds)}. "
-                                     "Set `split` to one of them.")
+                    raise ConfigError(f"split={self.split!r} not in {self.name!r}; available splits: {list(ds)}. "
+                                      "Set `split` to one of them.")
                 ds = ds[self.split]
             return ds
         try:
             return datasets.load_dataset(self.name, split=self.split, cache_dir=self.cache_dir)
-        except Exception as e:  # offline, unknown name, hub errors ...
-            raise RuntimeError(
-                f"Could not load dataset {self.name!r} (split={self.split!r}) from the Hugging Face hub: "
-                f"{type(e).__name__}: {e}. Without network access the dataset must be pre-downloaded into "
+        except Exception as e:  # noqa: BLE001 - offline, unknown name, hub errors ...
+            raise ConfigError(
+                f"could not load dataset {self.name!r} (split={self.split!r}) from the Hugging Face hub: "
+                f"{type(e).__name__}: {_one_line(e)}. Without network access the dataset must be pre-downloaded into "
                 f"cache_dir={self.cache_dir!r} (run `datasets.load_dataset({self.name!r}, "
                 f"cache_dir={self.cache_dir!r})` on a machine with network), or `name` must be a local "
                 "folder written with `Dataset.save_to_disk`."
@@ -107,14 +134,14 @@ class ImageDataModule(L.LightningDataModule):
         cols = ds.column_names
         for field, key in (("image_key", self.image_key), ("label_key", self.label_key)):
             if key not in cols:
-                raise ValueError(f"{field}={key!r} is not a column of dataset {self.name!r}; "
+                raise ConfigError(f"{field}={key!r} is not a column of dataset {self.name!r}; "
                                  f"available columns: {cols}. Pass {field}=<one of these>.")
         labels = np.asarray(ds[self.label_key])
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"label_key={self.label_key!r} must hold integer class ids, got dtype {labels.dtype}. "
+            raise ConfigError(f"label_key={self.label_key!r} must hold integer class ids, got dtype {labels.dtype}. "
                              "Convert it first, e.g. `ds.class_encode_column(label_key)`.")
         if labels.size and labels.min() < 0:
-            raise ValueError(f"label_key={self.label_key!r} has negative labels (min {labels.min()}); labels "
+            raise ConfigError(f"label_key={self.label_key!r} has negative labels (min {labels.min()}); labels "
                              "must be class ids in [0, num_classes). Filter out unlabeled (-1) rows first.")
         feature = ds.features[self.label_key]
         n = getattr(feature, "num_classes", None)
@@ -144,10 +171,11 @@ class ImageDataModule(L.LightningDataModule):
             n_val = min(max(n_val, 1), len(perm) - 1)
         mode = "RGB" if self.channels == 3 else "L"
 
-        def make(idx):
-            return _ImageLabelDataset(ds, idx.tolist(), self.image_key, self.label_key, mode, self.transform)
+        def make(idx, transform):
+            return _ImageLabelDataset(ds, idx.tolist(), self.image_key, self.label_key, mode, transform)
 
-        self.val_set, self.train_set = make(perm[:n_val]), make(perm[n_val:])
+        train_transform = v2.Compose([v2.RandomHorizontalFlip(), self.transform]) if self.random_flip else self.transform
+        self.val_set, self.train_set = make(perm[:n_val], self.transform), make(perm[n_val:], train_transform)
 
     # -------------------------------------------------------------- properties
     @property
