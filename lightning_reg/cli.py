@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from argparse import ArgumentError
 
 import lightning as L
@@ -52,8 +54,17 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def quiet_lightning() -> None:
+    """Drop what Lightning prints that no user of this project can act on: its advertising tip and a
+    deprecation warning raised by its own code."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip"))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def main(args=None) -> None:
     """Run the CLI; bad flags, config keys and values end in one ``error: ...`` line and exit code 2."""
+    quiet_lightning()
     try:
         TrainCLI(ConditionalDiffusion, L.LightningDataModule, subclass_mode_data=True, args=args,
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
