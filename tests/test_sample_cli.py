@@ -79,6 +79,7 @@ def test_outputs_of_a_run(reference_run, checkpoint):
     meta = json.loads((reference_run / "meta.json").read_text())
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert meta["world_size"] == 1 and meta["setting"] == "cfg_w1_paper" and meta["config"]["seed"] == 5
+    assert 0 < meta["sampling_time_s"] <= meta["wall_time_s"] and meta["new_shards"] == 3
     assert meta["versions"] == {"torch": torch.__version__, "lightning": lightning.__version__,
                                 "lightning_reg": "0.1.0"}
     assert set(meta["metrics"]) == {"log_likelihood", "energy_distance", "sliced_wasserstein", "on_shape"}

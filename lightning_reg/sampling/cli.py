@@ -145,6 +145,7 @@ class SamplingJob:
         for module in (self.denoiser, getattr(self.guidance, "reference", None)):
             if module is not None:
                 module.to(fabric.device)
+        sampling_start = time.time()
         for k in tqdm(todo[rank::world], desc=f"{setting_name(cfg['guidance'])} shards", disable=rank != 0):
             indices = torch.tensor(ranges[k])
             samples = generate(self.denoiser, self.guidance, self.labels[indices], indices, sampler=cfg["sampler"],
@@ -152,6 +153,7 @@ class SamplingJob:
                                device=fabric.device, sampler_kwargs=cfg["sampler_kwargs"])
             writer.write_shard(self.output, k, indices, samples, self.labels[indices])
         fabric.barrier()
+        sampling_s = time.time() - sampling_start
         if rank == 0:
             if len(todo) < len(missing):
                 print(f"stopped after {len(todo)} of {len(missing)} missing shards (--max_shards); "
@@ -159,11 +161,14 @@ class SamplingJob:
             elif not todo and (self.output / writer.META_FILE).is_file():
                 print(f"{self.output} already holds this run's samples; nothing to do")
             else:
-                self.finish(len(ranges), world, time.time() - start, len(todo))
+                self.finish(len(ranges), world, time.time() - start, sampling_s, len(todo))
         fabric.barrier()
 
-    def finish(self, num_shards: int, world_size: int, generation_s: float, new_shards: int) -> None:
-        """``samples.npz``, images (image data), metrics and plot (toy data) and ``meta.json``."""
+    def finish(self, num_shards: int, world_size: int, wall_s: float, sampling_s: float, new_shards: int) -> None:
+        """``samples.npz``, images (image data), metrics and plot (toy data) and ``meta.json``.
+
+        ``wall_s``: this invocation so far (start-up and checkpoint loading included); ``sampling_s``: the
+        shards it generated, across all processes."""
         samples, labels = writer.read_shards(self.output, num_shards)
         cfg = self.config
         if len(self.denoiser.data_shape) == 3:
@@ -182,12 +187,13 @@ class SamplingJob:
             "first_sample_seed": sample_seed(cfg["seed"], 0),
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "lightning_reg": version("lightning-reg")},
-            "wall_time_s": round(generation_s, 3), "new_shards": new_shards, "world_size": world_size,
+            "wall_time_s": round(wall_s, 3), "sampling_time_s": round(sampling_s, 3), "new_shards": new_shards,
+            "world_size": world_size,
             "num_classes": self.denoiser.num_classes, "data_shape": list(self.denoiser.data_shape),
             "metrics": metrics}
         writer.write_json(self.output / writer.META_FILE, meta)
-        print(f"wrote {len(samples)} samples ({setting}) to {self.output / writer.SAMPLES_FILE} "
-              f"in {generation_s:.1f} s on {world_size} process(es)")
+        print(f"wrote {len(samples)} samples ({setting}) to {self.output / writer.SAMPLES_FILE}: sampling "
+              f"{sampling_s:.1f} s ({new_shards} new shards), {wall_s:.1f} s in all, on {world_size} process(es)")
         if metrics:
             print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
