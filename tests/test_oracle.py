@@ -13,7 +13,7 @@ from lightning_reg.diffusion.schedules import EDMSchedule, VPSchedule
 from lightning_reg.errors import ConfigError
 from lightning_reg.experiments import toy1d, toy2d
 from lightning_reg.oracle import (ExactMixtureDenoiser, density_ratio_log_reward, grad_log_expected_reward,
-                                  no_foresight_estimates)
+                                  no_foresight_estimates, sample_guided_target)
 
 SCHEDULE = VPSchedule(1000)
 T = lambda t: torch.tensor(float(t), dtype=torch.float64)  # noqa: E731
@@ -172,6 +172,22 @@ def test_monte_carlo_oracle_converges_to_closed_form(gaussian):
     assert errors[2] < 0.03 * float(exact.abs().mean())
 
 
+def test_guided_target_samples_match_a_closed_form():
+    """``N(0, 1) * exp(-(x - m)^2 / (2 v))`` is ``N(m / (1 + v), v / (1 + v))``: the resampled draws match it."""
+    standard = ToyDistribution([GaussianMixture([0.0], [1.0])])
+    m, v = 1.5, 0.5
+    draws = sample_guided_target(standard, 0, lambda x0, y: -((x0[:, 0] - m) ** 2) / (2 * v), 20_000,
+                                 generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (20_000, 1)
+    assert float(draws.mean()) == pytest.approx(m / (1 + v), abs=0.02)
+    assert float(draws.var()) == pytest.approx(v / (1 + v), abs=0.02)
+    unguided = sample_guided_target(standard, 0, lambda x0, y: torch.zeros(len(x0)), 20_000,
+                                    generator=torch.Generator().manual_seed(1))
+    assert float(unguided.mean()) == pytest.approx(0.0, abs=0.03) and float(unguided.var()) == pytest.approx(1.0, abs=0.04)
+    with pytest.raises(ConfigError, match="pool"):
+        sample_guided_target(standard, 0, lambda x0, y: torch.zeros(len(x0)), 10, pool=5)
+
+
 def test_toy1d_experiment_writes_outputs(tmp_path, capsys, one_thread):
     toy1d.main(["--exact", "--steps", "5", "--grid", "12", "--rollouts", "4", "--out", str(tmp_path)])
     assert {p.name for p in tmp_path.iterdir()} == {"errors.csv", "estimates.pt", "values.png", "abs_error.png"}
@@ -185,9 +201,12 @@ def test_toy1d_experiment_writes_outputs(tmp_path, capsys, one_thread):
 def test_toy2d_experiment_writes_outputs(tmp_path, one_thread):
     toy2d.main(["--exact", "--steps", "4", "--grid", "5", "--rollouts", "3", "--samples", "50", "--paper-t", "1",
                 "--label", "1", "--out", str(tmp_path)])
-    assert {p.name for p in tmp_path.iterdir()} == {"errors.csv", "estimates.pt", "samples.png", "fields.png",
-                                                    "reg_correction.png", "error_per_step.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"errors.csv", "sample_metrics.csv", "estimates.pt", "samples.png",
+                                                    "fields.png", "reg_correction.png", "error_per_step.png"}
     assert all((tmp_path / name).stat().st_size > 5000 for name in ("samples.png", "fields.png"))
+    rows = list(csv.DictReader(open(tmp_path / "sample_metrics.csv")))
+    assert [r["method"] for r in rows] == ["cfg", "reg_paper", "reg_vjp"]
+    assert all(0 <= float(r["on_shape"]) <= 1 and float(r["sliced_wasserstein"]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("argv, field", [(["--steps", "0"], "--steps"), (["--label", "2"], "--label"),

@@ -104,23 +104,29 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_outputs(out: Path, rows: list[dict], figures: dict[str, plt.Figure], estimates: dict) -> None:
-    """Write ``errors.csv``, ``estimates.pt`` (times and every method's estimates) and the figures, each
-    file atomically, after all computing is done."""
+def write_outputs(out: Path, rows: list[dict], figures: dict[str, plt.Figure], estimates: dict,
+                  tables: dict[str, list[dict]] | None = None) -> None:
+    """Write ``errors.csv`` (``rows``), ``<name>.csv`` for each of ``tables``, ``estimates.pt`` (times and every
+    method's estimates) and the figures, each file atomically, after all computing is done."""
     out.mkdir(parents=True, exist_ok=True)
     _atomic(out / "estimates.pt", lambda path: torch.save(estimates, path))
 
-    def write_csv(path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    def csv_writer(table: list[dict]) -> Callable[[Path], None]:
+        def write(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows(table)
+        return write
 
-    _atomic(out / "errors.csv", write_csv)
+    tables = {"errors": rows, **(tables or {})}
+    for name, table in tables.items():
+        _atomic(out / f"{name}.csv", csv_writer(table))
     for name, fig in figures.items():
         _atomic(out / f"{name}.png", lambda path: fig.savefig(path, dpi=110, bbox_inches="tight", format="png"))
         plt.close(fig)
-    print(f"wrote errors.csv, estimates.pt, {', '.join(f'{n}.png' for n in figures)} in {out}")
+    print(f"wrote {', '.join(f'{n}.csv' for n in tables)}, estimates.pt, {', '.join(f'{n}.png' for n in figures)} "
+          f"in {out}")
 
 
 def main_guard(main: Callable[[list[str] | None], None]) -> None:

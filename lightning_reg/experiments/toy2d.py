@@ -5,7 +5,8 @@ respaced DDPM steps. On a grid over [-1.5, 1.5]^2, at every step, CFG's ``grad l
 and vjp forms) and the Monte Carlo oracle ``grad log E_t`` (REG_NOTES §1-2, §4). Writes
 ``samples.png`` (the guided target ``p(x|y) R_0`` and samples of CFG, REG-paper, REG-vjp),
 ``fields.png`` (arrow fields at the paper's t = 9), ``reg_correction.png`` (|REG - CFG| there),
-``error_per_step.png`` and ``errors.csv``.
+``error_per_step.png``, ``errors.csv`` and ``sample_metrics.csv`` (each method's samples against draws of
+the guided target: energy distance, sliced Wasserstein, share on the class's shape).
 
 The paper's ``t`` counts the denoising steps still to come after the current one (``steps - 1`` at
 the first step, 0 at the last); ``--paper-t 9`` is our step index ``steps - 1 - 9``.
@@ -24,7 +25,8 @@ from lightning_reg.errors import ConfigError
 from lightning_reg.experiments.common import (LABELS, STYLES, dtype_of, error_table, load_denoiser, main_guard,
                                               parser, prepare, print_table, write_outputs)
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
-from lightning_reg.oracle import METHODS, density_ratio_log_reward, guidance_gradients
+from lightning_reg.metrics.toy import energy_distance, on_shape_fraction, sliced_wasserstein
+from lightning_reg.oracle import METHODS, density_ratio_log_reward, guidance_gradients, sample_guided_target
 
 LIMIT = 1.5
 REG_FORMS = {"cfg": "none", "reg_paper": "paper", "reg_vjp": "vjp"}
@@ -103,13 +105,25 @@ def error_figure(rows):
     return fig
 
 
+def sample_metrics(samples: dict[str, torch.Tensor], target: torch.Tensor, distribution, label: int) -> list[dict]:
+    """Per method: distances of its samples to draws of the guided target ``p(x0|y) R_0`` (lower is
+    closer) and the share of samples on the class's shape (``metrics.toy``)."""
+    rows = [{"method": m, "energy_distance": energy_distance(x, target),
+             "sliced_wasserstein": sliced_wasserstein(x, target),
+             "on_shape": on_shape_fraction(x, torch.full((len(x),), label), distribution)} for m, x in samples.items()]
+    print(f"{'samples':>10} {'energy_dist':>12} {'sliced_W2':>10} {'on_shape':>9}")
+    for r in rows:
+        print(f"{r['method']:>10} {r['energy_distance']:12.4g} {r['sliced_wasserstein']:10.4g} {r['on_shape']:9.4f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser("2D toy: CFG and REG against the optimal guidance oracle", steps=25, rollouts=64,
                out="outputs/toy2d")
     p.add_argument("--grid", type=int, default=15, help="points per axis over [-1.5, 1.5]^2")
     p.add_argument("--label", type=int, default=0, help="class: 0 = ring, 1 = cross")
     p.add_argument("--paper-t", type=int, default=9, help="the step shown in fields/reg_correction (paper's t)")
-    p.add_argument("--samples", type=int, default=2000, help="samples per method")
+    p.add_argument("--samples", type=int, default=10000, help="samples per method (and target draws)")
     args = p.parse_args(argv)
     prepare(args)
     distribution = toy2d_distribution()
@@ -137,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed + 2)  # the same stochastic-step noise for every method
         guided = GuidedDenoiser(denoiser, make_guidance("cfg", scale=args.w, reg=reg), labels)
         samples[m] = sampler(guided, noise, denoiser.schedule, args.steps, progress=True)
+    target = sample_guided_target(distribution, args.label, log_reward, args.samples,
+                                  generator=torch.Generator().manual_seed(args.seed + 3))
+    metrics = sample_metrics(samples, target, distribution, args.label)
     fine = grid(200, torch.float64)
     log_target = distribution.log_prob(fine, torch.full((len(fine),), args.label)) + log_reward(
         fine, torch.full((len(fine),), args.label))
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         "fields": fields_figure(x, grads, i, times[i], args.paper_t),
         "reg_correction": correction_figure(grads, args.grid, i, times[i]),
         "error_per_step": error_figure(rows),
-    }, {"x": x, "times": times, **grads})
+    }, {"x": x, "times": times, **grads}, tables={"sample_metrics": metrics})
 
 
 if __name__ == "__main__":

@@ -49,6 +49,19 @@ def density_ratio_log_reward(distribution: ToyDistribution, w: float) -> LogRewa
     return log_reward
 
 
+def sample_guided_target(distribution: ToyDistribution, label: int, log_reward: LogReward, n: int, *,
+                         generator: torch.Generator | None = None, pool: int = 200_000) -> Tensor:
+    """``n`` draws of the guided target ``p(x_0|y) R_0(x_0, y) / Z`` (the ``x_0`` marginal of the scaled joint,
+    REG_NOTES §1) by sampling-importance-resampling: ``pool`` draws of ``p(x_0|y)`` resampled with weights
+    ``R_0`` (float64, shape (n, D)); what guided samples should look like."""
+    if n < 1 or pool < n:
+        raise ConfigError(f"need 1 <= n <= pool, got n={n}, pool={pool}")
+    labels = torch.full((pool,), label, dtype=torch.long)
+    x0 = distribution.sample(labels, generator)
+    weights = log_reward(x0, labels).softmax(0)
+    return x0[torch.multinomial(weights, n, replacement=True, generator=generator)]
+
+
 def remaining_times(denoiser: Denoiser, steps: int, t: float) -> Tensor:
     """The sampling times from ``t`` to the clean end (``t`` must be one of ``sampling_times(steps)``)."""
     times = denoiser.schedule.sampling_times(steps)
