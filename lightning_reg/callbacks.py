@@ -30,6 +30,17 @@ DEFAULT_SETTINGS = ({"method": "cfg", "scale": 1.0, "reg": "none"}, {"method": "
 GRID_IMAGES = 32  # images per setting in the logged grid (image data)
 
 
+def metrics_table(results: dict[str, dict[str, float]]) -> str:
+    """``{setting: {metric: value}}`` as aligned text, a row per setting."""
+    columns = list(dict.fromkeys(metric for metrics in results.values() for metric in metrics))
+    width = max(len(name) for name in results)
+    rows = [f"{'setting':<{width}}  " + "  ".join(f"{c:>{max(len(c), 10)}}" for c in columns)]
+    for name, metrics in results.items():
+        rows.append(f"{name:<{width}}  " + "  ".join(f"{metrics.get(c, float('nan')):>{max(len(c), 10)}.4g}"
+                                                     for c in columns))
+    return "\n".join(rows)
+
+
 class SamplingCallback(L.Callback):
     """Every ``every_n_val_epochs`` validation runs (sanity check excluded), sample ``num_samples``
     class-balanced points per guidance setting and log ``sample/<setting>/<metric>`` for each of ``metrics``.
@@ -106,9 +117,13 @@ class SamplingCallback(L.Callback):
             return
         distribution = getattr(trainer.datamodule, "distribution", None)
         path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step}.png"
-        for name, x in samples.items():
-            for metric, value in self.evaluate(trainer, pl_module, x, labels).items():
+        results = {name: self.evaluate(trainer, pl_module, x, labels) for name, x in samples.items()}
+        for name, metrics in results.items():
+            for metric, value in metrics.items():
                 pl_module.log(f"sample/{name}/{metric}", value, rank_zero_only=True)
+        if any(results.values()):
+            tqdm.write(f"\nstep {trainer.global_step}: {self.num_samples} samples per setting, {self.sampler} "
+                       f"{self.steps} steps\n{metrics_table(results)}")
         if distribution is not None:
             fig = scatter_figure({name: (x.numpy(), labels.numpy()) for name, x in samples.items()}, distribution,
                                  title=f"step {trainer.global_step}")

@@ -299,3 +299,13 @@ def test_toy_configs_attach_the_callback(config):
                    args=["--config", config, "--trainer.logger", "false"])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SamplingCallback)]
     assert set(callback.guidances) == {"cfg_w1_none", "cfg_w1_paper", "cfg_w1_vjp"}
+
+
+def test_metrics_table_rows_per_setting():
+    from lightning_reg.callbacks import metrics_table
+    table = metrics_table({"cfg_w1_none": {"fid": 12.3456, "is": 3.0}, "cfg_w1_paper": {"fid": 10.0}})
+    header, first, second = table.splitlines()
+    assert header.split() == ["setting", "fid", "is"]
+    assert first.split() == ["cfg_w1_none", "12.35", "3"]
+    assert second.split() == ["cfg_w1_paper", "10", "nan"]
+    assert len({len(header), len(first), len(second)}) == 1  # aligned
