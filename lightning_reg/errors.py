@@ -3,3 +3,8 @@
 
 class ConfigError(ValueError):
     """Bad input (config value, CLI flag, checkpoint, dataset): the message names the field and the fix."""
+
+
+def one_line(err: BaseException, limit: int | None = 400) -> str:
+    """``err``'s message with its white space folded, for quoting inside a one-line ``ConfigError``."""
+    return " ".join(str(err).split())[:limit]

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, one_line
 
 
 class ConditionalDiffusion(L.LightningModule):
@@ -68,7 +68,7 @@ class ConditionalDiffusion(L.LightningModule):
         try:
             self.net.load_state_dict(source.net.state_dict())
         except RuntimeError as err:
-            reason = " ".join(str(err).split())[:300]
+            reason = one_line(err, 300)
             raise ConfigError(f"model.init_from {path} holds another backbone than model.net: {reason}") from None
         self.ema.module.load_state_dict(self.net.state_dict())
 
@@ -126,7 +126,7 @@ def load_denoiser(path, ema: bool, field: str = "--checkpoint") -> Denoiser:
     try:
         model = ConditionalDiffusion.load_from_checkpoint(path, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
-        reason = " ".join(str(err).split())[:400]
+        reason = one_line(err)
         raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint "
                           f"({type(err).__name__}: {reason})") from None
     return (model.ema_denoiser() if ema else model.denoiser).eval()

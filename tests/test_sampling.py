@@ -252,7 +252,8 @@ def test_callback_image_metrics_per_setting_with_real_features_once(tmp_path):
     callback = SamplingCallback(num_samples=8, steps=2, batch_size=8, settings=settings,
                                 metrics=["fid", "is", "kid"], feature_extractor=features)
     trainer = tiny_fit(tmp_path, callback, images=True)
-    keys = {f"sample/{s}/{m}" for s in ("cfg_w1_none", "cfg_w1_paper") for m in ("fid", "is", "is_std", "kid", "kid_std")}
+    keys = {f"sample/{s}/{m}" for s in ("cfg_w1_none", "cfg_w1_paper")
+            for m in ("fid", "is", "is_std", "kid", "kid_std")}
     assert keys <= set(trainer.callback_metrics)
     assert all(torch.isfinite(trainer.callback_metrics[k]) for k in keys)
     assert float(trainer.callback_metrics["sample/cfg_w1_paper/fid"]) > 0

@@ -127,7 +127,8 @@ def test_image_config_trains_and_samples_on_a_local_dataset(workdir, capsys):
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(config))
     main(["fit", "--config", "tiny.yaml"])
     run = workdir / "checkpoints" / "runs" / "dit_cifar10" / "version_0"
-    assert f"checkpoint: {Path('checkpoints/runs/dit_cifar10/version_0/checkpoints/last.ckpt')}" in capsys.readouterr().out
+    assert f"checkpoint: {Path('checkpoints/runs/dit_cifar10/version_0/checkpoints/last.ckpt')}" in (
+        capsys.readouterr().out)
     model = ConditionalDiffusion.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert model.hparams.label_dropout == 0.1 and model.denoiser.data_shape == (3, 32, 32)
     grid = run / "samples" / "step_2.png"

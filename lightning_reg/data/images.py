@@ -17,11 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from lightning_reg.errors import ConfigError
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    return " ".join(str(err).split())[:limit]
+from lightning_reg.errors import ConfigError, one_line
 
 
 class _ImageLabelDataset(Dataset):
@@ -112,7 +108,7 @@ class ImageDataModule(L.LightningDataModule):
                 ds = datasets.load_from_disk(self.name)
             except FileNotFoundError as e:
                 raise ConfigError(f"data name={self.name!r} is a folder but not a dataset written by "
-                                  f"Dataset.save_to_disk ({_one_line(e)})") from None
+                                  f"Dataset.save_to_disk ({one_line(e, 300)})") from None
             if isinstance(ds, datasets.DatasetDict):
                 if self.split not in ds:
                     raise ConfigError(f"split={self.split!r} not in {self.name!r}; available splits: {list(ds)}. "
@@ -124,8 +120,8 @@ class ImageDataModule(L.LightningDataModule):
         except Exception as e:  # noqa: BLE001 - offline, unknown name, hub errors ...
             raise ConfigError(
                 f"could not load dataset {self.name!r} (split={self.split!r}) from the Hugging Face hub: "
-                f"{type(e).__name__}: {_one_line(e)}. Without network access the dataset must be pre-downloaded into "
-                f"cache_dir={self.cache_dir!r} (run `datasets.load_dataset({self.name!r}, "
+                f"{type(e).__name__}: {one_line(e, 300)}. Without network access the dataset must be "
+                f"pre-downloaded into cache_dir={self.cache_dir!r} (run `datasets.load_dataset({self.name!r}, "
                 f"cache_dir={self.cache_dir!r})` on a machine with network), or `name` must be a local "
                 "folder written with `Dataset.save_to_disk`."
             ) from e
@@ -174,7 +170,9 @@ class ImageDataModule(L.LightningDataModule):
         def make(idx, transform):
             return _ImageLabelDataset(ds, idx.tolist(), self.image_key, self.label_key, mode, transform)
 
-        train_transform = v2.Compose([v2.RandomHorizontalFlip(), self.transform]) if self.random_flip else self.transform
+        train_transform = self.transform
+        if self.random_flip:
+            train_transform = v2.Compose([v2.RandomHorizontalFlip(), self.transform])
         self.val_set, self.train_set = make(perm[:n_val], self.transform), make(perm[n_val:], train_transform)
 
     # -------------------------------------------------------------- properties

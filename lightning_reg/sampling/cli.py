@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lightning_reg.cli import fail, parse_error_message
 from lightning_reg.data.toy import ToyDistribution, toy1d_distribution, toy2d_distribution
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
 from lightning_reg.module import load_denoiser
@@ -212,7 +212,7 @@ def make_fabric(accelerator: str, devices: int) -> lightning.Fabric:
         return lightning.Fabric(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto")
     except Exception as err:  # noqa: BLE001 - Lightning raises several types for an unusable accelerator
         raise ConfigError(f"--trainer.accelerator {accelerator} with --trainer.devices {devices} is unusable here: "
-                          f"{' '.join(str(err).split())}") from None
+                          f"{one_line(err, None)}") from None
 
 
 def main(args: list[str] | None = None) -> None:
