@@ -16,9 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_reg.diffusion.samplers import get_sampler
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_names
 from lightning_reg.guidance.methods import make_guidance
-from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics, check_metric_names
+from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import TOY_METRICS, toy_metric_names, toy_metrics
 from lightning_reg.sampling.engine import balanced_labels, gather_by_index, generate, rank_indices, setting_name
@@ -75,7 +75,7 @@ class SamplingCallback(L.Callback):
         self.every_n_val_epochs, self.num_samples = every_n_val_epochs, num_samples
         self.sampler, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
         self.sampler_kwargs = sampler_kwargs
-        self.requested_metrics = None if metrics is None else check_metric_names(
+        self.requested_metrics = None if metrics is None else check_names(
             metrics, TOY_METRICS + IMAGE_METRICS, "SamplingCallback metrics")
         self.metrics: tuple[str, ...] = ()  # resolved against the data in setup
         self.feature_extractor = feature_extractor
@@ -89,8 +89,8 @@ class SamplingCallback(L.Callback):
         if distribution is not None:
             self.metrics = toy_metric_names(distribution, requested)
         elif len(data_shape) == 3:
-            self.metrics = check_metric_names(DEFAULT_IMAGE_METRICS if requested is None else requested,
-                                              IMAGE_METRICS, "SamplingCallback metrics (image data)")
+            self.metrics = check_names(DEFAULT_IMAGE_METRICS if requested is None else requested,
+                                       IMAGE_METRICS, "SamplingCallback metrics (image data)")
         elif requested:
             raise ConfigError(f"SamplingCallback metrics {list(requested)} need toy data with a known distribution "
                               "(a datamodule such as Toy1D or Toy2D) or images")

@@ -22,21 +22,12 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_names
 
 IMAGE_METRICS = ("fid", "is", "kid")
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; lowered to the number of images when there are fewer
 _BATCH = 100
-
-
-def check_metric_names(metrics, allowed=IMAGE_METRICS, field: str = "metrics") -> tuple[str, ...]:
-    """``metrics`` as a tuple of names from ``allowed``; a ConfigError naming the unknown ones."""
-    metrics = tuple(metrics)
-    unknown = sorted(set(metrics) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{field}: unknown {unknown}; choose from {list(allowed)}")
-    return metrics
 
 
 def _images(images, name: str) -> Tensor:
@@ -82,7 +73,7 @@ class ImageMetrics:
 
     def __init__(self, metrics=("fid", "is"), image_shape: tuple[int, int, int] = (3, 32, 32),
                  feature_extractor: nn.Module | None = None, device="cpu"):
-        self.names = check_metric_names(metrics)
+        self.names = check_names(metrics, IMAGE_METRICS, "metrics")
         self.image_shape, self.device = tuple(image_shape), torch.device(device)
         self.metrics = {name: _build(name, feature_extractor, self.image_shape).to(self.device)
                         for name in self.names}
@@ -140,7 +131,6 @@ class ImageMetrics:
 def image_metrics(fake_uint8_nhwc, real_uint8_nhwc, metrics=("fid", "is"),
                   feature_extractor: nn.Module | None = None, device="cpu") -> dict[str, float]:
     """FID / IS / KID of ``fake`` images against ``real`` ones, in one call (see ``ImageMetrics``)."""
-    check_metric_names(metrics)
     real = _images(real_uint8_nhwc, "real images")
     evaluate = ImageMetrics(metrics, tuple(real.shape[1:]), feature_extractor, device)
     evaluate.set_real(real_uint8_nhwc)

@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor
 
 from lightning_reg.data.toy import ToyDistribution
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_names
 
 _CHUNK = 1024  # rows per block of pairwise distances: bounds memory at _CHUNK * N floats
 TOY_METRICS = ("log_likelihood", "energy_distance", "sliced_wasserstein", "on_shape")  # on_shape: 2D only
@@ -139,9 +139,4 @@ def toy_metric_names(distribution: ToyDistribution, metrics=None) -> tuple[str, 
     applicable = TOY_METRICS if distribution.dim == 2 else tuple(m for m in TOY_METRICS if m != "on_shape")
     if metrics is None:
         return applicable
-    metrics = tuple(metrics)
-    unknown = sorted(set(metrics) - set(applicable))
-    if unknown:
-        raise ConfigError(f"metrics: {unknown} do not apply to {distribution.dim}D toy data; "
-                          f"choose from {list(applicable)}")
-    return metrics
+    return check_names(metrics, applicable, f"metrics of {distribution.dim}D toy data")
