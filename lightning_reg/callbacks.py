@@ -2,7 +2,8 @@
 
 It uses the same sampling path as ``sample.py`` (``lightning_reg.sampling.engine.generate``): class-balanced
 labels, per-sample seeded noise, the sample indices split across DDP ranks and gathered back in order.
-Metrics: the exact toy metrics (``metrics.toy``) for toy data, FID / IS / KID (``metrics.images``) for images.
+Metrics: the exact toy metrics (``metrics.toy``) for toy data; for images FID / IS / KID / class accuracy through
+the one image evaluation path of ``evaluate.py`` and the sweep (``metrics.evaluate``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError, check_names
 from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.metrics.evaluate import build_image_evaluator, evaluate_samples, loader_images
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import TOY_METRICS, toy_metric_names, toy_metrics
@@ -44,22 +46,28 @@ def metrics_table(results: dict[str, dict[str, float]]) -> str:
 class SamplingCallback(L.Callback):
     """Every ``every_n_val_epochs`` validation runs (sanity check excluded), sample ``num_samples``
     class-balanced points per guidance setting and log ``sample/<setting>/<metric>`` for each of ``metrics``.
-    A scatter plot (toy data) or an image grid is saved to ``<log_dir>/samples/step_<global_step>.png`` and
-    sent to the logger when it takes images (TensorBoard's ``add_image``, ``log_image``).
+    A scatter plot (toy data) or an image grid (a block of rows per setting) is saved to
+    ``<log_dir>/samples/step_<global_step>.png``; loggers that take images (TensorBoard's ``add_image``,
+    ``log_image``) get it as ``sample/grid`` (toy data) or one grid per setting, ``sample/<setting>/grid``.
 
     Args:
         settings: guidance dicts for ``make_guidance(**setting)``; default CFG ``w = 1`` with REG none/paper/vjp.
         sampler, steps, seed, batch_size, sampler_kwargs: as in ``sample.py``.
         metrics: toy data (a datamodule with a ``distribution``): names from ``metrics.toy.TOY_METRICS``,
-            default all that apply; images: from ``fid``, ``is``, ``kid``, default ``[fid, is]``, against the
-            first ``num_samples`` validation images (features computed once), on rank 0. ``[]``: none.
-        feature_extractor: image metrics only: a module mapping uint8 NCHW images to features (IS: logits)
-            in place of torchmetrics' Inception-v3, whose weights must be in the torch hub cache.
+            default all that apply; images: from ``fid``, ``is``, ``kid``, ``accuracy``, default ``[fid, is]``
+            (and ``accuracy`` with a classifier ``feature_network``), against the first ``num_samples``
+            validation images (features computed once), on rank 0. ``[]``: none.
+        feature_network: image metrics only: a digits-classifier checkpoint (``metrics.classifier``; its
+            features for FID/KID, logits for IS and accuracy) or ``inception`` (the default: torchmetrics'
+            Inception-v3, whose weights must be in the torch hub cache or at ``inception_weights``).
+        feature_extractor: in place of ``feature_network``, a module mapping uint8 NCHW images to features
+            (IS: logits), for use from Python.
     """
 
     def __init__(self, every_n_val_epochs: int = 1, num_samples: int = 1000, settings: list[dict] | None = None,
                  sampler: str = "ddpm", steps: int = 25, seed: int = 0, batch_size: int = 1000,
                  sampler_kwargs: dict | None = None, metrics: list[str] | None = None,
+                 feature_network: str | None = None, inception_weights: str | None = None,
                  feature_extractor: nn.Module | None = None):
         for field, value in (("every_n_val_epochs", every_n_val_epochs), ("num_samples", num_samples),
                              ("steps", steps), ("batch_size", batch_size)):
@@ -78,7 +86,10 @@ class SamplingCallback(L.Callback):
         self.requested_metrics = None if metrics is None else check_names(
             metrics, TOY_METRICS + IMAGE_METRICS, "SamplingCallback metrics")
         self.metrics: tuple[str, ...] = ()  # resolved against the data in setup
-        self.feature_extractor = feature_extractor
+        if feature_network is not None and feature_extractor is not None:
+            raise ConfigError("SamplingCallback takes feature_network (a path) or feature_extractor (a module), not both")
+        self.feature_network = feature_network if feature_network is not None else feature_extractor
+        self.inception_weights = inception_weights
         self.image_metrics: ImageMetrics | None = None  # image data: built in setup, on rank 0
         self.val_runs = 0
 
@@ -89,7 +100,8 @@ class SamplingCallback(L.Callback):
         if distribution is not None:
             self.metrics = toy_metric_names(distribution, requested)
         elif len(data_shape) == 3:
-            self.metrics = check_names(DEFAULT_IMAGE_METRICS if requested is None else requested,
+            default = DEFAULT_IMAGE_METRICS + (("accuracy",) if self.classifier_features else ())
+            self.metrics = check_names(default if requested is None else requested,
                                        IMAGE_METRICS, "SamplingCallback metrics (image data)")
         elif requested:
             raise ConfigError(f"SamplingCallback metrics {list(requested)} need toy data with a known distribution "
@@ -98,7 +110,13 @@ class SamplingCallback(L.Callback):
             if trainer.datamodule is None:
                 raise ConfigError("SamplingCallback image metrics take their real images from the datamodule's "
                                   "val_dataloader(); fit with a datamodule or set metrics: []")
-            self.image_metrics = ImageMetrics(self.metrics, data_shape, self.feature_extractor)
+            self.image_metrics = build_image_evaluator(self.metrics, data_shape, self.feature_network,
+                                                       self.inception_weights, pl_module.denoiser.num_classes)
+
+    @property
+    def classifier_features(self) -> bool:
+        """Whether ``feature_network`` is a classifier (a checkpoint path; ``inception`` is not)."""
+        return isinstance(self.feature_network, str) and self.feature_network != "inception"
 
     def state_dict(self) -> dict:
         return {"val_runs": self.val_runs}
@@ -129,12 +147,15 @@ class SamplingCallback(L.Callback):
                                  title=f"step {trainer.global_step}")
             save_figure(fig, path)
             image = self.figure_array(fig) if self.logger_takes_images(trainer) else None
+            if image is not None:
+                self.log_image(trainer, "sample/grid", image)
         else:
-            image = np.concatenate([image_grid(to_uint8_nhwc(x[:GRID_IMAGES]), nrow=8) for x in samples.values()])
+            grids = {name: image_grid(to_uint8_nhwc(x[:GRID_IMAGES]), nrow=8) for name, x in samples.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_png(path, image)
-        if image is not None:
-            self.log_image(trainer, image)
+            write_png(path, np.concatenate(list(grids.values())))
+            if self.logger_takes_images(trainer):
+                for name, grid in grids.items():
+                    self.log_image(trainer, f"sample/{name}/grid", grid)
 
     def sample(self, trainer: L.Trainer, pl_module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``({setting: samples (N, ...)}, labels (N,))`` on every rank; rank ``r`` generates indices ``r::W``."""
@@ -159,22 +180,9 @@ class SamplingCallback(L.Callback):
         if self.image_metrics is None:
             return {}
         self.image_metrics.to(pl_module.device)
-        if self.image_metrics.num_real is None:
-            self.image_metrics.set_real(self.validation_images(trainer, self.num_samples))
-        return self.image_metrics(to_uint8_nhwc(samples))
-
-    @staticmethod
-    def validation_images(trainer: L.Trainer, n: int) -> np.ndarray:
-        """The first ``n`` images of the datamodule's validation loader, as uint8 NHWC (the FID/KID reference)."""
-        batches, count = [], 0
-        for x, _ in trainer.datamodule.val_dataloader():
-            batches.append(x)
-            count += len(x)
-            if count >= n:
-                break
-        if count < 2:
-            raise ConfigError(f"SamplingCallback image metrics need at least 2 validation images, found {count}")
-        return to_uint8_nhwc(torch.cat(batches)[:n])
+        if self.image_metrics.num_real is None:  # the FID/KID reference: the first num_samples validation images
+            self.image_metrics.set_real(loader_images(trainer.datamodule.val_dataloader(), self.num_samples))
+        return evaluate_samples(to_uint8_nhwc(samples), labels, self.image_metrics)
 
     @staticmethod
     def logger_takes_images(trainer: L.Trainer) -> bool:
@@ -187,9 +195,10 @@ class SamplingCallback(L.Callback):
         fig.canvas.draw()
         return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
-    def log_image(self, trainer: L.Trainer, image: np.ndarray) -> None:
+    @staticmethod
+    def log_image(trainer: L.Trainer, key: str, image: np.ndarray) -> None:
         """Send a (H, W, 3) uint8 image to loggers that take images (CSVLogger does not)."""
-        logger, key = trainer.logger, "sample/grid"
+        logger = trainer.logger
         if hasattr(getattr(logger, "experiment", None), "add_image"):
             logger.experiment.add_image(key, image, trainer.global_step, dataformats="HWC")
         elif hasattr(logger, "log_image"):

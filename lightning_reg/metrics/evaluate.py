@@ -6,7 +6,8 @@
 
 ``feature_network``: ``None`` or ``"inception"`` for torchmetrics' Inception-v3 (its weights from
 ``inception_weights`` or the torch hub cache), a digits-classifier checkpoint path
-(``metrics.classifier.load_feature_network``), or an already loaded ``FeatureNetwork``.
+(``metrics.classifier.load_feature_network``), an already loaded ``FeatureNetwork``, or any module
+mapping uint8 NCHW images to features (no accuracy then).
 An evaluator is any object with ``names``, ``image_shape``, ``set_real(uint8 NHWC)`` and
 ``__call__(uint8 NHWC, labels) -> dict[str, float]`` (``metrics.images.ImageMetrics``); an ADM reference
 batch evaluator (``metrics.adm``) can follow the same protocol.
@@ -15,11 +16,13 @@ batch evaluator (``metrics.adm``) can follow the same protocol.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_reg.errors import ConfigError, one_line
@@ -37,15 +40,14 @@ def build_image_evaluator(metrics=("fid", "is"), image_shape: tuple[int, int, in
     from lightning_reg.metrics.classifier import FeatureNetwork, load_feature_network
 
     network = feature_network
-    if isinstance(network, (str, os.PathLike)) and str(network) != INCEPTION:
-        network = load_feature_network(network)
+    if isinstance(network, (str, os.PathLike)):
+        network = None if str(network) == INCEPTION else load_feature_network(network)
     if isinstance(network, FeatureNetwork):
         network.check_compatible(image_shape, num_classes)
-    elif network not in (None, INCEPTION):
-        raise ConfigError(f"feature_network must be 'inception', a classifier checkpoint path or a FeatureNetwork, "
+    elif network is not None and not isinstance(network, nn.Module):
+        raise ConfigError(f"feature_network must be 'inception', a classifier checkpoint path or a module, "
                           f"got {type(network).__name__}")
-    return ImageMetrics(metrics, image_shape, None if network == INCEPTION else network,
-                        inception_weights=inception_weights, device=device)
+    return ImageMetrics(metrics, image_shape, network, device, inception_weights)
 
 
 def evaluate_samples(samples_uint8_nhwc, labels, evaluator) -> dict[str, float]:
@@ -96,28 +98,29 @@ def loader_images(loader, n: int | None = None) -> np.ndarray:
 
 
 def load_reference(reference: str, image_shape: tuple[int, int, int], num_reference: int | None = None,
-                   split: str = "test", seed: int = 0) -> np.ndarray:
-    """Reference images as uint8 NHWC: an ``.npz`` of images (``arr_0``/``samples``/``images``; sizes must
-    equal ``image_shape``), ``digits:mnist`` / ``digits:sklearn`` (the offline digits' ``split``), or a
-    dataset folder / hub name (``ImageDataModule``; resized to ``image_size`` as for training). At most
-    ``num_reference`` images, a seeded random subset for datasets."""
+                   split: str = "test", seed: int = 0, data_kwargs: dict | None = None) -> np.ndarray:
+    """Reference images as uint8 NHWC: an ``.npz`` of images (``arr_0``/``samples``/``images``; (C, H, W) must
+    equal ``image_shape``), ``digits:mnist`` / ``digits:sklearn`` (the offline digits), or a dataset folder /
+    image-folder tree / hub name (``ImageDataModule(**data_kwargs)``: its split ``split``, resized to the
+    samples' size as for training). At most ``num_reference`` images, a seeded random subset for datasets."""
     from lightning_reg.data.images import ImageDataModule
 
-    channels, size = image_shape[0], image_shape[1]
     if str(reference).endswith(".npz"):
         images = _npz_images(reference)
         if (images.shape[3], *images.shape[1:3]) != tuple(image_shape):
             raise ConfigError(f"--reference {reference} holds (C, H, W) = {(images.shape[3], *images.shape[1:3])} "
                               f"images but the samples are {tuple(image_shape)}; give a reference of the same size")
         return images[:num_reference]
-    name = reference
-    if str(reference).startswith("digits:"):
+    kwargs = dict(data_kwargs or {})
+    name = str(reference)
+    if name.startswith("digits:"):
         from lightning_reg.data.digits import prepare_digits
-        name = str(prepare_digits(source=str(reference).split(":", 1)[1]))
-    data = ImageDataModule(name=name, split=split, image_size=size, channels=channels, val_fraction=0.0,
-                           seed=seed, max_samples=num_reference, batch_size=256)
-    data.setup("fit")
-    return loader_images(DataLoader(data.train_set, batch_size=256), num_reference)
+        name, kwargs["image_key"] = str(prepare_digits(source=name.split(":", 1)[1])), "image"
+    data = ImageDataModule(**{"batch_size": 256, **kwargs, "name": name, "split": split, "val_fraction": 0.0,
+                              "random_flip": False, "image_size": image_shape[1], "channels": image_shape[0],
+                              "seed": seed, "max_samples": num_reference})
+    data.setup("fit")  # the whole (subset of the) split is the "training" set, in a seeded random order
+    return loader_images(DataLoader(data.train_set, batch_size=data.batch_size), num_reference)
 
 
 def _npz_images(path) -> np.ndarray:
@@ -156,5 +159,83 @@ def write_row(path, row: dict) -> None:
         raise ConfigError(f"--output {path} must end in .json or .csv")
 
 
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(description="Image metrics of a samples.npz against reference images: one JSON/CSV row.",
+                       exit_on_error=False, default_meta=False)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
+    p.add_argument("--samples", type=str | None, default=None,
+                   help="samples.npz: uint8 NHWC images under 'samples' (sample.py) or 'arr_0' (ADM), 'labels'")
+    p.add_argument("--reference", type=str | None, default=None,
+                   help="reference images: an .npz (arr_0), digits:mnist / digits:sklearn, a dataset folder "
+                        "written by save_to_disk or a hub name (resized to the samples' size)")
+    p.add_argument("--reference_split", type=str, default="test", help="the dataset split of --reference")
+    p.add_argument("--reference_kwargs", type=dict | None, default=None,
+                   help="more ImageDataModule options for a dataset --reference, e.g. {image_key: image}")
+    p.add_argument("--num_reference", type=int | None, default=None,
+                   help="reference images to use (a seeded random subset of a dataset); default: all")
+    p.add_argument("--feature_network", type=str, default=INCEPTION,
+                   help="a digits-classifier checkpoint (python -m lightning_reg.metrics.classifier fit) or "
+                        "'inception' (torchmetrics' Inception-v3)")
+    p.add_argument("--inception_weights", type=str | None, default=None,
+                   help="Inception weights file; default: the torch hub cache")
+    p.add_argument("--metrics", type=list[str] | None, default=None,
+                   help=f"from {list(IMAGE_METRICS)}; default [fid, is] and accuracy with a classifier")
+    p.add_argument("--seed", type=int, default=0, help="of the reference subset")
+    p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--output", type=str | None, default=None,
+                   help="result.json (written) or results.csv (a row appended); default: print only")
+    return p
+
+
+def run(cfg) -> dict:
+    """Validate everything (nothing written on bad input), compute the metrics and return the row."""
+    if cfg.samples is None:
+        raise ConfigError("--samples is required: a samples.npz written by sample.py (or an ADM-style npz)")
+    if cfg.output is not None and Path(cfg.output).suffix not in (".json", ".csv"):
+        raise ConfigError(f"--output {cfg.output} must end in .json or .csv")
+    if cfg.num_reference is not None and cfg.num_reference < 2:
+        raise ConfigError(f"--num_reference must be at least 2, got {cfg.num_reference}")
+    images, labels = read_samples(cfg.samples)
+    image_shape = (images.shape[3], images.shape[1], images.shape[2])
+    meta = Path(cfg.samples).with_name("meta.json")
+    meta = json.loads(meta.read_text()) if meta.is_file() else {}
+    classifier = cfg.feature_network != INCEPTION
+    metrics = cfg.metrics if cfg.metrics is not None else ["fid", "is"] + (["accuracy"] if classifier else [])
+    evaluator = build_image_evaluator(metrics, image_shape, cfg.feature_network, cfg.inception_weights,
+                                      meta.get("num_classes"), cfg.device)
+    reference = None
+    if {"fid", "kid"} & set(evaluator.names):
+        if cfg.reference is None:
+            raise ConfigError("--reference is required for fid and kid: the real images to compare with")
+        reference = load_reference(cfg.reference, image_shape, cfg.num_reference, cfg.reference_split, cfg.seed,
+                                   cfg.reference_kwargs)
+        evaluator.set_real(reference)
+    row = {"samples": str(cfg.samples), "setting": meta.get("setting"), "num_samples": len(images),
+           "reference": cfg.reference, "num_reference": None if reference is None else len(reference),
+           "feature_network": cfg.feature_network}
+    return row | evaluate_samples(images, labels, evaluator)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python evaluate.py --samples run/samples.npz --reference digits:mnist --feature_network clf.ckpt``."""
+    from argparse import ArgumentError
+
+    from lightning_reg.cli import fail, parse_error_message
+
+    try:
+        cfg = build_parser().parse_args(args)
+        row = run(cfg)
+    except ArgumentError as err:
+        fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
+    except ConfigError as err:
+        fail(str(err))
+    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if cfg.output is not None:
+        write_row(cfg.output, row)
+        print(f"wrote {cfg.output}")
+
+
 __all__ = ["IMAGE_METRICS", "INCEPTION", "build_image_evaluator", "evaluate_samples", "load_reference",
-           "loader_images", "read_samples", "write_row"]
+           "loader_images", "main", "read_samples", "run", "write_row"]

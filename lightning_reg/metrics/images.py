@@ -1,11 +1,14 @@
-"""Image metrics through torchmetrics: FID, Inception Score and KID (REG_NOTES §4: FID vs IS fronts).
+"""Image metrics through torchmetrics: FID, Inception Score, KID and class accuracy (REG_NOTES §4: FID vs IS fronts).
 
 By default the features are torch-fidelity's Inception-v3 (``pt_inception-2015-12-05``), whose
-weights must already sit in the torch hub cache (nothing is downloaded at run time here). Any
-``nn.Module`` mapping uint8 NCHW images to (N, D) features can stand in for it (``feature_extractor``);
-for IS its outputs are read as class logits.
+weights must already sit in the torch hub cache or at ``inception_weights`` (nothing is downloaded at
+run time here). A ``FeatureNetwork`` (the project's digits classifier, ``metrics.classifier``) stands in
+for it offline: its penultimate features for FID and KID, its logits for IS and for ``accuracy`` (the
+share of samples it assigns to the label they were sampled for). Any other ``nn.Module`` mapping uint8
+NCHW images to (N, D) features can stand in too (IS reads its outputs as logits; no accuracy).
 
-Returned keys: ``fid``; ``is`` and ``is_std`` (over 10 splits); ``kid`` and ``kid_std`` (over subsets).
+Returned keys: ``fid``; ``is`` and ``is_std`` (over 10 splits); ``kid`` and ``kid_std`` (over subsets);
+``accuracy``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from lightning_reg.errors import ConfigError, check_names
+from lightning_reg.metrics.classifier import FeatureNetwork
 
-IMAGE_METRICS = ("fid", "is", "kid")
+IMAGE_METRICS = ("fid", "is", "kid", "accuracy")
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; lowered to the number of images when there are fewer
 _BATCH = 100
@@ -39,14 +44,36 @@ def _images(images, name: str) -> Tensor:
     return rearrange(images, "n h w c -> n c h w")
 
 
-def _build(name: str, feature_extractor: nn.Module | None, image_shape: tuple[int, ...]) -> Metric:
-    """The torchmetrics metric ``name``, on ``feature_extractor`` if given, else on Inception-v3.
+def _inception(inception_weights: str, output: str) -> nn.Module:
+    """torch-fidelity's Inception-v3 from the file ``inception_weights``: pool features (``"2048"``) or IS logits."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
 
-    Real features survive ``reset()`` (they are computed once), and ``compute()`` never synchronises
-    across processes: one process evaluates what it is given.
+    if not os.path.isfile(inception_weights):
+        raise ConfigError(f"inception_weights {inception_weights} does not exist: it must be torch-fidelity's "
+                          f"{INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
+    return NoTrainInceptionV3("inception-v3-compat", [output], feature_extractor_weights_path=inception_weights)
+
+
+def _build(name: str, feature_extractor: nn.Module | None, image_shape: tuple[int, ...],
+           inception_weights: str | None = None) -> Metric:
+    """The torchmetrics metric ``name`` on ``feature_extractor`` if given, else on Inception-v3.
+
+    A ``FeatureNetwork`` gives its features to FID and KID and its logits to IS and accuracy. Real features
+    survive ``reset()`` (they are computed once), and ``compute()`` never synchronises across processes:
+    one process evaluates what it is given.
     """
-    custom = {} if feature_extractor is None else {"feature": feature_extractor}
     common = {"sync_on_compute": False}
+    if name == "accuracy":
+        if not isinstance(feature_extractor, FeatureNetwork):
+            raise ConfigError("metric accuracy needs a classifier as the feature network (a checkpoint of "
+                              "`python -m lightning_reg.metrics.classifier fit`), not Inception or a plain module")
+        return MulticlassAccuracy(feature_extractor.num_classes, average="micro", **common)
+    if isinstance(feature_extractor, FeatureNetwork):
+        feature_extractor = feature_extractor.logits if name == "is" else feature_extractor.features
+    elif feature_extractor is None and inception_weights is not None:
+        feature_extractor = _inception(inception_weights, "logits_unbiased" if name == "is" else "2048")
+        image_shape = (3, 299, 299)  # Inception resizes its input to 299 x 299
+    custom = {} if feature_extractor is None else {"feature": feature_extractor}
     try:
         with warnings.catch_warnings():  # IS and KID warn that they buffer all features: intended here
             warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
@@ -59,23 +86,28 @@ def _build(name: str, feature_extractor: nn.Module | None, image_shape: tuple[in
     except OSError as err:  # urllib's URLError included: the weights are not cached and cannot be fetched
         path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
         raise ConfigError(f"the FID Inception weights (torch-fidelity's pt_inception-2015-12-05) must be in the "
-                          f"torch hub cache: copy them to {path} (or pass feature_extractor=...); "
-                          f"fetching them failed: {err}") from err
+                          f"torch hub cache: copy them to {path} (or pass inception_weights=<file>, or a "
+                          f"classifier feature network); fetching them failed: {err}") from err
 
 
 class ImageMetrics:
-    """FID / IS / KID of generated images against one fixed set of real images (IS uses the generated ones).
+    """FID / IS / KID / accuracy of generated images against one fixed set of real images (IS and accuracy
+    use the generated ones only; accuracy also their labels).
 
     The metrics (and the Inception weights) are built at construction, so a missing file fails before any
     work; the real images' features are extracted once (``set_real``) and reused by every call.
-    Deterministic: the random IS splits and KID subsets are drawn from a fixed seed.
+    Deterministic: the random IS splits and KID subsets are drawn from a fixed seed. Grayscale images are
+    repeated to 3 channels for Inception.
     """
 
     def __init__(self, metrics=("fid", "is"), image_shape: tuple[int, int, int] = (3, 32, 32),
-                 feature_extractor: nn.Module | None = None, device="cpu"):
+                 feature_extractor: nn.Module | None = None, device="cpu", inception_weights: str | None = None):
         self.names = check_names(metrics, IMAGE_METRICS, "metrics")
         self.image_shape, self.device = tuple(image_shape), torch.device(device)
-        self.metrics = {name: _build(name, feature_extractor, self.image_shape).to(self.device)
+        if isinstance(feature_extractor, FeatureNetwork):
+            feature_extractor.check_compatible(self.image_shape)
+        self.feature_extractor = feature_extractor
+        self.metrics = {name: _build(name, feature_extractor, self.image_shape, inception_weights).to(self.device)
                         for name in self.names}
         self.num_real = None
 
@@ -84,13 +116,31 @@ class ImageMetrics:
         self.metrics = {name: metric.to(self.device) for name, metric in self.metrics.items()}
         return self
 
-    def _update(self, metric: Metric, images: Tensor, desc: str, **flag) -> None:
-        for batch in tqdm(images.split(_BATCH), desc=desc, leave=False):
-            metric.update(batch.to(self.device), **flag)
+    def _update(self, name: str, images: Tensor, desc: str, labels: Tensor | None = None, **flag) -> None:
+        metric = self.metrics[name]
+        gray_inception = self.feature_extractor is None and images.shape[1] == 1
+        for i, batch in enumerate(tqdm(images.split(_BATCH), desc=desc, leave=False)):
+            batch = batch.to(self.device)
+            if name == "accuracy":
+                metric.update(self.feature_extractor.logits(batch), labels[i * _BATCH:(i + 1) * _BATCH].to(self.device))
+            else:
+                metric.update(batch.expand(-1, 3, -1, -1) if gray_inception else batch, **flag)
 
     def _check_shape(self, images: Tensor, name: str) -> None:
         if tuple(images.shape[1:]) != self.image_shape:
             raise ConfigError(f"{name} must share (C, H, W) = {self.image_shape}, got {tuple(images.shape[1:])}")
+
+    def _labels(self, labels, n: int) -> Tensor:
+        """``labels`` as a long tensor of ``n`` classes of the feature network (accuracy)."""
+        if labels is None:
+            raise ConfigError("metric accuracy needs the labels the samples were drawn for")
+        labels = torch.as_tensor(labels).long()
+        num_classes = self.feature_extractor.num_classes
+        if labels.shape != (n,) or (n and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes):
+            raise ConfigError(f"accuracy needs one label in [0, {num_classes}) per sample (the feature network's "
+                              f"classes), got shape {tuple(labels.shape)} for {n} samples"
+                              + (f" and values {int(labels.min())}..{int(labels.max())}" if labels.numel() else ""))
+        return labels
 
     @torch.no_grad()
     def set_real(self, real_uint8_nhwc) -> None:
@@ -98,23 +148,25 @@ class ImageMetrics:
         real = _images(real_uint8_nhwc, "real images")
         self._check_shape(real, "real images")
         for name, metric in self.metrics.items():
-            if name != "is":
+            if name in ("fid", "kid"):
                 metric.reset_real_features = True  # drop an earlier reference
                 metric.reset()
                 metric.reset_real_features = False
-                self._update(metric, real, f"{name} real", real=True)
+                self._update(name, real, f"{name} real", real=True)
         self.num_real = len(real)
 
     @torch.no_grad()
-    def __call__(self, fake_uint8_nhwc) -> dict[str, float]:
-        """The metrics of ``fake`` against the real images of ``set_real``."""
+    def __call__(self, fake_uint8_nhwc, labels=None) -> dict[str, float]:
+        """The metrics of ``fake`` against the real images of ``set_real``; ``labels``: the classes the
+        samples were drawn for (needed by ``accuracy`` only)."""
         fake = _images(fake_uint8_nhwc, "fake images")
         self._check_shape(fake, "fake images")
-        if self.num_real is None and set(self.names) - {"is"}:
+        if self.num_real is None and {"fid", "kid"} & set(self.names):
             raise RuntimeError("ImageMetrics: call set_real(real_images) before computing FID or KID")
+        labels = self._labels(labels, len(fake)) if "accuracy" in self.names else None
         out = {}
         for name, metric in self.metrics.items():
-            self._update(metric, fake, name, **({} if name == "is" else {"real": False}))
+            self._update(name, fake, name, labels, **({"real": False} if name in ("fid", "kid") else {}))
             if name == "kid":  # a subset cannot be larger than either set
                 metric.subset_size = min(KID_SUBSET_SIZE, len(fake), self.num_real)
             with torch.random.fork_rng(devices=[]):  # IS splits and KID subsets are drawn with the global RNG
@@ -128,10 +180,10 @@ class ImageMetrics:
         return out
 
 
-def image_metrics(fake_uint8_nhwc, real_uint8_nhwc, metrics=("fid", "is"),
-                  feature_extractor: nn.Module | None = None, device="cpu") -> dict[str, float]:
-    """FID / IS / KID of ``fake`` images against ``real`` ones, in one call (see ``ImageMetrics``)."""
+def image_metrics(fake_uint8_nhwc, real_uint8_nhwc, metrics=("fid", "is"), feature_extractor: nn.Module | None = None,
+                  device="cpu", labels=None) -> dict[str, float]:
+    """FID / IS / KID / accuracy of ``fake`` images against ``real`` ones, in one call (see ``ImageMetrics``)."""
     real = _images(real_uint8_nhwc, "real images")
     evaluate = ImageMetrics(metrics, tuple(real.shape[1:]), feature_extractor, device)
     evaluate.set_real(real_uint8_nhwc)
-    return evaluate(fake_uint8_nhwc)
+    return evaluate(fake_uint8_nhwc, labels)
