@@ -43,7 +43,8 @@ METHODS = {
 def backbones(batch: int, image_batch: int, patch: int):
     """``(name, net, batch)``; the zero-initialised adaLN/output layers of DiT get small random weights,
     so the backward pass does real work."""
-    dit = DiT(num_classes=10, image_size=32, channels=4, patch_size=patch, width=256, depth=6, heads=4)
+    dit = DiT(num_classes=10, input_size=32, in_channels=4, patch_size=patch, hidden_size=256, depth=6, num_heads=4,
+              learn_sigma=False)
     with torch.no_grad():
         for p in dit.parameters():
             if not p.any():

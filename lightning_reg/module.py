@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef
+from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef, learned_variance_vlb
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
 from lightning_reg.errors import ConfigError, one_line
@@ -86,14 +86,23 @@ class ConditionalDiffusion(L.LightningModule):
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def diffusion_loss(self, net: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
-        """Unweighted MSE between ``net``'s output and the prediction target at a random time."""
+        """Unweighted MSE between ``net``'s output and the prediction target at a random time.
+
+        A backbone with ``learn_sigma`` (DiT) adds the VLB term that trains its variance channels, on a
+        detached mean (improved DDPM's hybrid loss ``mse + vb``, as DiT trains).
+        """
         t = self.schedule.sample_training_times(x0.shape[0], device=x0.device)
         a, s = (broadcast_coef(c, x0) for c in self.schedule.alpha_sigma(t))
         eps = torch.randn_like(x0)
         x_t = a * x0 + s * eps
         prediction = self.denoiser.prediction
         out = net(prediction.input_scale(a, s) * x_t, self.schedule.net_time(t).to(x0.dtype), y)
-        return (out - prediction.target(x0, eps, a, s)).pow(2).mean()
+        if not getattr(net, "learn_sigma", False):
+            return (out - prediction.target(x0, eps, a, s)).pow(2).mean()
+        out, v = out.chunk(2, dim=1)
+        x0_hat = prediction.to_x0(out.detach(), x_t, a, s)
+        vb = learned_variance_vlb(self.schedule, x0, x_t, t, x0_hat, v)
+        return (out - prediction.target(x0, eps, a, s)).pow(2).mean() + vb.mean()
 
     def training_step(self, batch, batch_idx):
         x0, y = batch

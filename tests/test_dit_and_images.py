@@ -13,7 +13,8 @@ def _perturbed_dit(**kw) -> DiT:
     """A DiT whose zero-initialised adaLN/output layers are randomised so outputs are non-trivial."""
     torch.manual_seed(0)
     model = DiT(**kw)
-    layers = [b.ada[-1] for b in model.blocks] + [model.final_ada[-1], model.final]
+    layers = [b.adaLN_modulation[-1] for b in model.blocks]
+    layers += [model.final_layer.adaLN_modulation[-1], model.final_layer.linear]
     with torch.no_grad():
         for layer in layers:
             layer.weight.normal_(0, 0.05)
@@ -21,28 +22,40 @@ def _perturbed_dit(**kw) -> DiT:
     return model.eval()
 
 
+SMALL = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=32, num_heads=2, learn_sigma=False)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(num_classes=10, image_size=32, channels=3, patch_size=4, width=64, depth=2, heads=4),
-        dict(num_classes=3, image_size=16, channels=1, patch_size=2, width=48, depth=1, heads=3, out_channels=2),
+        dict(num_classes=10, input_size=32, in_channels=3, patch_size=4, hidden_size=64, depth=2, num_heads=4,
+             learn_sigma=False),
+        dict(num_classes=3, input_size=16, in_channels=1, patch_size=2, hidden_size=48, depth=1, num_heads=3),
     ],
 )
 def test_dit_shapes_and_attributes(kw):
     model = DiT(**kw)
-    c, s = kw["channels"], kw["image_size"]
+    c, s = kw["in_channels"], kw["input_size"]
     assert model.num_classes == kw["num_classes"]
     assert model.data_shape == (c, s, s)
+    assert model.label_embedding.num_embeddings == kw["num_classes"] + 1
     x = torch.randn(3, c, s, s)
     t = torch.tensor([0.0, 500.0, 999.0])
     y = torch.tensor([0, 1, kw["num_classes"]])  # includes the null label
     out = model(x, t, y)
-    assert out.shape == (3, kw.get("out_channels") or c, s, s)
+    assert out.shape == (3, 2 * c if kw.get("learn_sigma", True) else c, s, s)  # learned sigma: 2C channels
     assert torch.count_nonzero(out) == 0  # zero-initialised final layer (adaLN-Zero)
 
 
+def test_dit_bad_sizes_are_config_errors():
+    with pytest.raises(ConfigError, match="input_size=10 must be divisible by patch_size=4"):
+        DiT(**dict(SMALL, input_size=10))
+    with pytest.raises(ConfigError, match="hidden_size=30 must be divisible by 4 and by num_heads=2"):
+        DiT(**dict(SMALL, hidden_size=30))
+
+
 def test_dit_null_label_and_negative_times():
-    model = _perturbed_dit(num_classes=5, image_size=16, patch_size=4, width=32, depth=2, heads=2)
+    model = _perturbed_dit(num_classes=5, depth=2, **SMALL)
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([-3.5, 0.25])
     null = torch.full((2,), 5, dtype=torch.long)
@@ -55,7 +68,7 @@ def test_dit_null_label_and_negative_times():
 
 
 def test_dit_per_sample_independence():
-    model = _perturbed_dit(num_classes=4, image_size=16, patch_size=4, width=32, depth=2, heads=2)
+    model = _perturbed_dit(num_classes=4, depth=2, **SMALL)
     x = torch.randn(5, 3, 16, 16)
     t = torch.rand(5) * 1000
     y = torch.tensor([0, 1, 2, 3, 4])
@@ -67,7 +80,7 @@ def test_dit_per_sample_independence():
 
 
 def test_dit_gradient_wrt_x():
-    model = _perturbed_dit(num_classes=4, image_size=16, patch_size=4, width=32, depth=1, heads=2)
+    model = _perturbed_dit(num_classes=4, depth=1, **SMALL)
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     model(x, torch.tensor([10.0, 20.0]), torch.tensor([0, 4])).square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,6 +1,16 @@
-"""The denoiser ``D(x, t, y) = x0_hat``: a backbone read through its schedule and prediction target."""
+"""The denoiser ``D(x, t, y) = x0_hat``: a backbone read through its schedule and prediction target.
+
+Learned variance (improved DDPM, Nichol & Dhariwal 2021; DiT): a backbone with ``learn_sigma = True``
+returns ``2C`` channels, the prediction and a variance interpolation ``v`` in [-1, 1]. ``D`` returns
+``x0_hat`` from the first ``C`` and keeps ``v`` of the conditional rows (label not null) of its last
+call with any, as ``variance_interpolation``: guidance stays a rule on ``x0_hat`` and samplers stay
+functions of ``D(x, t)``; the DDPM sampler reads ``v`` after each call (``learned_variance_of``). As the
+public DiT sampler does, ``v`` comes from the conditional branch, never guided.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +41,15 @@ class Denoiser(nn.Module):
             raise ConfigError(
                 f"prediction {prediction.kind!r} does not fit schedule {schedule.name!r}; "
                 f"choose one of {list(schedule.predictions)}")
+        if getattr(net, "learn_sigma", False) and schedule.name != "vp":
+            raise ConfigError(f"a backbone with learn_sigma (a learned DDPM variance) needs the 'vp' schedule, "
+                              f"not {schedule.name!r}")
         self.net, self.schedule, self.prediction = net, schedule, prediction
+        self.variance_interpolation: Tensor | None = None
+
+    @property
+    def learn_sigma(self) -> bool:
+        return bool(getattr(self.net, "learn_sigma", False))
 
     @property
     def num_classes(self) -> int:
@@ -55,6 +73,11 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float64)
         net_t = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
         out = self.net(self.prediction.input_scale(a, s) * x, net_t, y)
+        if self.learn_sigma:
+            out, v = out.chunk(2, dim=1)
+            conditional = y != self.null_label
+            if conditional.any():
+                self.variance_interpolation = v[conditional].detach()
         return self.prediction.to_x0(out, x, a, s)
 
     def check_labels(self, y: Tensor, allow_null: bool = False) -> None:
@@ -64,3 +87,42 @@ class Denoiser(nn.Module):
             raise ConfigError(
                 f"label ids must lie in [0, {top - 1}] for a model with num_classes={self.num_classes}; "
                 f"got min {int(y.min())}, max {int(y.max())}")
+
+
+def learned_log_variance(v: Tensor, beta: Tensor, posterior_variance: Tensor) -> Tensor:
+    """Improved DDPM eq. 15: ``log Sigma = frac log(beta_t) + (1 - frac) log(beta~_t)``, ``frac = (v + 1) / 2``."""
+    frac = (v + 1) / 2
+    return frac * beta.log() + (1 - frac) * posterior_variance.log()
+
+
+def learned_variance_of(denoiser) -> Tensor | None:
+    """``v`` of the last conditional call of ``denoiser`` (a ``Denoiser`` or a wrapper holding one as
+    ``.model``, such as ``GuidedDenoiser``); ``None`` when its backbone has no learned sigma."""
+    model = denoiser if isinstance(denoiser, Denoiser) else getattr(denoiser, "model", None)
+    return model.variance_interpolation if isinstance(model, Denoiser) and model.learn_sigma else None
+
+
+def learned_variance_vlb(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor,
+                         v: Tensor) -> Tensor:
+    """Per-sample VLB term ``L_t`` in bits per dimension that trains the learned variance (improved
+    DDPM's hybrid loss; DiT trains with ``mse + vb``): ``KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))``,
+    and at ``t = 0`` the discretised Gaussian decoder NLL of ``x0`` (256 bins on [-1, 1]; exact normal
+    CDF). The model mean uses ``x0_hat`` as given (pass it detached: only ``v`` learns from this term).
+    """
+    (a, s), (a_prev, s_prev) = schedule.alpha_sigma(t), schedule.alpha_sigma(t - 1)
+    beta = 1 - (a / a_prev) ** 2
+    (a1, s1), (a0, s0) = schedule.alpha_sigma(torch.ones_like(t)), schedule.alpha_sigma(torch.zeros_like(t))
+    posterior_var = torch.where(t == 0, (1 - (a1 / a0) ** 2) * s0 ** 2 / s1 ** 2, beta * s_prev ** 2 / s ** 2)
+    coef_x0, coef_xt = (broadcast_coef(c, x0) for c in (beta * a_prev / s ** 2, s_prev ** 2 * (a / a_prev) / s ** 2))
+    beta, posterior_var = broadcast_coef(beta, x0), broadcast_coef(posterior_var, x0)
+    log_var = learned_log_variance(v, beta, posterior_var)
+    model_mean = coef_x0 * x0_hat + coef_xt * x_t
+    true_mean = coef_x0 * x0 + coef_xt * x_t
+    kl = 0.5 * (-1 + log_var - posterior_var.log() + (posterior_var + (true_mean - model_mean) ** 2) * (-log_var).exp())
+    inv_std = (-0.5 * log_var).exp()
+    cdf_plus = torch.special.ndtr(inv_std * (x0 - model_mean + 1 / 255))
+    cdf_minus = torch.special.ndtr(inv_std * (x0 - model_mean - 1 / 255))
+    bin_prob = torch.where(x0 < -0.999, cdf_plus, torch.where(x0 > 0.999, 1 - cdf_minus, cdf_plus - cdf_minus))
+    nll = -bin_prob.clamp(min=1e-12).log()
+    per_sample = torch.where(broadcast_coef(t == 0, x0).bool(), nll, kl).flatten(1).mean(1)
+    return per_sample / math.log(2)

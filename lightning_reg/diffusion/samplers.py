@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_reg.diffusion.denoiser import learned_log_variance, learned_variance_of
 from lightning_reg.diffusion.predictions import eps_from_x0
 from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, NoiseSchedule
 from lightning_reg.errors import ConfigError
@@ -44,6 +45,11 @@ def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: in
     ``c = eta * s_next * sqrt(1 - (a_cur s_next / (a_next s_cur))^2)``.
     ``times`` (optional) continues a chain: ``noise`` is then the state ``x`` at ``times[0]`` itself
     (not rescaled) and the walk follows ``times`` instead of ``schedule.sampling_times(steps)``.
+
+    Learned variance (``eta = 1`` and a backbone with ``learn_sigma``, e.g. DiT): the mean stays the
+    posterior mean and the noise std becomes ``exp(log Sigma / 2)`` of improved DDPM eq. 15 between the
+    step's ``beta = 1 - (a_cur / a_next)^2`` and the posterior variance ``c^2``, with ``v`` of the
+    conditional call (``learned_variance_of``), as the public DiT/ADM ``p_sample`` on respaced betas.
     """
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"eta must lie in [0, 1], got {eta}")
@@ -56,7 +62,10 @@ def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: in
         c = eta * s_next * (1 - (a_cur * s_next / (a_next * s_cur)) ** 2).clamp(min=0).sqrt()
         x = float(a_next) * x0_hat + float((s_next ** 2 - c ** 2).clamp(min=0).sqrt()) * eps_hat
         if c > 0:
-            x = x + float(c) * noise_sampler(x)
+            v = learned_variance_of(denoiser) if eta == 1 else None
+            std = float(c) if v is None else (
+                0.5 * learned_log_variance(v.to(x.dtype), 1 - (a_cur / a_next) ** 2, c ** 2)).exp()
+            x = x + std * noise_sampler(x)
         _check_finite(x, i, t_cur, denoiser)
     return x
 
