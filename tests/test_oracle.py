@@ -221,3 +221,45 @@ def test_toy2d_refuses_bad_flags(tmp_path, argv, field, one_thread):
 def test_missing_checkpoint_is_a_config_error(tmp_path, one_thread):
     with pytest.raises(ConfigError, match="--checkpoint"):
         toy1d.main(["--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "out")])
+
+
+def test_toy1d_authors_raw_chain(tmp_path, one_thread):
+    """``--num-timesteps T --steps T``: raw DDPM steps of the linear betas (the authors' chain at T = 20, where
+    abar_T = 0.82), not a respacing of the 1000-step schedule."""
+    toy1d.main(["--exact", "--num-timesteps", "4", "--steps", "4", "--grid", "6", "--rollouts", "2", "--out",
+                str(tmp_path)])
+    assert torch.load(tmp_path / "estimates.pt")["times"].tolist() == [3, 2, 1, 0]
+    a_T, _ = VPSchedule(20).alpha_sigma(19)
+    assert float(a_T ** 2) == pytest.approx(0.8168, abs=1e-4)
+    with pytest.raises(ConfigError, match="--steps 25 exceeds --num-timesteps 20"):
+        toy1d.main(["--exact", "--num-timesteps", "20", "--steps", "25", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_overlap_task_reward_varies_where_samples_land():
+    distribution = toy2d_distribution("overlap")
+    log_reward = density_ratio_log_reward(distribution, 1.0)
+    x0 = torch.tensor([[0.0, 0.0], [-0.7, 0.35], [0.7, -0.35]], dtype=torch.float64)
+    r0 = log_reward(x0, torch.zeros(3, dtype=torch.long)).exp()
+    assert float(r0[0]) == pytest.approx(1.0, abs=1e-9)  # the shared blob: p(x|0) = p(x|1)
+    assert float(r0[1]) == pytest.approx(2.0, abs=1e-3) and float(r0[2]) < 1e-3  # own blob / the other class's
+    with pytest.raises(ConfigError, match="unknown 2D task 'moons'"):
+        toy2d_distribution("moons")
+
+
+def test_toy2d_overlap_oracle_is_not_noise(tmp_path, one_thread):
+    """Ring/cross: the oracle's arrows at the paper's t = 9 are ~1e-7 (R_0 constant on each shape); overlap: not."""
+    x = toy2d.grid(5, torch.float64)
+    y = torch.zeros(len(x), dtype=torch.long)
+    medians = {}
+    for task in ("ring_cross", "overlap"):
+        distribution = toy2d_distribution(task)
+        denoiser = ExactMixtureDenoiser(distribution, SCHEDULE)
+        t = SCHEDULE.sampling_times(25)[25 - 1 - 9]
+        grad = grad_log_expected_reward(denoiser, x, t, y, density_ratio_log_reward(distribution, 1.0), 25,
+                                        rollouts=8, generator=torch.Generator().manual_seed(0))
+        medians[task] = float(grad.norm(dim=1).median())
+    assert medians["ring_cross"] < 1e-5 and medians["overlap"] > 1e-2
+    with pytest.raises(ConfigError, match=r"--label must be 0 \(left\) or 1 \(right\) for --task overlap"):
+        toy2d.main(["--exact", "--task", "overlap", "--label", "2", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

@@ -3,8 +3,11 @@
 * ``Toy1D``: one condition, ``p(x|y)`` a mixture with means [0.5, 1.5], stds [0.25, 0.25]; the
   "unconditional" density is a *different* mixture (means [-1, 1], stds [0.5, 0.5]), not the class
   marginal, so the data itself supplies null-labelled samples (``null_fraction``).
-* ``Toy2D``: two classes, a ring (class 0) and a cross (class 1), each a dense Gaussian mixture along
-  the shape, so densities, scores and the exact denoiser are all closed-form.
+* ``Toy2D``: two classes, each a Gaussian mixture, so densities, scores and the exact denoiser are all
+  closed-form. ``task="ring_cross"``: a ring (class 0) and a cross (class 1), dense mixtures along the
+  shapes, which do not overlap (``R_0`` is constant on each shape). ``task="overlap"``: each class a
+  blob of its own plus a blob at the origin that both share, so ``R_0 = [p(x|y)/p(x)]^w`` varies where
+  the samples land.
 
 Batches are ``(x, y)`` with ``y`` in ``[0, num_classes]``; ``num_classes`` is the null label.
 """
@@ -73,8 +76,21 @@ def cross(arm: float = 0.6, components: int = 48, std: float = 0.06) -> Gaussian
     return GaussianMixture(points, [std] * len(points))
 
 
-def toy2d_distribution() -> ToyDistribution:
-    return ToyDistribution([ring(), cross()])
+def overlapping_blobs(sign: float, std: float = 0.2) -> GaussianMixture:
+    """Two equal blobs: one of the class's own at ``sign * (-0.7, 0.35)`` and one at the origin that both
+    classes (``sign = +1, -1``) share; there ``R_0 = 1`` (w = 1), on the class's own blob ``R_0 ≈ 2``."""
+    return GaussianMixture(torch.tensor([[-0.7 * sign, 0.35 * sign], [0.0, 0.0]], dtype=torch.float64), [std, std])
+
+
+TOY2D_TASKS = {"ring_cross": (("ring", "cross"), lambda: [ring(), cross()]),
+               "overlap": (("left", "right"), lambda: [overlapping_blobs(1.0), overlapping_blobs(-1.0)])}
+
+
+def toy2d_distribution(task: str = "ring_cross") -> ToyDistribution:
+    """The 2D task ``task`` (``TOY2D_TASKS``: ``ring_cross`` or ``overlap``); unconditional = class marginal."""
+    if task not in TOY2D_TASKS:
+        raise ConfigError(f"unknown 2D task {task!r}; choose one of {sorted(TOY2D_TASKS)}")
+    return ToyDistribution(TOY2D_TASKS[task][1]())
 
 
 class ToyDataModule(L.LightningDataModule):
@@ -126,8 +142,9 @@ class Toy1D(ToyDataModule):
 
 
 class Toy2D(ToyDataModule):
-    """Two classes: a ring and a cross; unconditional = their marginal (learned by label dropout)."""
+    """Two classes of ``task`` (ring/cross or overlapping blobs); unconditional = their marginal (learned
+    by label dropout)."""
 
     def __init__(self, num_train: int = 100_000, num_val: int = 4096, batch_size: int = 512,
-                 null_fraction: float = 0.0, seed: int = 0):
-        super().__init__(toy2d_distribution(), num_train, num_val, batch_size, null_fraction, seed)
+                 null_fraction: float = 0.0, seed: int = 0, task: str = "ring_cross"):
+        super().__init__(toy2d_distribution(task), num_train, num_val, batch_size, null_fraction, seed)

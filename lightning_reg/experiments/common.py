@@ -34,7 +34,10 @@ def parser(description: str, steps: int, rollouts: int, out: str) -> argparse.Ar
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a trained ConditionalDiffusion checkpoint (EMA weights)")
     source.add_argument("--exact", action="store_true", help="the exact mixture denoiser (no network)")
-    p.add_argument("--steps", type=int, default=steps, help="respaced DDPM sampling steps of the 1000-step schedule")
+    p.add_argument("--steps", type=int, default=steps, help="DDPM sampling steps, respaced from --num-timesteps")
+    p.add_argument("--num-timesteps", type=int, default=1000,
+                   help="T of the linear-beta (1e-4..0.02) VP schedule: 1000 = the standard schedule respaced to "
+                        "--steps; T = --steps = 20 = the authors' 1D toy chain (raw steps, abar_T = 0.82)")
     p.add_argument("--w", type=float, default=1.0, help="guidance weight, eps_c + w (eps_c - eps_u)")
     p.add_argument("--rollouts", type=int, default=rollouts, help="Monte Carlo chains per point for the oracle")
     p.add_argument("--eta", type=float, default=1.0, help="oracle chain: 1 = DDPM ancestral, 0 = deterministic DDIM")
@@ -48,28 +51,32 @@ def parser(description: str, steps: int, rollouts: int, out: str) -> argparse.Ar
 
 def prepare(args: argparse.Namespace) -> None:
     """Check the shared flags, then set the thread count and the seed."""
-    for field in ("steps", "rollouts", "batch_size", "threads"):
+    for field in ("steps", "num_timesteps", "rollouts", "batch_size", "threads"):
         if getattr(args, field) < 1:
             raise ConfigError(f"--{field.replace('_', '-')} must be a positive integer, got {getattr(args, field)}")
     if args.w < 0:
         raise ConfigError(f"--w must be >= 0, got {args.w}")
+    if args.steps > args.num_timesteps:
+        raise ConfigError(f"--steps {args.steps} exceeds --num-timesteps {args.num_timesteps}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
 
 def load_denoiser(args: argparse.Namespace, distribution: ToyDistribution) -> Denoiser:
-    """The exact mixture denoiser (float64, linear-beta VP over 1000 steps) or a checkpoint's EMA denoiser."""
+    """The exact mixture denoiser (float64, linear-beta VP over ``--num-timesteps``) or a checkpoint's EMA
+    denoiser (whose schedule must have ``--num-timesteps`` steps)."""
     if args.exact:
-        return ExactMixtureDenoiser(distribution, VPSchedule(1000))
-    from lightning_reg.module import ConditionalDiffusion
-    if not args.checkpoint.is_file():
-        raise ConfigError(f"--checkpoint {args.checkpoint} does not exist; train one or pass --exact")
-    denoiser = ConditionalDiffusion.load_from_checkpoint(args.checkpoint, map_location="cpu").ema_denoiser().eval()
+        return ExactMixtureDenoiser(distribution, VPSchedule(args.num_timesteps))
+    from lightning_reg.module import load_denoiser as load_checkpoint_denoiser
+    denoiser = load_checkpoint_denoiser(args.checkpoint, ema=True, field="--checkpoint")
     if (denoiser.num_classes, denoiser.data_shape) != (distribution.num_classes, (distribution.dim,)):
         raise ConfigError(f"--checkpoint has num_classes={denoiser.num_classes}, data_shape={denoiser.data_shape}; "
                           f"this experiment needs {distribution.num_classes} classes of dimension {distribution.dim}")
     if not isinstance(denoiser.schedule, VPSchedule):
         raise ConfigError(f"--checkpoint uses the {denoiser.schedule.name!r} schedule; the toy experiments need 'vp'")
+    if denoiser.schedule.num_timesteps != args.num_timesteps:
+        raise ConfigError(f"--checkpoint was trained with num_timesteps={denoiser.schedule.num_timesteps}; "
+                          f"pass --num-timesteps {denoiser.schedule.num_timesteps}")
     return denoiser
 
 

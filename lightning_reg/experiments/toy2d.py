@@ -1,7 +1,8 @@
 """The paper's 2D evidence (Figure 2): samples with and without REG, and ``grad log E_t`` vs ``grad log R_t``.
 
-``python -m lightning_reg.experiments.toy2d --exact [--label 0|1]``: two classes (ring, cross), 25
-respaced DDPM steps. On a grid over [-1.5, 1.5]^2, at every step, CFG's ``grad log R_t``, REG (paper
+``python -m lightning_reg.experiments.toy2d --exact [--task ring_cross|overlap] [--label 0|1]``: two
+classes (``ring_cross``: a ring and a cross, which do not overlap; ``overlap``: two blob pairs sharing a
+central region, so ``R_0`` varies where the samples land), 25 respaced DDPM steps. On a grid over [-1.5, 1.5]^2, at every step, CFG's ``grad log R_t``, REG (paper
 and vjp forms) and the Monte Carlo oracle ``grad log E_t`` (REG_NOTES §1-2, §4). Writes
 ``samples.png`` (the guided target ``p(x|y) R_0`` and samples of CFG, REG-paper, REG-vjp),
 ``fields.png`` (arrow fields at the paper's t = 9), ``reg_correction.png`` (|REG - CFG| there),
@@ -19,7 +20,7 @@ from matplotlib.colors import Normalize
 import torch
 from einops import rearrange
 
-from lightning_reg.data.toy import toy2d_distribution
+from lightning_reg.data.toy import TOY2D_TASKS, toy2d_distribution
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError
 from lightning_reg.experiments.common import (LABELS, STYLES, dtype_of, error_table, load_denoiser, main_guard,
@@ -39,11 +40,15 @@ def grid(n: int, dtype) -> torch.Tensor:
     return torch.stack([gx.flatten(), gy.flatten()], 1)
 
 
-def samples_figure(log_target, n, samples, label, w):
+def target_density(log_target, n):
+    """The guided target ``p(x0|y) R_0`` on the ``n x n`` grid, normalised, as an image."""
+    return rearrange(log_target.softmax(0), "(h w) -> h w", h=n)
+
+
+def samples_figure(density, samples, label, w):
     fig, axes = plt.subplots(1, 1 + len(samples), figsize=(4.2 * (1 + len(samples)), 4.6), sharex=True, sharey=True,
                              layout="constrained")
     extent = (-LIMIT, LIMIT, -LIMIT, LIMIT)
-    density = rearrange(log_target.softmax(0), "(h w) -> h w", h=n)
     axes[0].imshow(density, origin="lower", extent=extent, cmap="viridis")
     axes[0].set_title(f"target p(x0|y={label}) R_0(x0)")
     for ax, (m, x) in zip(axes[1:], samples.items()):
@@ -58,8 +63,16 @@ def samples_figure(log_target, n, samples, label, w):
     return fig
 
 
-def fields_figure(x, grads, i, t, paper_t):
-    """Unit arrows (direction) coloured by ``log10 |gradient|`` on one colour scale for all panels."""
+def agreement(g, oracle) -> str:
+    """Median angle to the oracle's arrows and median length ratio ``|g| / |oracle|`` over the grid."""
+    cos = torch.nn.functional.cosine_similarity(g, oracle, dim=1).clamp(-1, 1)
+    ratio = g.norm(dim=1) / oracle.norm(dim=1).clamp(min=1e-300)
+    return f"to oracle: angle {float(cos.acos().rad2deg().median()):.0f} deg, length x{float(ratio.median()):.2g}"
+
+
+def fields_figure(x, grads, i, t, paper_t, density):
+    """Unit arrows (direction) coloured by ``log10 |gradient|`` on one colour scale for all panels, over the
+    contours of the guided target ``density`` (where the samples should land)."""
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), sharex=True, sharey=True)
     fields = {m: grads[m][i] for m in ("oracle", *METHODS)}
     logs = {m: (g.norm(dim=1) + 1e-12).log10() for m, g in fields.items()}
@@ -70,7 +83,9 @@ def fields_figure(x, grads, i, t, paper_t):
         unit = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
         q = ax.quiver(x[:, 0], x[:, 1], unit[:, 0], unit[:, 1], logs[m].clamp(min=norm.vmin), cmap="viridis",
                       norm=norm, angles="xy", pivot="mid", scale_units="xy", scale=1 / (0.8 * spacing), width=0.006)
-        ax.set_title(LABELS[m])
+        ax.contour(density, levels=4, origin="lower", extent=(-LIMIT, LIMIT, -LIMIT, LIMIT), colors="grey",
+                   linewidths=0.8)
+        ax.set_title(LABELS[m] if m == "oracle" else f"{LABELS[m]}\n{agreement(g, fields['oracle'])}", fontsize=10)
         ax.set_aspect("equal")
     fig.colorbar(q, ax=axes, shrink=0.85, label="log10 |gradient|")
     fig.suptitle(f"2D toy: guidance direction at step {i} (t = {int(t)}; paper's t = {paper_t}); "
@@ -121,16 +136,19 @@ def main(argv: list[str] | None = None) -> None:
     p = parser("2D toy: CFG and REG against the optimal guidance oracle", steps=25, rollouts=64,
                out="outputs/toy2d")
     p.add_argument("--grid", type=int, default=15, help="points per axis over [-1.5, 1.5]^2")
-    p.add_argument("--label", type=int, default=0, help="class: 0 = ring, 1 = cross")
+    p.add_argument("--task", choices=sorted(TOY2D_TASKS), default="ring_cross",
+                   help="ring_cross: disjoint shapes; overlap: two classes sharing a region")
+    p.add_argument("--label", type=int, default=0, help="class: 0 = ring / left, 1 = cross / right")
     p.add_argument("--paper-t", type=int, default=9, help="the step shown in fields/reg_correction (paper's t)")
     p.add_argument("--samples", type=int, default=10000, help="samples per method (and target draws)")
     args = p.parse_args(argv)
     prepare(args)
-    distribution = toy2d_distribution()
+    distribution = toy2d_distribution(args.task)
     if args.grid < 2 or args.samples < 1:
         raise ConfigError(f"--grid must be at least 2 and --samples positive, got {args.grid}, {args.samples}")
     if args.label not in range(distribution.num_classes):
-        raise ConfigError(f"--label must be 0 (ring) or 1 (cross), got {args.label}")
+        names = TOY2D_TASKS[args.task][0]
+        raise ConfigError(f"--label must be 0 ({names[0]}) or 1 ({names[1]}) for --task {args.task}, got {args.label}")
     if not 0 <= args.paper_t < args.steps:
         raise ConfigError(f"--paper-t must lie in [0, {args.steps - 1}] for --steps {args.steps}, got {args.paper_t}")
     denoiser = load_denoiser(args, distribution)
@@ -160,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
 
     i = args.steps - 1 - args.paper_t
     write_outputs(args.out, rows, {
-        "samples": samples_figure(log_target, 200, samples, args.label, args.w),
-        "fields": fields_figure(x, grads, i, times[i], args.paper_t),
+        "samples": samples_figure(target_density(log_target, 200), samples, args.label, args.w),
+        "fields": fields_figure(x, grads, i, times[i], args.paper_t, target_density(log_target, 200)),
         "reg_correction": correction_figure(grads, args.grid, i, times[i]),
         "error_per_step": error_figure(rows),
     }, {"x": x, "times": times, **grads}, tables={"sample_metrics": metrics})
