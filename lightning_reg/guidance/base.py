@@ -1,9 +1,11 @@
 """The shared base of all guidance methods, and the guided denoiser that samplers call.
 
-Convention (REG_NOTES): the guided estimate is ``eps_c + w(t) * d`` with ``d = eps_c - eps_ref``
-(equivalently ``x0_c + w(t) * (x0_c - x0_ref)``, see ``diffusion/predictions.py``). A method may be
-configured in the other common convention ``eps_ref + w2 * d`` by ``convention: w2``; ``w2 = w + 1``.
-``w(t) = 0`` means the plain conditional prediction: one forward of batch B, no backward.
+Convention (REG_NOTES): the guided estimate is ``x0_c + g``, where a method's guidance term ``g`` is
+CFG's ``w(t) * (x0_c - x0_ref)`` (in eps units ``eps_c + w(t) * d``, ``d = eps_c - eps_ref``; see
+``diffusion/predictions.py``) or another function of the two predictions (``guidance_term``). A method
+may be configured in the other common convention ``eps_ref + w2 * d`` by ``convention: w2``; ``w2 = w + 1``.
+``w(t) = 0`` means the plain conditional prediction: one forward of batch B, no backward. REG multiplies
+whatever ``g`` a method returns (``reg.py``), so no method carries its own copy of it.
 """
 
 from __future__ import annotations
@@ -15,23 +17,75 @@ import torch
 from torch import Tensor
 
 from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.predictions import Prediction, eps_from_x0
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.reg import REG_MODES, rectified_guidance
 
 CONVENTIONS = ("w", "w2")
+# the model-output space of methods defined on a network output: the probability-flow ODE's drift variable
+OUTPUT_SPACES = {"vp": "eps", "edm": "eps", "flow": "velocity"}
 
 
-def check_finite(name: str, value: float, minimum: float | None = None) -> float:
-    """A finite number, at least ``minimum``; else a ConfigError naming ``name``."""
+def check_finite(name: str, value: float, minimum: float | None = None, maximum: float | None = None) -> float:
+    """A finite number in ``[minimum, maximum]``; else a ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return float(value)
 
 
+def sample_dims(x: Tensor) -> tuple[int, ...]:
+    """All non-batch dimensions: per-sample norms, dot products and stds reduce over these."""
+    return tuple(range(1, x.ndim))
+
+
+class ChainState:
+    """What one sampling chain carries from call to call: its step index and methods' running values.
+
+    A chain visits non-increasing times (DDPM index, sigma or flow t all fall from noise to clean; EDM's
+    Heun corrector calls the next time twice). ``step`` counts the distinct times seen so far (0 at the
+    first). A call at a *noisier* time than the last one starts a new chain and clears the state.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.last_t, self.step, self.values = None, -1, {}
+
+    def visit(self, t: Tensor | float) -> None:
+        t = float(t)
+        if self.last_t is not None and t > self.last_t:
+            self.reset()
+        if self.last_t is None or t < self.last_t:
+            self.step += 1
+        self.last_t = t
+
+
+class GuidanceStep:
+    """One denoiser call: ``x_t``, ``(a_t, s_t)``, the chain's state, and the method's output space.
+
+    ``output(x0)`` reads a prediction in the schedule's ``OUTPUT_SPACES`` entry (``eps`` for VP and EDM,
+    the ``velocity`` ``eps - x0`` for flow); ``to_x0`` converts back (``predictions.py``).
+    """
+
+    def __init__(self, model: Denoiser, x: Tensor, t: Tensor | float, state: ChainState):
+        self.x, self.t, self.state = x, t, state
+        self.a, self.s = model.coefficients(t, x)
+        self.space = Prediction(OUTPUT_SPACES[model.schedule.name])
+
+    def output(self, x0: Tensor) -> Tensor:
+        return self.space.target(x0, eps_from_x0(x0, self.x, self.a, self.s), self.a, self.s)
+
+    def to_x0(self, out: Tensor) -> Tensor:
+        return self.space.to_x0(out, self.x, self.a, self.s)
+
+
 class Guidance:
-    """Base class: a guidance weight over time, a reference prediction, and the REG switch.
+    """Base class: a guidance weight over time, a reference prediction, a guidance term, and the REG switch.
 
     Args:
         scale: guidance strength, read in ``convention`` (``w``: ``eps_c + w d``; ``w2``: ``eps_u + w2 d``).
@@ -39,13 +93,18 @@ class Guidance:
         reg: ``none``, ``paper`` (REG, the default form when on) or ``vjp`` (exact first order).
         guidance_channels: guide only these channels (dim 1), the others keep the conditional
             prediction; DiT's checkpoints used ``[0, 1, 2]``. ``None``: all channels.
+        start, stop: guide only while sampling progress ``p`` (0 at the noisy start, 1 at the clean end)
+            lies in ``[start, stop]`` (diffusers' guiders' ``start``/``stop``); the conditional prediction outside.
+        guidance_rescale: ``phi`` of Lin et al. (2023, §3.4): the guided output's per-sample std is matched
+            to the conditional one's, blended by ``phi`` (0: off).
     """
 
     name = "guidance"
     needs_reference_model = False
 
     def __init__(self, scale: float = 1.0, convention: str = "w", reg: str = "none",
-                 guidance_channels: Sequence[int] | None = None):
+                 guidance_channels: Sequence[int] | None = None, start: float = 0.0, stop: float = 1.0,
+                 guidance_rescale: float = 0.0):
         if convention not in CONVENTIONS:
             raise ConfigError(f"unknown weight convention {convention!r}; choose 'w' or 'w2'")
         if reg not in REG_MODES:
@@ -60,6 +119,9 @@ class Guidance:
                 raise ConfigError(f"guidance_channels must be a non-empty list of channel indices or null "
                                   f"(all channels), got {guidance_channels!r}")
         self.guidance_channels = guidance_channels
+        self.start = check_finite(f"{self.name} start", start, 0.0, 1.0)
+        self.stop = check_finite(f"{self.name} stop", stop, self.start, 1.0)
+        self.guidance_rescale = check_finite(f"{self.name} guidance_rescale", guidance_rescale, 0.0, 1.0)
 
     @staticmethod
     def to_w(value: float, convention: str, field: str) -> float:
@@ -74,6 +136,10 @@ class Guidance:
         """``w(t)``, the weight of ``d`` at time ``t`` (subclasses vary it)."""
         return self.w
 
+    def guidance_term(self, x0_c: Tensor, x0_ref: Tensor, w: float, step: GuidanceStep) -> Tensor:
+        """The method's ``g`` in x0 units, added to ``x0_c``: CFG's ``w(t) (x0_c - x0_ref)``."""
+        return w * (x0_c - x0_ref)
+
     def bind(self, model: Denoiser) -> None:
         """Check the models this method will run with."""
         if self.guidance_channels is not None:
@@ -81,6 +147,9 @@ class Guidance:
             bad = [c for c in self.guidance_channels if not 0 <= c < channels]
             if bad:
                 raise ConfigError(f"guidance_channels {bad} outside the model's {channels} channels")
+        if self.guidance_rescale and math.prod(model.data_shape) < 2:
+            raise ConfigError(f"guidance_rescale needs samples of at least 2 values (a std), the model's "
+                              f"data_shape is {model.data_shape}")
 
     def _masked(self, g: Tensor) -> Tensor:
         """``g`` on ``guidance_channels`` (dim 1), zero elsewhere; all of ``g`` when unset."""
@@ -89,6 +158,20 @@ class Guidance:
         mask = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
         mask[self.guidance_channels] = 1
         return g * mask.reshape(1, -1, *([1] * (g.ndim - 2)))
+
+    def _rescaled(self, x0_c: Tensor, g: Tensor, step: GuidanceStep) -> Tensor:
+        """``g`` after guidance rescale (Lin et al. 2023, §3.4) in the output space:
+        ``o = o_g (phi std(o_c) / std(o_g) + 1 - phi)`` with ``o_c``, ``o_g`` the conditional and guided outputs."""
+        if not self.guidance_rescale:
+            return g
+        out_c, out_g = step.output(x0_c), step.output(x0_c + g)
+        ratio = out_c.std(dim=sample_dims(out_c), keepdim=True) / out_g.std(dim=sample_dims(out_g), keepdim=True)
+        phi = self.guidance_rescale
+        return step.to_x0(out_g * (phi * ratio + 1 - phi)) - step.to_x0(out_c)
+
+    def _term(self, x0_c: Tensor, x0_ref: Tensor, w: float, step: GuidanceStep) -> Tensor:
+        """The full guidance term: the method's ``g``, rescaled, on ``guidance_channels``; what REG multiplies."""
+        return self._masked(self._rescaled(x0_c, self.guidance_term(x0_c, x0_ref, w, step), step))
 
     def reference_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """The reference prediction: the null label through the same model (CFG)."""
@@ -99,23 +182,25 @@ class Guidance:
         x0 = model(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, model.null_label)]))
         return x0.chunk(2)
 
-    def guided_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """``x0_c + w(t) * (x0_c - x0_ref)``, rectified by REG when it is on.
+    def guided_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor, state: ChainState) -> Tensor:
+        """``x0_c + g``, with ``g`` rectified by REG when it is on; ``x0_c`` where ``w(t) = 0`` or ``p`` is
+        outside ``[start, stop]``.
 
         Channels outside ``guidance_channels`` keep the conditional prediction in every mode (the
         ``vjp`` rectification of the masked term is masked again, since ``J^T`` mixes channels).
         """
-        w = self.weight(t, model)
+        inside = self.start <= model.schedule.progress(t) <= self.stop
+        w = self.weight(t, model) if inside else 0.0
         if w == 0:
             return model(x, t, y)
+        step = GuidanceStep(model, x, t, state)
         if self.reg == "none":
             x0_c, x0_ref = self.conditional_and_reference(model, x, t, y)
-            return x0_c + self._masked(w * (x0_c - x0_ref))
+            return x0_c + self._term(x0_c, x0_ref, w, step)
         with torch.no_grad():
             x0_ref = self.reference_x0(model, x, t, y)
-        a_t, _ = model.coefficients(t, x)
-        x0_c, rectified = rectified_guidance(model, x, t, y, a_t,
-                                             lambda x0_c: self._masked(w * (x0_c - x0_ref)), self.reg)
+        x0_c, rectified = rectified_guidance(model, x, t, y, step.a,
+                                             lambda x0_c: self._term(x0_c, x0_ref, w, step), self.reg)
         return x0_c + self._masked(rectified)
 
     def __repr__(self):
@@ -124,15 +209,25 @@ class Guidance:
 
 
 class GuidedDenoiser:
-    """``D(x, t)`` for fixed labels ``y``: what the samplers call in place of the bare denoiser."""
+    """``D(x, t)`` for fixed labels ``y``: what the samplers call in place of the bare denoiser.
+
+    It owns the ``ChainState`` of its chain (APG's momentum, CFG-Zero*'s step count), so one
+    ``GuidedDenoiser`` per chain (``generate`` builds one per batch) keeps batches and ranks independent;
+    ``reset()`` or a call at a noisier time than the last starts a new chain.
+    """
 
     def __init__(self, model: Denoiser, guidance: Guidance, y: Tensor):
         model.check_labels(y)
         guidance.bind(model)
         self.model, self.guidance, self.y = model, guidance, y
+        self.state = ChainState()
+
+    def reset(self) -> None:
+        self.state.reset()
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.guidance.guided_x0(self.model, x, t, self.y)
+        self.state.visit(t)
+        return self.guidance.guided_x0(self.model, x, t, self.y, self.state)
 
     def __repr__(self):
         return repr(self.guidance)

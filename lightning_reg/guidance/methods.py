@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.errors import ConfigError
-from lightning_reg.guidance.base import Guidance, check_finite
+from lightning_reg.guidance.base import Guidance, GuidanceStep, check_finite, sample_dims
 
 
 class Conditional(Guidance):
@@ -122,7 +122,74 @@ class Autoguidance(Guidance):
         return model(x, t, y), self.reference(x, t, y)
 
 
-GUIDANCE = {cls.name: cls for cls in (Conditional, CFG, IntervalCFG, LinearCFG, CosineCFG, Autoguidance)}
+class APG(Guidance):
+    """Adaptive projected guidance (Sadat et al. 2024, Algorithm 1) on the denoised prediction ``x0``.
+
+    ``d = x0_c - x0_ref``; with ``momentum`` beta, ``d`` is replaced by the chain's running ``m = d + beta m``;
+    with ``norm_threshold`` r > 0 it is scaled by ``min(1, r / ||d||)``; then split into ``d_par``, its
+    projection on ``x0_c``, and ``d_orth = d - d_par`` (per sample, over all non-batch dims):
+    ``g = w (d_orth + eta d_par)``. ``eta = 1`` without threshold or momentum is CFG.
+    """
+
+    name = "apg"
+
+    def __init__(self, scale: float = 1.0, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
+                 **kwargs):
+        super().__init__(scale, **kwargs)
+        self.eta = check_finite("apg eta", eta)
+        self.norm_threshold = check_finite("apg norm_threshold", norm_threshold, minimum=0.0)
+        self.momentum = check_finite("apg momentum", momentum)
+
+    def guidance_term(self, x0_c, x0_ref, w, step):
+        d = x0_c - x0_ref
+        if self.momentum:
+            d = d + self.momentum * step.state.values.get("apg_average", 0.0)
+            step.state.values["apg_average"] = d
+        dims = sample_dims(d)
+        if self.norm_threshold > 0:
+            norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
+            d = d * (self.norm_threshold / norm).clamp(max=1.0)
+        unit = x0_c / torch.linalg.vector_norm(x0_c, dim=dims, keepdim=True).clamp(min=1e-12)
+        parallel = (d * unit).sum(dim=dims, keepdim=True) * unit
+        return w * (d - parallel + self.eta * parallel)
+
+
+class CFGZeroStar(Guidance):
+    """CFG-Zero* (Fan et al. 2025) in the model-output space (``eps`` for VP/EDM, velocity for flow).
+
+    ``o = o_c + w (o_c - s* o_ref)`` with the per-sample optimised scale ``s* = <o_c, o_ref> / ||o_ref||^2``;
+    for the chain's first ``zero_init_steps`` steps (distinct times) the output is zero, i.e. the
+    sampler's ODE drift vanishes (flow and EDM: ``x0_hat = x``; VP: ``x0_hat = x / a_t``). Both apply
+    only when ``w > 0``; a zeroed step has no guidance term, so REG leaves it alone.
+    """
+
+    name = "cfg_zero_star"
+
+    def __init__(self, scale: float = 1.0, zero_init_steps: int = 1, **kwargs):
+        super().__init__(scale, **kwargs)
+        if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, int) or zero_init_steps < 0:
+            raise ConfigError(f"cfg_zero_star zero_init_steps must be an integer >= 0, got {zero_init_steps!r}")
+        self.zero_init_steps = zero_init_steps
+
+    def guidance_term(self, x0_c, x0_ref, w, step):
+        out_c, out_ref = step.output(x0_c), step.output(x0_ref)
+        dims = sample_dims(out_c)
+        norm2 = (out_ref * out_ref).sum(dim=dims, keepdim=True).clamp(min=torch.finfo(out_ref.dtype).tiny)
+        s_star = (out_c * out_ref).sum(dim=dims, keepdim=True) / norm2
+        return step.to_x0(out_c + w * (out_c - s_star * out_ref)) - step.to_x0(out_c)
+
+    def guided_x0(self, model, x, t, y, state):
+        if self.w == 0 or state.step >= self.zero_init_steps:
+            return super().guided_x0(model, x, t, y, state)
+        zeroed = GuidanceStep(model, x, t, state).to_x0(torch.zeros_like(x))
+        if self.guidance_channels is None:
+            return zeroed
+        x0_c = model(x, t, y)
+        return x0_c + self._masked(zeroed - x0_c)
+
+
+GUIDANCE = {cls.name: cls for cls in (Conditional, CFG, IntervalCFG, LinearCFG, CosineCFG, Autoguidance, APG,
+                                      CFGZeroStar)}
 
 
 def make_guidance(method: str = "cfg", **params) -> Guidance:

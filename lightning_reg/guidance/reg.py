@@ -1,7 +1,9 @@
 """REG, the rectified gradient (REG_NOTES §2), written once for every guidance method.
 
-Guidance adds a term ``g = w(t) * (x0_c - x0_ref)`` to the conditional estimate. REG multiplies it by
-the chain-rule factor through the denoised estimate, in any parameterisation:
+Guidance adds a term ``g`` to the conditional estimate (CFG: ``g = w(t) * (x0_c - x0_ref)``; APG,
+CFG-Zero* and guidance rescale: other functions of the two predictions, ``base.py``). REG multiplies
+whatever ``g`` a method returns by the chain-rule factor through the denoised estimate, in any
+parameterisation:
 
 * ``paper``: ``x0_bar = x0_c + a_t * grad_x(1^T x0_c) ⊙ g``  (the authors' form; in eps units
   ``eps_c + w * d ⊙ (1 - s_t * grad_x(1^T eps_c))``)
