@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_reg.data.digits import load_digit_arrays
 from lightning_reg.data.mixtures import GaussianMixture
 from lightning_reg.data.toy import ToyDistribution, toy1d_distribution, toy2d_distribution
 from lightning_reg.errors import ConfigError
-from lightning_reg.metrics import (energy_distance, image_grid, image_metrics, mean_log_likelihood,
+from lightning_reg.metrics import (ImageMetrics, energy_distance, image_grid, image_metrics, mean_log_likelihood,
                                    on_shape_fraction, save_figure, scatter_figure, sliced_wasserstein, toy_metrics)
+from lightning_reg.metrics.classifier import DigitClassifier, FeatureNetwork
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -188,6 +190,51 @@ def test_missing_inception_weights_raise_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="pt_inception-2015-12-05") as err:
         image_metrics(images, images)
     assert torch.hub.get_dir() in str(err.value)
+
+
+def _digit_network(num_classes: int = 10) -> "FeatureNetwork":
+    """An untrained (seeded) tiny digits classifier on 8x8 grayscale images, frozen."""
+    torch.manual_seed(0)
+    return FeatureNetwork(DigitClassifier(num_classes, image_size=8, channels=1, widths=(8, 16), num_features=32))
+
+
+def _sklearn_digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_digit_arrays("sklearn")
+    return torch.from_numpy(images[:n, ..., None]), torch.from_numpy(labels[:n])  # uint8 NHWC
+
+
+def test_fid_on_classifier_features_is_zero_for_identical_sets_and_grows_with_noise(one_thread):
+    real, _ = _sklearn_digits(400)
+    evaluate = ImageMetrics(["fid", "kid"], (1, 8, 8), _digit_network())
+    evaluate.set_real(real)
+    assert evaluate(real)["fid"] == pytest.approx(0.0, abs=1e-3)
+    noise = torch.randn(real.shape, generator=_gen(13))
+    fids = [evaluate((real.float() + s * noise).round().clamp(0, 255).to(torch.uint8))["fid"] for s in (8, 32, 96)]
+    assert 0 < fids[0] < fids[1] < fids[2]
+
+
+def test_accuracy_is_the_share_of_samples_classified_as_their_label(one_thread):
+    images, _ = _sklearn_digits(50)
+    network = _digit_network()
+    with torch.no_grad():
+        predicted = network.logits(images.permute(0, 3, 1, 2)).argmax(1)
+    labels = predicted.clone()
+    labels[:10] = (labels[:10] + 1) % 10  # 10 of 50 labels that the classifier does not assign
+    evaluate = ImageMetrics(["accuracy", "is"], (1, 8, 8), network)
+    assert evaluate(images, predicted)["accuracy"] == 1.0
+    result = evaluate(images, labels)
+    assert result["accuracy"] == pytest.approx(0.8) and set(result) == {"accuracy", "is", "is_std"}
+    with pytest.raises(ConfigError, match="accuracy needs the labels"):
+        evaluate(images)
+    with pytest.raises(ConfigError, match=r"one label in \[0, 10\) per sample.*values \d+..10"):
+        evaluate(images, torch.cat([labels[:-1], torch.tensor([10])]))
+    with pytest.raises(ConfigError, match="accuracy needs a classifier"):
+        ImageMetrics(["accuracy"], (3, 16, 16), PooledProjection())
+
+
+def test_missing_inception_weights_file_is_named():
+    with pytest.raises(ConfigError, match=r"inception_weights /nowhere/w.pth does not exist.*6726825d"):
+        ImageMetrics(["fid"], (3, 16, 16), inception_weights="/nowhere/w.pth")
 
 
 # ---------------------------------------------------------------- figures

@@ -78,6 +78,7 @@ class FeatureNetwork(nn.Module):
         self.features, self.logits = _Readout(classifier, 0), _Readout(classifier, 1)
         self.image_shape = (classifier.channels, classifier.image_size, classifier.image_size)
         self.num_classes = classifier.num_classes
+        self.eval()
 
     def train(self, mode: bool = True) -> "FeatureNetwork":
         return super().train(False)  # never leaves eval mode (dropout off)

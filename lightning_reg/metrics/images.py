@@ -103,17 +103,20 @@ class ImageMetrics:
     def __init__(self, metrics=("fid", "is"), image_shape: tuple[int, int, int] = (3, 32, 32),
                  feature_extractor: nn.Module | None = None, device="cpu", inception_weights: str | None = None):
         self.names = check_names(metrics, IMAGE_METRICS, "metrics")
-        self.image_shape, self.device = tuple(image_shape), torch.device(device)
+        self.image_shape = tuple(image_shape)
         if isinstance(feature_extractor, FeatureNetwork):
             feature_extractor.check_compatible(self.image_shape)
         self.feature_extractor = feature_extractor
-        self.metrics = {name: _build(name, feature_extractor, self.image_shape, inception_weights).to(self.device)
+        self.metrics = {name: _build(name, feature_extractor, self.image_shape, inception_weights)
                         for name in self.names}
         self.num_real = None
+        self.to(device)
 
     def to(self, device) -> "ImageMetrics":
         self.device = torch.device(device)
         self.metrics = {name: metric.to(self.device) for name, metric in self.metrics.items()}
+        if self.feature_extractor is not None:  # accuracy reads its logits outside any torchmetrics module
+            self.feature_extractor.to(self.device)
         return self
 
     def _update(self, name: str, images: Tensor, desc: str, labels: Tensor | None = None, **flag) -> None:
