@@ -66,7 +66,8 @@ def reference_run(checkpoint, tmp_path_factory) -> Path:
 
 def load(folder: Path):
     with np.load(folder / "samples.npz") as f:
-        return f["samples"], f["labels"]
+        assert f.files == ["arr_0", "labels"]  # arr_0: what ADM's evaluator reads
+        return f["arr_0"], f["labels"]
 
 
 def test_outputs_of_a_run(reference_run, checkpoint):
@@ -80,6 +81,9 @@ def test_outputs_of_a_run(reference_run, checkpoint):
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert meta["world_size"] == 1 and meta["setting"] == "cfg_w1_paper" and meta["config"]["seed"] == 5
     assert 0 < meta["sampling_time_s"] <= meta["wall_time_s"] and meta["new_shards"] == 3
+    assert meta["generated_samples"] == 30 and meta["config"]["precision"] == "fp32"
+    assert meta["throughput_images_per_s"] == pytest.approx(30 / meta["sampling_time_s"], rel=0.01)
+    assert meta["peak_memory_measure"] == "cpu_peak_rss" and meta["peak_memory_bytes"] > 100 * 2 ** 20  # torch alone
     assert meta["versions"] == {"torch": torch.__version__, "lightning": lightning.__version__,
                                 "lightning_reg": "0.1.0"}
     assert set(meta["metrics"]) == {"log_likelihood", "energy_distance", "sliced_wasserstein", "on_shape"}
@@ -151,6 +155,10 @@ def foreign_checkpoints(checkpoint: Path, folder: Path) -> dict[str, Path]:
     ("ok", ["--sampler", "edm_heun"], "sampler 'edm_heun' needs the 'edm' schedule"),
     ("ok", ["--steps", "two"], "steps"),
     ("ok", ["--distribution", "toy1d"], "--distribution toy1d has 1 classes in 1D"),
+    ("ok", ["--precision", "fp16"], r"--precision must be one of \['fp32', 'bf16'\], got 'fp16'"),
+    ("ok", ["--image_size", "256"], "--image_size is for a public DiT checkpoint: give --model too"),
+    ("ok", ["--vae", "./vae/missing"], "--vae ./vae/missing does not exist"),
+    ("ok", ["--model", "DiT-XL/2"], "--model DiT-XL/2 samples latents: give --vae"),
 ])
 def test_bad_input_one_line_and_no_output(checkpoint, tmp_path, capsys, case, args, message):
     ckpt = foreign_checkpoints(checkpoint, tmp_path)[case] if case != "ok" else checkpoint
@@ -183,8 +191,9 @@ def test_image_checkpoint_gives_uint8_samples_and_pngs(tmp_path):
                 "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
                 "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
                 "--model.net", "lightning_reg.models.dit.DiT", "--model.net.num_classes", "3",
-                "--model.net.image_size", "8", "--model.net.width", "32", "--model.net.depth", "1",
-                "--model.net.heads", "2", "--data", "lightning_reg.data.images.ImageDataModule",
+                "--model.net.input_size", "8", "--model.net.in_channels", "3", "--model.net.hidden_size", "32",
+                "--model.net.depth", "1", "--model.net.num_heads", "2", "--model.net.learn_sigma", "false",
+                "--data", "lightning_reg.data.images.ImageDataModule",
                 "--data.name", str(data), "--data.image_size", "8", "--data.batch_size", "4"])
     (ckpt,) = tmp_path.glob("checkpoints/*.ckpt")
     out = tmp_path / "out"
@@ -195,3 +204,96 @@ def test_image_checkpoint_gives_uint8_samples_and_pngs(tmp_path):
     assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]
     assert np.array_equal(np.asarray(Image.open(out / "images" / "000003.png")), samples[3])
     assert np.asarray(Image.open(out / "images" / "grid.png")).shape == (8, 64, 3)  # one row of 8, padded
+
+
+def test_bf16_autocast_samples_close_to_fp32(reference_run, checkpoint, tmp_path, one_thread):
+    out = tmp_path / "bf16"
+    sample_main(["--checkpoint", str(checkpoint), "--output", str(out), *ARGS, "--precision", "bf16",
+                 "--num_samples", "4", "--shard_size", "4"])
+    got, want = load(out)[0], load(reference_run)[0][:4]  # the same batch of samples 0-3
+    assert not np.array_equal(got, want) and np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert json.loads((out / "run.json").read_text())["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("reg", ["paper", "vjp"])
+def test_reg_under_bf16_autocast(reg, one_thread):
+    """REG's backward pass under autocast: its correction (REG minus CFG) in bf16 matches fp32's to bf16 rounding."""
+    from test_latent import tiny_latent_dit
+
+    from lightning_reg.diffusion.denoiser import Denoiser
+    from lightning_reg.diffusion.predictions import Prediction
+    from lightning_reg.diffusion.schedules import VPSchedule
+    from lightning_reg.guidance import GuidedDenoiser, make_guidance
+    from lightning_reg.sampling.engine import autocast
+
+    model = Denoiser(tiny_latent_dit(), VPSchedule(), Prediction("eps"))
+    x, y, t = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2]), 500.0
+    rectified = GuidedDenoiser(model, make_guidance(method="cfg", scale=2.0, reg=reg), y)
+    plain = GuidedDenoiser(model, make_guidance(method="cfg", scale=2.0), y)
+    with torch.no_grad():
+        want = rectified(x, t) - plain(x, t)
+        with autocast("cpu", "bf16"):
+            guided = rectified(x, t)
+            got = guided - plain(x, t)
+    assert guided.dtype == torch.float32 and torch.isfinite(guided).all() and not torch.equal(got, want)
+    assert torch.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95
+    assert (got - want).norm() < 0.4 * want.norm()
+
+
+def test_compiled_backbone_samples_like_eager(reference_run, checkpoint, tmp_path, monkeypatch, one_thread):
+    """``--compile true`` compiles the backbone in place; REG's ``autograd.grad`` runs through it. (Backend
+    ``aot_eager`` here: dynamo + AOTAutograd as with inductor, without minutes of C++ compilation.)"""
+    compiled = []
+    compile_fn = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or compile_fn(
+        fn, **{**kw, "backend": "aot_eager"}))
+    out = tmp_path / "compiled"
+    sample_main(["--checkpoint", str(checkpoint), "--output", str(out), *ARGS, "--compile", "true",
+                 "--num_samples", "4", "--shard_size", "4"])
+    assert len(compiled) == 1  # the backbone, once
+    for got, want in zip(load(out), (a[:4] for a in load(reference_run))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def public_dit(tmp_path_factory):
+    """A DiT-S/8 state dict in the public layout (10 classes, 8x8x4 latents: 64x64 images) and a tiny VAE."""
+    from test_latent import tiny_autoencoder
+
+    from lightning_reg.models.dit import DIT_CONFIGS, DiT
+
+    folder = tmp_path_factory.mktemp("public")
+    torch.manual_seed(0)
+    net = DiT(input_size=8, in_channels=4, num_classes=10, **DIT_CONFIGS["DiT-S/8"])
+    torch.save(net.state_dict(), folder / "DiT-S-8-64x64.pt")
+    tiny_autoencoder().save_pretrained(folder / "vae")
+    return folder / "DiT-S-8-64x64.pt", folder / "vae"
+
+
+def test_public_dit_checkpoint_samples_decoded_images(public_dit, tmp_path, one_thread):
+    ckpt, vae = public_dit
+    out = tmp_path / "out"
+    sample_main(["--checkpoint", str(ckpt), "--model", "DiT-S/8", "--image_size", "64", "--vae", str(vae),
+                 "--output", str(out), "--num_samples", "3", "--steps", "2", "--guidance",
+                 "{method: cfg, scale: 1.5, convention: w2, reg: paper, guidance_channels: [0, 1, 2]}"])
+    images, labels = load(out)
+    assert images.dtype == np.uint8 and images.shape == (3, 64, 64, 3) and labels.tolist() == [0, 1, 2]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["data_shape"] == [4, 8, 8] and meta["setting"] == "cfg_w2x1.5_paper_guidance_channels[0,1,2]"
+    assert json.loads((out / "run.json").read_text())["model"] == "DiT-S/8"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "DiT-B/8"], r"DiT checkpoint .* on 8x8 inputs, 10 classes, not DiT-B/8 on 8x8 inputs"),
+    (["--model", "DiT-S/8", "--image_size", "32"], r"DiT checkpoint .* on 8x8 inputs, 10 classes, not 32x32 images"),
+    ([], r"--checkpoint .*\(a public DiT checkpoint needs --model, e.g. DiT-XL/2\)$"),
+])
+def test_public_dit_bad_input_one_line(public_dit, tmp_path, capsys, args, message):
+    ckpt, vae = public_dit
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--checkpoint", str(ckpt), "--vae", str(vae), "--output", str(out), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
+    assert not out.exists()

@@ -2,10 +2,16 @@
 
 Every option can come from ``--config sample.yaml`` or a flag (jsonargparse, as in ``train.py``). Bad
 input ends in one ``error: ...`` line and exit status 2, before anything is written.
+
+The checkpoint is a ``ConditionalDiffusion`` ``.ckpt`` or, with ``--model DiT-XL/2``, a public DiT ``.pt``
+(VP linear 1000, eps prediction, learned sigma); ``--vae`` samples in the VAE's latent space and decodes
+at the end. ``meta.json`` records throughput (images/s) and peak memory.
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from argparse import ArgumentError
 from dataclasses import dataclass
@@ -21,12 +27,16 @@ from tqdm.auto import tqdm
 from lightning_reg.cli import fail, parse_error_message
 from lightning_reg.data.toy import ToyDistribution, toy1d_distribution, toy2d_distribution
 from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser, load_autoencoder
+from lightning_reg.diffusion.predictions import Prediction
+from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
 from lightning_reg.module import load_denoiser
 from lightning_reg.sampling import writer
-from lightning_reg.sampling.engine import balanced_labels, generate, sample_seed, setting_name
+from lightning_reg.models.dit import load_dit_checkpoint
+from lightning_reg.sampling.engine import PRECISIONS, balanced_labels, generate, sample_seed, setting_name
 
 DISTRIBUTIONS = {"toy1d": toy1d_distribution, "toy2d": toy2d_distribution}
 GRID_IMAGES = 64
@@ -35,7 +45,17 @@ GRID_IMAGES = 64
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, exit_on_error=False, default_meta=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
-    p.add_argument("--checkpoint", type=str | None, default=None, help="a ConditionalDiffusion checkpoint (.ckpt)")
+    p.add_argument("--checkpoint", type=str | None, default=None,
+                   help="a ConditionalDiffusion checkpoint (.ckpt), or a public DiT checkpoint (.pt) with --model")
+    p.add_argument("--model", type=str | None, default=None,
+                   help="a public DiT checkpoint's model, e.g. DiT-XL/2 (VP linear 1000, eps, learned sigma)")
+    p.add_argument("--image_size", type=int | None, default=None,
+                   help="with --model: the image size the DiT checkpoint serves (256: 32x32 latents)")
+    p.add_argument("--vae", type=str | None, default=None,
+                   help="sample in this AutoencoderKL's latent space and decode at the end: a local folder or "
+                        "a cached hub name (stabilityai/sd-vae-ft-ema); required with --model")
+    p.add_argument("--precision", type=str, default="fp32", help="fp32, or bf16 (autocast, as the DiT authors)")
+    p.add_argument("--compile", type=bool, default=False, help="torch.compile the backbone")
     p.add_argument("--ema", type=bool, default=True, help="sample the EMA weights (false: the raw weights)")
     p.add_argument("--guidance", type=dict, default={"method": "cfg", "scale": 1.0, "reg": "none"},
                    help="make_guidance(**guidance), e.g. {method: cfg, scale: 1.0, reg: paper}; autoguidance "
@@ -84,7 +104,9 @@ class SamplingJob:
             raise ConfigError(f"--max_shards must be a positive integer or null, got {cfg.max_shards}")
         if cfg.output is None:
             raise ConfigError("--output is required: the folder for the samples")
-        denoiser = load_denoiser(cfg.checkpoint, cfg.ema)
+        if cfg.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
+        denoiser = cls.load_model(cfg)
         params = dict(cfg.guidance)
         ref_path = params.get("reference_checkpoint")
         if ref_path is not None:
@@ -96,17 +118,47 @@ class SamplingJob:
         # One one-step sample catches what only the chain sees (sampler vs schedule, sampler options).
         try:
             generate(denoiser, guidance, labels[:1], [0], sampler=cfg.sampler, steps=1, seed=cfg.seed, batch_size=1,
-                     sampler_kwargs=cfg.sampler_kwargs)
+                     sampler_kwargs=cfg.sampler_kwargs, precision=cfg.precision)
         except TypeError as err:
             raise ConfigError(f"--sampler_kwargs {cfg.sampler_kwargs} do not fit sampler {cfg.sampler!r}: {err}") from None
         fingerprint = {
-            "checkpoint_sha256": writer.file_sha256(cfg.checkpoint), "ema": cfg.ema,
+            "checkpoint_sha256": writer.file_sha256(cfg.checkpoint), "ema": cfg.ema, "model": cfg.model,
+            "vae": cfg.vae, "precision": cfg.precision,
             "guidance": {k: v for k, v in cfg.guidance.items() if k != "reference_checkpoint"},
             "reference_sha256": writer.file_sha256(ref_path) if ref_path is not None else None,
             "sampler": cfg.sampler, "sampler_kwargs": cfg.sampler_kwargs, "steps": cfg.steps, "seed": cfg.seed,
             "num_samples": cfg.num_samples, "shard_size": cfg.shard_size, "labels": cfg.labels or "balanced"}
         writer.check_output(cfg.output, fingerprint, cfg.overwrite)
         return cls(config, denoiser, guidance, labels, Path(cfg.output), fingerprint, distribution)
+
+    @staticmethod
+    def load_model(cfg: Namespace) -> Denoiser:
+        """The checkpoint's denoiser (a public DiT with ``--model``), over ``--vae``'s latents if given."""
+        if cfg.model is not None:
+            if cfg.checkpoint is None:
+                raise ConfigError(f"--checkpoint is required: the public {cfg.model} .pt file")
+            if cfg.vae is None:
+                raise ConfigError(f"--model {cfg.model} samples latents: give --vae (the Stable Diffusion VAE, "
+                                  "e.g. stabilityai/sd-vae-ft-ema or a local folder)")
+            net = load_dit_checkpoint(cfg.checkpoint, cfg.model, cfg.image_size)
+            denoiser = Denoiser(net, VPSchedule(1000, "linear"), Prediction("eps"))
+        elif cfg.image_size is not None:
+            raise ConfigError("--image_size is for a public DiT checkpoint: give --model too (e.g. DiT-XL/2)")
+        else:
+            try:
+                denoiser = load_denoiser(cfg.checkpoint, cfg.ema)
+            except ConfigError as err:
+                hint = " (a public DiT checkpoint needs --model, e.g. DiT-XL/2)" if str(cfg.checkpoint).endswith(
+                    ".pt") else ""
+                raise ConfigError(f"{err}{hint}") from None
+        if cfg.vae is None:
+            return denoiser
+        latent = LatentDenoiser.over(denoiser, LatentCodec(load_autoencoder(cfg.vae)))
+        if cfg.image_size is not None and latent.image_shape[1] != cfg.image_size:
+            raise ConfigError(f"--image_size {cfg.image_size}: the model's {denoiser.data_shape[1]}x"
+                              f"{denoiser.data_shape[2]} latents decode to {latent.image_shape[1]}x"
+                              f"{latent.image_shape[2]} images with this VAE")
+        return latent.eval()
 
     @staticmethod
     def make_labels(cfg: Namespace, denoiser: Denoiser) -> torch.Tensor:
@@ -145,15 +197,22 @@ class SamplingJob:
         for module in (self.denoiser, getattr(self.guidance, "reference", None)):
             if module is not None:
                 module.to(fabric.device)
+                if cfg["compile"]:
+                    module.net.compile()
+        reset_peak_memory(fabric.device)
         sampling_start = time.time()
-        for k in tqdm(todo[rank::world], desc=f"{setting_name(cfg['guidance'])} shards", disable=rank != 0):
+        mine = todo[rank::world]
+        for k in tqdm(mine, desc=f"{setting_name(cfg['guidance'])} shards", disable=rank != 0):
             indices = torch.tensor(ranges[k])
             samples = generate(self.denoiser, self.guidance, self.labels[indices], indices, sampler=cfg["sampler"],
                                steps=cfg["steps"], seed=cfg["seed"], batch_size=cfg["batch_size"],
-                               device=fabric.device, sampler_kwargs=cfg["sampler_kwargs"])
+                               device=fabric.device, sampler_kwargs=cfg["sampler_kwargs"], precision=cfg["precision"])
             writer.write_shard(self.output, k, indices, samples, self.labels[indices])
         fabric.barrier()
         sampling_s = time.time() - sampling_start
+        peak, measure = peak_memory(fabric.device)
+        peak = int(fabric.all_gather(torch.tensor(peak, dtype=torch.float64)).max())  # the largest rank
+        generated = sum(len(ranges[k]) for k in todo)
         if rank == 0:
             if len(todo) < len(missing):
                 print(f"stopped after {len(todo)} of {len(missing)} missing shards (--max_shards); "
@@ -161,14 +220,17 @@ class SamplingJob:
             elif not todo and (self.output / writer.META_FILE).is_file():
                 print(f"{self.output} already holds this run's samples; nothing to do")
             else:
-                self.finish(len(ranges), world, time.time() - start, sampling_s, len(todo))
+                self.finish(len(ranges), world, time.time() - start, sampling_s, len(todo),
+                            {"generated_samples": generated, "throughput_images_per_s": round(generated / sampling_s, 4),
+                             "peak_memory_bytes": peak, "peak_memory_measure": measure})
         fabric.barrier()
 
-    def finish(self, num_shards: int, world_size: int, wall_s: float, sampling_s: float, new_shards: int) -> None:
+    def finish(self, num_shards: int, world_size: int, wall_s: float, sampling_s: float, new_shards: int,
+               cost: dict) -> None:
         """``samples.npz``, images (image data), metrics and plot (toy data) and ``meta.json``.
 
         ``wall_s``: this invocation so far (start-up and checkpoint loading included); ``sampling_s``: the
-        shards it generated, across all processes."""
+        shards it generated, across all processes; ``cost``: throughput and peak memory (``peak_memory``)."""
         samples, labels = writer.read_shards(self.output, num_shards)
         cfg = self.config
         if len(self.denoiser.data_shape) == 3:
@@ -188,12 +250,14 @@ class SamplingJob:
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "lightning_reg": version("lightning-reg")},
             "wall_time_s": round(wall_s, 3), "sampling_time_s": round(sampling_s, 3), "new_shards": new_shards,
-            "world_size": world_size,
+            "world_size": world_size, **cost,
             "num_classes": self.denoiser.num_classes, "data_shape": list(self.denoiser.data_shape),
             "metrics": metrics}
         writer.write_json(self.output / writer.META_FILE, meta)
         print(f"wrote {len(samples)} samples ({setting}) to {self.output / writer.SAMPLES_FILE}: sampling "
               f"{sampling_s:.1f} s ({new_shards} new shards), {wall_s:.1f} s in all, on {world_size} process(es)")
+        print(f"throughput {cost['throughput_images_per_s']:.4g} images/s; peak memory "
+              f"{cost['peak_memory_bytes'] / 2 ** 20:.1f} MiB ({cost['peak_memory_measure']}, largest process)")
         if metrics:
             print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
@@ -205,6 +269,21 @@ class SamplingJob:
         name = setting_name(self.config["guidance"])
         save_figure(scatter_figure({name: (samples, labels)}, self.distribution), self.output / "samples.png")
         return metrics
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes and what they measure: on CUDA ``torch.cuda.max_memory_allocated`` since sampling began (tensors
+    on the device: weights, activations, REG's graph); elsewhere the process's peak resident set size
+    (``resource.getrusage``: all of the process over its life, Python and libraries included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"  # bytes on macOS, KiB on Linux
 
 
 def make_fabric(accelerator: str, devices: int) -> lightning.Fabric:

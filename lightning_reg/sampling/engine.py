@@ -6,7 +6,8 @@ samples share its batch, on the batch size or on the number of processes (up to 
 floating-point rounding, which can vary with the batch size; see ``docs/sampling.md``).
 
 Both the validation callback (``lightning_reg.callbacks.SamplingCallback``) and ``sample.py`` call
-``generate``; the chain itself is ``get_sampler(sampler)`` over a ``GuidedDenoiser``.
+``generate``; the chain itself is ``get_sampler(sampler)`` over a ``GuidedDenoiser``. A ``LatentDenoiser``'s
+chain runs on latents, decoded to images only after its last step.
 """
 
 from __future__ import annotations
@@ -20,9 +21,22 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.latent import LatentDenoiser
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.base import Guidance, GuidedDenoiser
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device, precision: str):
+    """The sampling precision: ``bf16`` is ``torch.autocast`` to bfloat16 (as the DiT and REG authors sample:
+    the network's matrix products run in bfloat16, the chain's state and arithmetic stay float32, and REG's
+    backward pass runs under the same autocast); ``fp32`` changes nothing."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -95,12 +109,13 @@ def setting_name(guidance: Mapping) -> str:
 
 def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler: str = "ddpm", steps: int,
              seed: int, batch_size: int, device="cpu", sampler_kwargs: Mapping | None = None,
-             progress: bool = False) -> Tensor:
-    """Samples ``x_0`` (float32 on the CPU, ``(N, *data_shape)``) for ``labels`` (N,) at sample ``indices`` (N,).
+             precision: str = "fp32", progress: bool = False) -> Tensor:
+    """Samples ``x_0`` (float32 on the CPU, ``(N, *data_shape)``; a ``LatentDenoiser``'s decoded images,
+    ``(N, *image_shape)``) for ``labels`` (N,) at sample ``indices`` (N,).
 
     Each batch runs ``get_sampler(sampler, **sampler_kwargs)(GuidedDenoiser(denoiser, guidance, y), noise,
-    schedule, steps, noise_sampler=...)`` with the per-sample noise of ``PerSampleNoise(seed, indices)``.
-    ``denoiser`` must already be on ``device``.
+    schedule, steps, noise_sampler=...)`` with the per-sample noise of ``PerSampleNoise(seed, indices)``,
+    under ``autocast(device, precision)``. ``denoiser`` must already be on ``device``.
     """
     labels, indices = torch.as_tensor(labels).long().reshape(-1), torch.as_tensor(indices).long().reshape(-1)
     if len(labels) != len(indices):
@@ -116,8 +131,12 @@ def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler
         for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
             noise = PerSampleNoise(seed, idx.tolist())
             guided = GuidedDenoiser(denoiser, guidance, y.to(device))
-            x0 = sample_fn(guided, noise.draw(denoiser.data_shape, device, dtype), denoiser.schedule, steps,
-                           noise_sampler=noise)
+            with autocast(device, precision):
+                x0 = sample_fn(guided, noise.draw(denoiser.data_shape, device, dtype), denoiser.schedule, steps,
+                               noise_sampler=noise)
+            if isinstance(denoiser, LatentDenoiser):
+                x0 = denoiser.decode(x0)
             out.append(x0.float().cpu())
             bar.update(len(y))
-    return torch.cat(out) if out else torch.empty(0, *denoiser.data_shape)
+    shape = denoiser.image_shape if isinstance(denoiser, LatentDenoiser) else denoiser.data_shape
+    return torch.cat(out) if out else torch.empty(0, *shape)

@@ -4,7 +4,8 @@ Layout::
 
     run.json                 fingerprint of the arguments that decide the samples (resume check)
     shard_00000.npz ...      indices, samples, labels of samples [k S, (k + 1) S)   (S = shard size)
-    samples.npz              samples (float32 toy data, uint8 NHWC images) and labels, in index order
+    samples.npz              arr_0: samples (float32 toy data, uint8 NHWC images, as the ADM evaluator reads
+                             them), labels: their classes; in index order
     images/000000.png ...    image data only, plus images/grid.png
     meta.json                checkpoint sha256, resolved config, seeds, versions, wall time, world size
 
@@ -151,4 +152,5 @@ def write_images(folder, images_nhwc: np.ndarray, grid: np.ndarray) -> None:
 
 
 def write_samples(folder, samples: np.ndarray, labels: np.ndarray) -> None:
-    atomic_write(Path(folder) / SAMPLES_FILE, lambda f: np.savez(f, samples=samples, labels=labels))
+    """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``."""
+    atomic_write(Path(folder) / SAMPLES_FILE, lambda f: np.savez(f, arr_0=samples, labels=labels))
