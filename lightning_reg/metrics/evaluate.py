@@ -178,6 +178,9 @@ def build_parser():
     p.add_argument("--feature_network", type=str, default=INCEPTION,
                    help="a digits-classifier checkpoint (python -m lightning_reg.metrics.classifier fit) or "
                         "'inception' (torchmetrics' Inception-v3)")
+    p.add_argument("--adm", type=bool, default=False,
+                   help="--reference is an ADM reference batch (VIRTUAL_imagenet256_labeled.npz): ADM's metrics "
+                        "fid, sfid, is, precision, recall against its stored Inception statistics (metrics.adm)")
     p.add_argument("--inception_weights", type=str | None, default=None,
                    help="Inception weights file; default: the torch hub cache")
     p.add_argument("--metrics", type=list[str] | None, default=None,
@@ -203,10 +206,15 @@ def run(cfg) -> dict:
     meta = json.loads(meta.read_text()) if meta.is_file() else {}
     classifier = cfg.feature_network != INCEPTION
     metrics = cfg.metrics if cfg.metrics is not None else ["fid", "is"] + (["accuracy"] if classifier else [])
-    evaluator = build_image_evaluator(metrics, image_shape, cfg.feature_network, cfg.inception_weights,
-                                      meta.get("num_classes"), cfg.device)
+    if cfg.adm:  # metrics.adm: the reference batch's own statistics and images
+        from lightning_reg.metrics.adm import build_adm_evaluator
+        evaluator = build_adm_evaluator(cfg.reference, cfg.metrics, cfg.feature_network, cfg.inception_weights,
+                                        cfg.device)
+    else:
+        evaluator = build_image_evaluator(metrics, image_shape, cfg.feature_network, cfg.inception_weights,
+                                          meta.get("num_classes"), cfg.device)
     reference = None
-    if {"fid", "kid"} & set(evaluator.names):
+    if not cfg.adm and {"fid", "kid"} & set(evaluator.names):
         if cfg.reference is None:
             raise ConfigError("--reference is required for fid and kid: the real images to compare with")
         reference = load_reference(cfg.reference, image_shape, cfg.num_reference, cfg.reference_split, cfg.seed,
