@@ -190,7 +190,8 @@ def tiny_fit(tmp_path, callback, max_steps=40, images=False):
     4 steps (validation every 2) of a tiny DiT on 8x8 synthetic images (2 classes, 8 validation images)."""
     L.seed_everything(0)
     if images:
-        net = DiT(num_classes=2, image_size=8, channels=3, patch_size=2, width=32, depth=1, heads=2)
+        net = DiT(num_classes=2, input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                  learn_sigma=False)
         data = ImageDataModule(name=make_synthetic_image_dataset(tmp_path / "images", num_classes=2, n_per_class=16,
                                                                  image_size=8),
                                image_size=8, batch_size=8, val_fraction=0.25)
@@ -288,7 +289,8 @@ def test_callback_metrics_are_checked_against_the_data_before_training(tmp_path,
     with pytest.raises(ConfigError, match="pt_inception-2015-12-05"):  # default metrics [fid, is] on Inception
         L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, callbacks=[SamplingCallback(), Steps()]).fit(
-            ConditionalDiffusion(DiT(num_classes=2, image_size=8, width=32, depth=1, heads=2, patch_size=2)),
+            ConditionalDiffusion(DiT(num_classes=2, input_size=8, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                                                 patch_size=2, learn_sigma=False)),
             ImageDataModule(name=make_synthetic_image_dataset(tmp_path / "img", num_classes=2, n_per_class=4,
                                                               image_size=8), image_size=8, batch_size=4))
     assert steps == []  # refused before the first training step
