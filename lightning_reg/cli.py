@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_reg.errors import ConfigError
-from lightning_reg.module import ConditionalDiffusion
+from lightning_reg.module import ConditionalDiffusion, read_checkpoint, state_dict_mismatch
 
 
 class TrainCLI(LightningCLI):
@@ -22,6 +22,26 @@ class TrainCLI(LightningCLI):
             if got is not None and tuple(want if isinstance(want, tuple) else [want]) != tuple(
                     got if isinstance(got, tuple) else [got]):
                 raise ConfigError(f"model.net.{field}={want} but the data has {field}={got}; make them agree")
+        path = self.resume_path()
+        if path is not None:  # the run's folder is written before Lightning restores the weights
+            mismatch = state_dict_mismatch(model.state_dict(), read_checkpoint(path, "--ckpt_path")["state_dict"])
+            if mismatch:
+                raise ConfigError(f"--ckpt_path {path} holds another architecture than this config's model: "
+                                  f"{mismatch}")
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then refuse a missing, damaged or unsafe ``--ckpt_path`` file before Lightning reads it
+        (a traceback) and before the trainer writes the run's folder."""
+        super().parse_arguments(parser, args)
+        path = self.resume_path()
+        if path is not None:
+            read_checkpoint(path, "--ckpt_path")
+
+    def resume_path(self) -> str | None:
+        """The ``--ckpt_path`` file, unless absent or a name Lightning resolves itself (``last``, ...)."""
+        subcommand = self.config.get("subcommand")
+        path = subcommand and self.config[subcommand].get("ckpt_path")
+        return None if not path or str(path) in _LIGHTNING_CKPT_NAMES or str(path).startswith("registry:") else path
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -30,6 +50,9 @@ class TrainCLI(LightningCLI):
             ckpt = cb and (cb.last_model_path or cb.best_model_path)
             print(f"\ncheckpoint: {ckpt or '(none saved)'}\nlogs:       {trainer.log_dir}")
 
+
+# ``--ckpt_path`` values that Lightning resolves itself (``last`` starts afresh when there is none).
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 # Lines of jsonargparse's report on a ``class_path`` union that only restate the type, not the problem.
 _UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",

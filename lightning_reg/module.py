@@ -7,7 +7,9 @@ copy of the weights (``torch.optim.swa_utils.AveragedModel``) is used for valida
 
 from __future__ import annotations
 
+import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -31,12 +33,14 @@ class ConditionalDiffusion(L.LightningModule):
         ema_decay: decay of the EMA weights used for validation and sampling.
         init_from: fine-tuning: a checkpoint of the same backbone whose EMA weights start both the
             trained and the EMA weights (not saved as a hyperparameter: the run's own checkpoints
-            stand alone).
+            stand alone). It may have fewer classes (see ``init_weights_from``).
+        freeze: parameter-name prefixes of ``net`` kept fixed during training (e.g. ``[blocks]``).
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule | None = None, prediction: str = "eps",
                  label_dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 100, ema_decay: float = 0.999, init_from: str | None = None):
+                 warmup_steps: int = 100, ema_decay: float = 0.999, init_from: str | None = None,
+                 freeze: list[str] | None = None):
         super().__init__()
         if not 0.0 <= label_dropout < 1.0:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {label_dropout}")
@@ -61,16 +65,38 @@ class ConditionalDiffusion(L.LightningModule):
         self.ema.requires_grad_(False)
         if init_from is not None:
             self.init_weights_from(init_from)
+        self.freeze_parameters(freeze or [])
 
     def init_weights_from(self, path: str) -> None:
-        """Start ``net`` and its EMA from the EMA weights of the checkpoint at ``path`` (fine-tuning)."""
-        source = load_denoiser(path, ema=True, field="model.init_from")
-        try:
-            self.net.load_state_dict(source.net.state_dict())
-        except RuntimeError as err:
-            reason = one_line(err, 300)
-            raise ConfigError(f"model.init_from {path} holds another backbone than model.net: {reason}") from None
+        """Start ``net`` and its EMA from the EMA weights of the checkpoint at ``path`` (fine-tuning).
+
+        A checkpoint with fewer classes (same backbone otherwise) is widened: the label-embedding rows of
+        its classes are kept, and every new row (the new classes and the null label, last) starts as its
+        null row, so a new class starts from the unconditional model it was fine-tuned from.
+        """
+        source = load_denoiser(path, ema=True, field="model.init_from").net.state_dict()
+        target = self.net.state_dict()
+        key = next(f"{name}.weight" for name, m in self.net.named_modules() if m is self.net.label_embedding)
+        old, new = source.get(key), target[key]
+        if old is not None and old.shape[0] < new.shape[0] and old.shape[1:] == new.shape[1:]:
+            widened = old[-1].expand_as(new).clone()
+            widened[: old.shape[0] - 1] = old[:-1]
+            source[key] = widened
+        mismatch = state_dict_mismatch(target, source)
+        if mismatch:
+            raise ConfigError(f"model.init_from {path} holds another architecture than model.net: {mismatch}")
+        self.net.load_state_dict(source)
         self.ema.module.load_state_dict(self.net.state_dict())
+
+    def freeze_parameters(self, prefixes: list[str]) -> None:
+        """Keep the parameters of ``net`` whose names start with one of ``prefixes`` fixed."""
+        names = [name for name, _ in self.net.named_parameters()]
+        unmatched = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+        if unmatched:
+            tops = sorted({name.split(".")[0] for name in names})
+            raise ConfigError(f"model.freeze {unmatched} match no parameter of model.net; its modules: {tops}")
+        for name, param in self.net.named_parameters():
+            param.requires_grad_(not any(name.startswith(p) for p in prefixes))
 
     @property
     def num_classes(self) -> int:
@@ -120,20 +146,54 @@ class ConditionalDiffusion(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warmup = max(self.hparams.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def read_checkpoint(path, field: str) -> dict:
+    """The Lightning checkpoint at ``path``, loaded with ``weights_only=True`` (tensors and plain data:
+    loading runs no code) and memory-mapped; a one-line ConfigError for a missing, truncated, foreign
+    or unsafe file."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{field} {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{field} {path} is not a PyTorch checkpoint (not a torch.save zip archive: "
+                          "truncated, or another format)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), one_line(err, 150))
+        raise ConfigError(f"{field} {path} holds pickled objects other than tensors and plain data, which "
+                          f"could run code when loaded; refused ({detail})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
+        raise ConfigError(f"{field} {path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                          f"{one_line(err, 150)})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{field} {path} is not a Lightning checkpoint (it has no 'state_dict')")
+    return checkpoint
+
+
+def state_dict_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
+    """What differs between two state dicts (missing / unexpected keys, other shapes), or ``""``."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} (needs {tuple(v.shape)})"
+              for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    parts = [f"{what}: {', '.join(items[:limit])}{f' (+{len(items) - limit} more)' if len(items) > limit else ''}"
+             for what, items in (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)) if items]
+    return "; ".join(parts)
 
 
 def load_denoiser(path, ema: bool, field: str = "--checkpoint") -> Denoiser:
     """The checkpoint's EMA (or raw) denoiser, in eval mode on the CPU; a ConfigError saying what is wrong."""
     if path is None:
         raise ConfigError(f"{field} is required: the .ckpt file of a trained ConditionalDiffusion")
-    if not Path(path).is_file():
-        raise ConfigError(f"{field} {path} does not exist")
+    read_checkpoint(path, field)
     try:
-        model = ConditionalDiffusion.load_from_checkpoint(path, map_location="cpu")
+        model = ConditionalDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
         reason = one_line(err)
         raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint "

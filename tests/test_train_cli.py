@@ -119,7 +119,7 @@ def test_image_config_trains_and_samples_on_a_local_dataset(workdir, capsys):
     config["data"]["init_args"].update(name=make_synthetic_image_dataset(workdir / "cifar_like", num_classes=10,
                                                                          n_per_class=4, image_size=32),
                                        batch_size=8, num_workers=0, val_fraction=0.25)
-    config["model"]["net"]["init_args"].update(width=32, depth=1, heads=2, patch_size=8)
+    config["model"]["net"]["init_args"].update(hidden_size=32, depth=1, num_heads=2, patch_size=8)
     config["trainer"].update(accelerator="cpu", devices=1, max_steps=2, val_check_interval=2, limit_val_batches=1,
                              enable_progress_bar=False, enable_model_summary=False)
     checkpointing, sampling = config["trainer"]["callbacks"]
@@ -134,3 +134,80 @@ def test_image_config_trains_and_samples_on_a_local_dataset(workdir, capsys):
     grid = run / "samples" / "step_2.png"
     from PIL import Image
     assert np.asarray(Image.open(grid)).shape == (2 * 32, 8 * 32, 3)  # one row of 8 per setting: none, paper
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    """A real toy2d checkpoint (2 steps) and what a user may pass instead: a missing file, its first 100 bytes,
+    a torch.save'd object whose unpickling runs code, a plain pickle, and the checkpoint of a wider model
+    without its hyperparameters (so Lightning cannot rebuild the matching model from them)."""
+    import os
+    import pickle
+
+    root = tmp_path_factory.mktemp("ckpts")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    main(["fit", "--config", str(REPO / "configs" / "toy2d.yaml"), "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+          "--model.net.init_args.hidden", "16", *SMALL_DATA])
+    torch.set_num_threads(prev)
+    real = root / "toy2d" / "version_0" / "checkpoints" / "last.ckpt"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {root / 'code_ran'}",)
+
+    (root / "truncated.ckpt").write_bytes(real.read_bytes()[:100])
+    torch.save({"state_dict": {}, "payload": RunsCode()}, root / "unsafe.ckpt")
+    (root / "plain.pkl").write_bytes(pickle.dumps({"payload": RunsCode()}))
+    other = torch.load(real, weights_only=True)
+    other.pop("hyper_parameters")
+    torch.save(other, root / "other_arch.ckpt")
+    return root
+
+
+@pytest.mark.parametrize("name, words", [
+    ("missing.ckpt", ["missing.ckpt does not exist"]),
+    ("truncated.ckpt", ["truncated.ckpt is not a PyTorch checkpoint", "truncated"]),
+    ("unsafe.ckpt", ["unsafe.ckpt holds pickled objects", "could run code", "GLOBAL posix.system"]),
+    ("plain.pkl", ["plain.pkl is not a PyTorch checkpoint"]),
+    ("other_arch.ckpt", ["other_arch.ckpt holds another architecture", "x_proj.weight (16, 64) (needs (128, 64))"]),
+])
+def test_bad_ckpt_path_exits_2_with_one_line_and_writes_nothing(workdir, capsys, bad_checkpoints, name, words):
+    before = files_under(workdir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/toy2d.yaml", "--ckpt_path", str(bad_checkpoints / name), *SMALL_DATA])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err, [f"--ckpt_path {bad_checkpoints / name}", *words])
+    assert files_under(workdir) == before and not (bad_checkpoints / "code_ran").exists()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("missing.ckpt", ["does not exist"]),
+    ("truncated.ckpt", ["is not a PyTorch checkpoint"]),
+    ("unsafe.ckpt", ["holds pickled objects", "could run code"]),
+])
+def test_bad_experiment_checkpoint_exits_2_with_one_line_and_writes_nothing(workdir, capsys, monkeypatch,
+                                                                             bad_checkpoints, name, words):
+    from lightning_reg.experiments import toy1d
+    from lightning_reg.experiments.common import main_guard
+
+    before = files_under(workdir)
+    monkeypatch.setattr(sys, "argv", ["toy1d", "--checkpoint", str(bad_checkpoints / name), "--out", "out"])
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(toy1d.main)
+    assert exit_info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, [f"--checkpoint {bad_checkpoints / name}", *words])
+    assert files_under(workdir) == before and not (bad_checkpoints / "code_ran").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter: ~20 s on the shared CPU; the in-process tests above cover the logic
+def test_bad_ckpt_path_from_the_command_line_is_one_line(workdir, bad_checkpoints):
+    """The report as a user saw it: ``python train.py fit ... --ckpt_path <first 100 bytes>``."""
+    before = files_under(workdir)
+    result = run_train(workdir, "--ckpt_path", str(bad_checkpoints / "truncated.ckpt"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert_one_error_line(result.stderr, ["truncated.ckpt is not a PyTorch checkpoint"])
+    assert files_under(workdir) == before

@@ -35,6 +35,11 @@ class ToyMLP(nn.Module):
         self.blocks = nn.Sequential(*[ResidualBlock(hidden) for _ in range(blocks)])
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
 
+    @property
+    def label_embedding(self) -> nn.Embedding:
+        """The class embedding (``num_classes + 1`` rows, the null label last), as every backbone has."""
+        return self.y_embed
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         h = self.x_proj(sinusoidal_embedding(self.x_scale * x, self.embedding_dim))
         h = h + self.t_proj(sinusoidal_embedding(t, self.embedding_dim)) + self.y_embed(y)
