@@ -232,6 +232,21 @@ def test_accuracy_is_the_share_of_samples_classified_as_their_label(one_thread):
         ImageMetrics(["accuracy"], (3, 16, 16), PooledProjection())
 
 
+def test_inception_from_a_weights_file_takes_grayscale_images(tmp_path, monkeypatch, one_thread):
+    """``inception_weights=PATH`` builds torch-fidelity's Inception from that file (random weights here: the
+    real file is not shipped) and feeds it 1-channel images repeated to 3 channels."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+    torch.save({}, tmp_path / "weights.pth")
+    images = torch.randint(0, 256, (4, 8, 8, 1), dtype=torch.uint8, generator=_gen(14))
+    evaluate = ImageMetrics(["kid", "is"], (1, 8, 8), inception_weights=str(tmp_path / "weights.pth"))
+    evaluate.set_real(images)
+    result = evaluate(images)
+    assert set(result) == {"kid", "kid_std", "is", "is_std"} and all(math.isfinite(v) for v in result.values())
+    assert abs(result["kid"]) < 1e-3  # identical sets
+
+
 def test_missing_inception_weights_file_is_named():
     with pytest.raises(ConfigError, match=r"inception_weights /nowhere/w.pth does not exist.*6726825d"):
         ImageMetrics(["fid"], (3, 16, 16), inception_weights="/nowhere/w.pth")
