@@ -52,10 +52,11 @@ def apg_by_hand(x0_c, d, w, eta=0.0, norm_threshold=0.0):
     return torch.stack(rows)
 
 
-def cfg_zero_star_by_hand(eps_c, eps_u, w, a, s):
-    """``eps_c + w (eps_c - s* eps_u)``, ``s* = <eps_c, eps_u> / ||eps_u||^2`` per row; the term in x0 units."""
-    s_star = torch.stack([torch.dot(c, u) / torch.dot(u, u) for c, u in zip(eps_c, eps_u)])[:, None]
-    return -s / a * w * (eps_c - s_star * eps_u)
+def cfg_zero_star_by_hand(v_c, v_u, w, a, s):
+    """``v_c + w (v_c - s* v_u)``, ``s* = <v_c, v_u> / ||v_u||^2`` per row, on velocities ``v = eps - x0``;
+    the term in x0 units, by ``x0 = (x - s v) / (a + s)``."""
+    s_star = torch.stack([torch.dot(c, u) / torch.dot(u, u) for c, u in zip(v_c, v_u)])[:, None]
+    return -s / (a + s) * w * (v_c - s_star * v_u)
 
 
 def rescale_by_hand(eps_c, eps_guided, phi, a, s):
@@ -77,7 +78,7 @@ def hand_terms(x, y):
         "apg_eta_threshold": ({"method": "apg", "scale": 1.5, "eta": 0.3, "norm_threshold": threshold},
                               apg_by_hand(x0_c, d, 1.5, eta=0.3, norm_threshold=threshold)),
         "cfg_zero_star": ({"method": "cfg_zero_star", "scale": 1.5, "zero_init_steps": 0},
-                          cfg_zero_star_by_hand(eps_c, eps_u, 1.5, a, s)),
+                          cfg_zero_star_by_hand(eps_c - x0_c, eps_u - x0_u, 1.5, a, s)),
         "cfg_rescale": ({"method": "cfg", "scale": 1.5, "guidance_rescale": 0.7},
                         rescale_by_hand(eps_c, cfg_eps, 0.7, a, s)),
         "apg_rescale": ({"method": "apg", "scale": 1.5, "guidance_rescale": 0.5}, rescale_by_hand(
@@ -154,16 +155,15 @@ def test_cfg_zero_star_on_flow_works_on_velocities(xy, reg):
     model = Denoiser(LinearEps(A, BIAS), FlowSchedule(), Prediction("velocity"))
     out = guided(model, {"method": "cfg_zero_star", "scale": 2.0, "zero_init_steps": 0, "reg": reg}, x, y, t)
     v_c, v_u = x @ A.T + BIAS[y], x @ A.T + BIAS[NULL]
-    # the "eps" helper with a = s = 1 computes -(v_c + w (v_c - s* v_u)) + v_c: the velocity term, negated
-    g = t * cfg_zero_star_by_hand(v_c, v_u, 2.0, a=1.0, s=1.0)
+    g = cfg_zero_star_by_hand(v_c, v_u, 2.0, a=1 - t, s=t)
     # x0 = x - t v, a_t = 1 - t: the paper factor a_t grad(1^T x0_c) = (1 - t)(1 - t A^T 1)
     factor = (1 - t) * (1 - t * A.sum(0)) if reg == "paper" else 1.0
     torch.testing.assert_close(out, x - t * v_c + factor * g, **TOL)
 
 
 @pytest.mark.parametrize("schedule, prediction, t, zeroed", [
-    (VPSchedule(1000), "eps", 999.0, lambda x: x / vp_s(999)[0]),  # eps = 0: DDIM keeps x / a_t
-    (EDMSchedule(), "edm", 80.0, lambda x: x),  # eps = 0: Heun's dx/dsigma = 0
+    (VPSchedule(1000), "eps", 999.0, lambda x: x / sum(vp_s(999))),  # x0 = eps = x / (a + s)
+    (EDMSchedule(), "edm", 80.0, lambda x: x / 81),  # a = 1, s = sigma
     (FlowSchedule(), "velocity", 1.0, lambda x: x),  # v = 0: Euler keeps x
 ])
 def test_zeroed_step_is_zero_output_without_forward(xy, schedule, prediction, t, zeroed):
@@ -183,10 +183,10 @@ def test_zero_init_counts_steps_of_each_chain(xy):
     model = Denoiser(net, EDMSchedule(), Prediction("edm"))
     denoiser = GuidedDenoiser(model, make_guidance("cfg_zero_star", scale=1.0, zero_init_steps=2), y)
     for sigma in (80.0, 40.0, 40.0):  # step 0, step 1 (Heun corrector), step 1 again
-        torch.testing.assert_close(denoiser(x, torch.tensor(sigma)), x, **TOL)
+        torch.testing.assert_close(denoiser(x, torch.tensor(sigma)), x / (1 + sigma), **TOL)
     assert net.calls == []
-    assert (denoiser(x, torch.tensor(20.0)) - x).abs().min() > 0 and [n for n, _ in net.calls] == [8]
-    torch.testing.assert_close(denoiser(x, torch.tensor(80.0)), x, **TOL)  # a new chain
+    assert (denoiser(x, torch.tensor(20.0)) - x / 21).abs().min() > 0 and [n for n, _ in net.calls] == [8]
+    torch.testing.assert_close(denoiser(x, torch.tensor(80.0)), x / 81, **TOL)  # a new chain
     assert len(net.calls) == 1
 
 
@@ -306,7 +306,8 @@ def test_start_stop_fractions_of_progress(xy):
 
 def test_formulas_agree_with_diffusers_guiders(xy):
     """Our ``w`` convention is diffusers' ``use_original_formulation=True`` (APG: the paper's Algorithm 1);
-    CFG-Zero* and guidance rescale equal diffusers' default formulation at ``guidance_scale = w + 1``."""
+    CFG-Zero* (fed velocities) and guidance rescale equal diffusers' default formulation at
+    ``guidance_scale = w + 1``."""
     from diffusers.guiders import ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance
     from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
 
@@ -318,9 +319,9 @@ def test_formulas_agree_with_diffusers_guiders(xy):
                                       x, y), apg, **TOL)
     zero_star = ClassifierFreeZeroStarGuidance(guidance_scale=2.5, zero_init_steps=0)
     zero_star.set_state(step=3, num_inference_steps=10, timestep=torch.tensor(T))
-    eps = zero_star.forward(eps_c, eps_u).pred  # computes s* in float32 with a 1e-8 guard
+    v = zero_star.forward(eps_c - x0_c, eps_u - x0_u).pred  # computes s* in float32 with a 1e-8 guard
     torch.testing.assert_close(guided(model, {"method": "cfg_zero_star", "scale": 1.5, "zero_init_steps": 0}, x, y),
-                               (x - s * eps) / a, rtol=0, atol=1e-5)
+                               (x - s * v) / (a + s), rtol=0, atol=1e-5)
     rescale = ClassifierFreeGuidance(guidance_scale=2.5, guidance_rescale=0.7)
     rescale.set_state(step=3, num_inference_steps=10, timestep=torch.tensor(T))
     eps = rescale.forward(eps_c, eps_u).pred

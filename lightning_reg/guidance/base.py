@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.diffusion.predictions import Prediction, eps_from_x0
+from lightning_reg.diffusion.predictions import eps_from_x0, x0_from_eps
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.reg import REG_MODES, rectified_guidance
 
 CONVENTIONS = ("w", "w2")
-# the model-output space of methods defined on a network output: the probability-flow ODE's drift variable
+# the output space of guidance rescale: what eps-networks and flow networks output
 OUTPUT_SPACES = {"vp": "eps", "edm": "eps", "flow": "velocity"}
 
 
@@ -66,22 +66,31 @@ class ChainState:
 
 
 class GuidanceStep:
-    """One denoiser call: ``x_t``, ``(a_t, s_t)``, the chain's state, and the method's output space.
+    """One denoiser call: ``x_t``, ``(a_t, s_t)`` and the chain's state, with the output spaces methods use.
 
-    ``output(x0)`` reads a prediction in the schedule's ``OUTPUT_SPACES`` entry (``eps`` for VP and EDM,
-    the ``velocity`` ``eps - x0`` for flow); ``to_x0`` converts back (``predictions.py``).
+    * ``output``/``to_x0``: the schedule's ``OUTPUT_SPACES`` entry, ``eps`` for VP and EDM, the velocity
+      for flow (what eps- and flow networks output, and what their samplers step with).
+    * ``velocity``/``x0_from_velocity``: the flow velocity ``v = eps - x0`` for *every* schedule:
+      ``x / (a + s) = (1 - t') x0 + t' eps`` with ``t' = s / (a + s)`` is a rectified-flow path whose
+      velocity is ``eps - x0``, so ``x0 = (x - s v) / (a + s)``.
     """
 
     def __init__(self, model: Denoiser, x: Tensor, t: Tensor | float, state: ChainState):
         self.x, self.t, self.state = x, t, state
         self.a, self.s = model.coefficients(t, x)
-        self.space = Prediction(OUTPUT_SPACES[model.schedule.name])
+        self.flow = OUTPUT_SPACES[model.schedule.name] == "velocity"
+
+    def velocity(self, x0: Tensor) -> Tensor:
+        return eps_from_x0(x0, self.x, self.a, self.s) - x0
+
+    def x0_from_velocity(self, v: Tensor) -> Tensor:
+        return (self.x - self.s * v) / (self.a + self.s)
 
     def output(self, x0: Tensor) -> Tensor:
-        return self.space.target(x0, eps_from_x0(x0, self.x, self.a, self.s), self.a, self.s)
+        return self.velocity(x0) if self.flow else eps_from_x0(x0, self.x, self.a, self.s)
 
     def to_x0(self, out: Tensor) -> Tensor:
-        return self.space.to_x0(out, self.x, self.a, self.s)
+        return self.x0_from_velocity(out) if self.flow else x0_from_eps(out, self.x, self.a, self.s)
 
 
 class Guidance:

@@ -155,12 +155,12 @@ class APG(Guidance):
 
 
 class CFGZeroStar(Guidance):
-    """CFG-Zero* (Fan et al. 2025) in the model-output space (``eps`` for VP/EDM, velocity for flow).
+    """CFG-Zero* (Fan et al. 2025) on the flow velocity ``v = eps - x0`` (every schedule, ``GuidanceStep``).
 
-    ``o = o_c + w (o_c - s* o_ref)`` with the per-sample optimised scale ``s* = <o_c, o_ref> / ||o_ref||^2``;
-    for the chain's first ``zero_init_steps`` steps (distinct times) the output is zero, i.e. the
-    sampler's ODE drift vanishes (flow and EDM: ``x0_hat = x``; VP: ``x0_hat = x / a_t``). Both apply
-    only when ``w > 0``; a zeroed step has no guidance term, so REG leaves it alone.
+    ``v = v_c + w (v_c - s* v_ref)`` with the per-sample optimised scale ``s* = <v_c, v_ref> / ||v_ref||^2``;
+    for the chain's first ``zero_init_steps`` steps (distinct times) ``v = 0``: ``x0_hat = eps_hat =
+    x / (a_t + s_t)`` (flow: ``x0_hat = x``, Euler keeps ``x``). Both apply only when ``w > 0``; a zeroed
+    step has no guidance term, so REG leaves it alone.
     """
 
     name = "cfg_zero_star"
@@ -172,16 +172,16 @@ class CFGZeroStar(Guidance):
         self.zero_init_steps = zero_init_steps
 
     def guidance_term(self, x0_c, x0_ref, w, step):
-        out_c, out_ref = step.output(x0_c), step.output(x0_ref)
-        dims = sample_dims(out_c)
-        norm2 = (out_ref * out_ref).sum(dim=dims, keepdim=True).clamp(min=torch.finfo(out_ref.dtype).tiny)
-        s_star = (out_c * out_ref).sum(dim=dims, keepdim=True) / norm2
-        return step.to_x0(out_c + w * (out_c - s_star * out_ref)) - step.to_x0(out_c)
+        v_c, v_ref = step.velocity(x0_c), step.velocity(x0_ref)
+        dims = sample_dims(v_c)
+        norm2 = (v_ref * v_ref).sum(dim=dims, keepdim=True).clamp(min=torch.finfo(v_ref.dtype).tiny)
+        s_star = (v_c * v_ref).sum(dim=dims, keepdim=True) / norm2
+        return step.x0_from_velocity(v_c + w * (v_c - s_star * v_ref)) - step.x0_from_velocity(v_c)
 
     def guided_x0(self, model, x, t, y, state):
         if self.w == 0 or state.step >= self.zero_init_steps:
             return super().guided_x0(model, x, t, y, state)
-        zeroed = GuidanceStep(model, x, t, state).to_x0(torch.zeros_like(x))
+        zeroed = GuidanceStep(model, x, t, state).x0_from_velocity(torch.zeros_like(x))
         if self.guidance_channels is None:
             return zeroed
         x0_c = model(x, t, y)
