@@ -38,8 +38,8 @@ def test_writes_a_json_row_and_appends_csv_rows(run_dir):
 
     (run_dir / "meta.json").write_text(json.dumps({"setting": "cfg_w1_paper", "num_classes": 10}))
     for _ in range(2):
-        evaluate(run_dir, "--output", str(run_dir / "rows.csv"))  # default metrics: fid, is, accuracy
-    rows = list(csv.DictReader((run_dir / "rows.csv").open()))
+        evaluate(run_dir, "--output", str(run_dir / "new" / "rows.csv"))  # default metrics: fid, is, accuracy
+    rows = list(csv.DictReader((run_dir / "new" / "rows.csv").open()))
     assert len(rows) == 2 and rows[0] == rows[1] and rows[0]["setting"] == "cfg_w1_paper"
     assert float(rows[0]["fid"]) == pytest.approx(row["fid"], rel=1e-5)
     assert float(rows[0]["accuracy"]) == pytest.approx(row["accuracy"])
@@ -54,6 +54,7 @@ def test_writes_a_json_row_and_appends_csv_rows(run_dir):
                                    "--metrics", "[accuracy]"], r"one label in \[0, 4\) per sample"),
     ("bad output suffix", ["--output", "{out_txt}"], "must end in .json or .csv"),
     ("unknown metric", ["--metrics", "[fid, lpips]"], r"unknown \['lpips'\]"),
+    ("corrupt meta.json", ["--samples", "{wrong_meta}"], "meta.json \\(beside --samples\\) is not valid JSON"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(run_dir, capsys, problem, args, message):
     np.savez(run_dir / "small.npz", arr_0=np.zeros((10, 4, 4, 1), np.uint8))
@@ -61,9 +62,13 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, capsys, problem, args
     classifier_checkpoint(run_dir / "net4.ckpt", num_classes=4)
     (run_dir / "wrong").mkdir()
     np.savez(run_dir / "wrong" / "samples.npz", samples=np.zeros((6, 8, 8, 1), np.uint8), labels=np.arange(6))
+    (run_dir / "bad_meta").mkdir()
+    np.savez(run_dir / "bad_meta" / "samples.npz", samples=np.zeros((6, 8, 8, 1), np.uint8))
+    (run_dir / "bad_meta" / "meta.json").write_text("{truncated")
     (run_dir / "meta.json").write_text(json.dumps({"num_classes": 10}))  # as sample.py writes it
     paths = {"small": run_dir / "small.npz", "net16": run_dir / "net16.ckpt", "net4": run_dir / "net4.ckpt",
-             "wrong_labels": run_dir / "wrong" / "samples.npz", "out_txt": run_dir / "out.txt"}
+             "wrong_labels": run_dir / "wrong" / "samples.npz", "wrong_meta": run_dir / "bad_meta" / "samples.npz",
+             "out_txt": run_dir / "out.txt"}
     args = [a.format(**paths) for a in args]
     with pytest.raises(SystemExit) as exit_:
         evaluate(run_dir, *(args if "--output" in args else [*args, "--output", str(run_dir / "out.json")]))

@@ -143,6 +143,7 @@ def write_row(path, row: dict) -> None:
     from lightning_reg.sampling.writer import atomic_write, write_json
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
         write_json(path, row)
     elif path.suffix == ".csv":
@@ -192,6 +193,16 @@ def build_parser():
     return p
 
 
+def read_meta(path: Path) -> dict:
+    """``sample.py``'s ``meta.json`` beside the samples (setting name, ``num_classes``), or ``{}`` if absent."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} (beside --samples) is not valid JSON ({one_line(err, 200)}); fix or remove it") from None
+
+
 def run(cfg) -> dict:
     """Validate everything (nothing written on bad input), compute the metrics and return the row."""
     if cfg.samples is None:
@@ -202,8 +213,7 @@ def run(cfg) -> dict:
         raise ConfigError(f"--num_reference must be at least 2, got {cfg.num_reference}")
     images, labels = read_samples(cfg.samples)
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
-    meta = Path(cfg.samples).with_name("meta.json")
-    meta = json.loads(meta.read_text()) if meta.is_file() else {}
+    meta = read_meta(Path(cfg.samples).with_name("meta.json"))
     classifier = cfg.feature_network != INCEPTION
     metrics = cfg.metrics if cfg.metrics is not None else ["fid", "is"] + (["accuracy"] if classifier else [])
     if cfg.adm:  # metrics.adm: the reference batch's own statistics and images
