@@ -79,13 +79,19 @@ def test_feature_network_for_other_images_or_classes_is_refused(tmp_path):
         build_image_evaluator(["accuracy"], (1, 8, 8), path, num_classes=4)
 
 
-def test_classifier_cli_errors_are_one_line(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--model.image_size", "10"], "error: image_size=10 must be divisible by 2^len(widths) = 4"),
+    (["--model.image_size", "8"], "error: model.net.data_shape=(1, 8, 8) but the data has data_shape=(1, 16, 16)"),
+])
+def test_classifier_cli_errors_are_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--model.image_size", "10", "--data", "lightning_reg.data.digits.Digits",
-              "--trainer.logger", "false"])
+        main(["fit", "--data", "lightning_reg.data.digits.Digits", "--data.source", "sklearn",
+              "--data.root", str(tmp_path), "--trainer.logger", "false", "--trainer.default_root_dir",
+              str(tmp_path / "runs"), *args])
     assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: image_size=10 must be divisible by 2^len(widths) = 4") and "\n" not in err
+    err = capsys.readouterr().err.strip().splitlines()  # (preparing the digits prints a progress line first)
+    assert err[-1].startswith(message) and sum(line.startswith("error") for line in err) == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def test_mnist_classifier_config_parses():

@@ -48,6 +48,10 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(num_features, num_classes)
 
     @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    @property
     def arch(self) -> dict:
         return {"num_classes": self.num_classes, "image_size": self.image_size, "channels": self.channels,
                 "widths": list(self.widths), "num_features": self.num_features}
@@ -76,7 +80,7 @@ class FeatureNetwork(nn.Module):
         super().__init__()
         classifier = classifier.eval().requires_grad_(False)
         self.features, self.logits = _Readout(classifier, 0), _Readout(classifier, 1)
-        self.image_shape = (classifier.channels, classifier.image_size, classifier.image_size)
+        self.image_shape = classifier.data_shape
         self.num_classes = classifier.num_classes
         self.eval()
 
@@ -158,16 +162,15 @@ class ClassifierTraining(L.LightningModule):
 
 
 def main(args=None) -> None:
-    """``python -m lightning_reg.metrics.classifier fit --config configs/mnist_classifier.yaml``: one-line errors."""
+    """``python -m lightning_reg.metrics.classifier fit --config configs/mnist_classifier.yaml``: ``train.py``'s CLI
+    (the model's classes and image shape checked against the data, one-line errors) over ``ClassifierTraining``."""
     from argparse import ArgumentError
 
-    from lightning.pytorch.cli import LightningCLI
-
-    from lightning_reg.cli import config_error_behind, fail, parse_error_message, quiet_lightning
+    from lightning_reg.cli import TrainCLI, config_error_behind, fail, parse_error_message, quiet_lightning
 
     quiet_lightning()
     try:
-        LightningCLI(ClassifierTraining, L.LightningDataModule, subclass_mode_data=True, args=args,
+        TrainCLI(ClassifierTraining, L.LightningDataModule, subclass_mode_data=True, args=args,
                      save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except ArgumentError as err:
         fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
