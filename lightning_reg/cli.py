@@ -10,6 +10,7 @@ from argparse import ArgumentError
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_reg.data.images import ImageDataModule
 from lightning_reg.errors import ConfigError
 from lightning_reg.module import ConditionalDiffusion, read_checkpoint, state_dict_mismatch
 
@@ -22,6 +23,8 @@ class TrainCLI(LightningCLI):
             if got is not None and tuple(want if isinstance(want, tuple) else [want]) != tuple(
                     got if isinstance(got, tuple) else [got]):
                 raise ConfigError(f"model.net.{field}={want} but the data has {field}={got}; make them agree")
+        if isinstance(data, ImageDataModule):  # decode every image now: the loggers write the run's folder
+            data.setup("fit")                  # before Lightning calls setup (it returns at once then)
         path = self.resume_path()
         if path is not None:  # the run's folder is written before Lightning restores the weights
             mismatch = state_dict_mismatch(model.state_dict(), read_checkpoint(path, "--ckpt_path")["state_dict"])

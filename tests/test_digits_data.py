@@ -88,3 +88,76 @@ def test_val_split_and_val_fraction_are_exclusive(sklearn_digits):
     root, path = sklearn_digits
     with pytest.raises(ConfigError, match=r"split='valid' not in .*available splits: \['train', 'test'\]"):
         ImageDataModule(name=str(path), image_key="image", val_split="valid").setup()
+
+
+def write_image_tree(root, broken: bool = False):
+    """Two class folders of images of mixed sizes and modes (RGBA PNG, L PNG, palette GIF, CMYK JPEG)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (12, 20, 4), dtype=np.uint8), "RGBA").save(root / cls / "a.png")
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), "L").save(root / cls / "b.png")
+        Image.fromarray(rng.integers(0, 255, (30, 10, 3), dtype=np.uint8)).convert("P").save(root / cls / "c.gif")
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).convert("CMYK").save(root / cls / "d.jpg")
+    if broken:
+        (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off here")
+    return root
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_loads_mixed_sizes_and_modes_with_folder_labels(tmp_path, channels, one_thread):
+    tree = write_image_tree(tmp_path / "tree")
+    dm = ImageDataModule(name=str(tree), image_key="image", image_size=8, channels=channels, val_fraction=0.25,
+                         cache_dir=str(tmp_path / "cache"), batch_size=8)
+    assert dm.num_classes == 2
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set)) == (6, 2)
+    features = dm.train_set.hf.features["label"]
+    assert features.names == ["cat", "dog"]
+    paths = [dm.train_set.hf[r]["image"]["path"] for r in dm.train_set.indices]
+    labels = [int(dm.train_set[i][1]) for i in range(len(dm.train_set))]
+    assert labels == [features.names.index(p.split("/")[-2]) for p in paths]
+    x = torch.stack([dm.train_set[i][0] for i in range(6)])
+    assert x.shape == (6, channels, 8, 8) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+
+
+def test_corrupt_image_is_named_at_setup_or_at_first_decode(tmp_path):
+    tree = write_image_tree(tmp_path / "tree", broken=True)
+    kwargs = dict(name=str(tree), image_key="image", image_size=8, val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=r"cannot decode the image .*dog/broken.png \(row \d+ of split 'train'"):
+        ImageDataModule(**kwargs).setup()
+    lazy = ImageDataModule(**kwargs, verify_images=False)
+    lazy.setup()  # no check: the broken file fails with the same message when first loaded
+    rows = [lazy.train_set.hf[r]["image"]["path"].endswith("broken.png") for r in lazy.train_set.indices]
+    data = lazy.train_set if any(rows) else lazy.val_set
+    broken = next(i for i, r in enumerate(data.indices) if data.hf[r]["image"]["path"].endswith("broken.png"))
+    with pytest.raises(ConfigError, match="cannot decode the image .*broken.png"):
+        data[broken]
+
+
+def test_bad_image_data_in_a_training_run_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """``train.py fit`` on an image tree with a corrupt file, and on a dataset without the label column."""
+    import datasets
+    from PIL import Image
+
+    from lightning_reg.cli import main
+
+    tree = write_image_tree(tmp_path / "tree", broken=True)
+    datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8))] * 4}).save_to_disk(str(tmp_path / "unlabeled"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    common = ["fit", "--model.net", "lightning_reg.models.unet.UNet", "--model.net.num_classes", "2",
+              "--model.net.image_size", "8", "--model.net.base_channels", "8", "--model.net.attention_resolutions",
+              "[]", "--data", "lightning_reg.data.images.ImageDataModule", "--data.image_key", "image",
+              "--data.image_size", "8", "--data.channels", "1", "--data.cache_dir", str(tmp_path / "cache"),
+              "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--seed_everything", "0"]
+    for name, words in ((tree, "cannot decode the image"), (tmp_path / "unlabeled", "label_key='label' is not a column")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, "--data.name", str(name)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [
+            next(line for line in err.splitlines() if words in line)], err
+        assert list(work.iterdir()) == []
