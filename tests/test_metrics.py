@@ -214,12 +214,12 @@ def test_fid_on_classifier_features_is_zero_for_identical_sets_and_grows_with_no
 
 
 def test_accuracy_is_the_share_of_samples_classified_as_their_label(one_thread):
-    images, _ = _sklearn_digits(50)
+    images, _ = _sklearn_digits(250)  # 3 batches of ImageMetrics
     network = _digit_network()
     with torch.no_grad():
         predicted = network.logits(images.permute(0, 3, 1, 2)).argmax(1)
     labels = predicted.clone()
-    labels[:10] = (labels[:10] + 1) % 10  # 10 of 50 labels that the classifier does not assign
+    labels[::5] = (labels[::5] + 1) % 10  # 50 of 250 labels, spread over the batches, that the classifier does not assign
     evaluate = ImageMetrics(["accuracy", "is"], (1, 8, 8), network)
     assert evaluate(images, predicted)["accuracy"] == 1.0
     result = evaluate(images, labels)

@@ -122,10 +122,12 @@ class ImageMetrics:
     def _update(self, name: str, images: Tensor, desc: str, labels: Tensor | None = None, **flag) -> None:
         metric = self.metrics[name]
         gray_inception = self.feature_extractor is None and images.shape[1] == 1
-        for i, batch in enumerate(tqdm(images.split(_BATCH), desc=desc, leave=False)):
+        batches = images.split(_BATCH)
+        label_batches = labels.split(_BATCH) if name == "accuracy" else [None] * len(batches)
+        for batch, batch_labels in zip(tqdm(batches, desc=desc, leave=False), label_batches):
             batch = batch.to(self.device)
             if name == "accuracy":
-                metric.update(self.feature_extractor.logits(batch), labels[i * _BATCH:(i + 1) * _BATCH].to(self.device))
+                metric.update(self.feature_extractor.logits(batch), batch_labels.to(self.device))
             else:
                 metric.update(batch.expand(-1, 3, -1, -1) if gray_inception else batch, **flag)
 
