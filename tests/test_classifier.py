@@ -30,6 +30,7 @@ def digits_batch(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images[:n, None]), torch.from_numpy(labels[:n])
 
 
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_classifier_fits_its_training_batch_and_checkpoint_round_trips(tmp_path, one_thread):
     images, labels = digits_batch()
     x = images.float() / 127.5 - 1
