@@ -30,6 +30,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/guidance_cost.py $(BENCH_ARGS)
+	$(PY) benchmarks/lightning_overhead.py $(BENCH_ARGS)
+	$(PY) benchmarks/unet_sizes.py $(BENCH_ARGS)
 
 clean:
 	rm -rf checkpoints/runs .pytest_cache

@@ -1,6 +1,7 @@
 """Cost of one guided denoiser call: conditional, CFG, CFG+REG (paper), CFG+REG (vjp).
 
-Per backbone (the toy MLP on 2D points, a small DiT on 32x32x4 latents) this times one call of
+Per backbone (the toy MLP on 2D points, a small DiT on 32x32x4 latents, the UNet of the 16x16 digits
+config) this times one call of
 ``GuidedDenoiser`` at a mid time under ``torch.no_grad()`` (as the samplers run it): the median of
 ``--repeats`` rounds after warm-up, the four methods interleaved in every round; a ratio to CFG is
 the median over rounds of the ratio within a round, so that load drifting on a shared machine cancels.
@@ -12,17 +13,17 @@ for backward, deduplicated, parameters excluded, counted with ``torch.autograd.g
 that is the memory REG adds over a no-grad forward, and zero for the no-grad methods.
 
     python benchmarks/guidance_cost.py [--device cpu|cuda] [--batch 4096] [--image-batch 16] [--patch 4]
-                                       [--repeats 10] [--warmup 2] [--threads N]
+                                       [--unet-batch 128] [--repeats 10] [--warmup 2] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
+from common import cuda_peak_bytes, interleaved_times, medians
 from torch import nn
 
 from lightning_reg.diffusion.denoiser import Denoiser
@@ -31,6 +32,7 @@ from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 from lightning_reg.models.dit import DiT
 from lightning_reg.models.mlp import ToyMLP
+from lightning_reg.models.unet import UNet
 
 METHODS = {
     "conditional": dict(method="conditional"),
@@ -40,22 +42,20 @@ METHODS = {
 }
 
 
-def backbones(batch: int, image_batch: int, patch: int):
-    """``(name, net, batch)``; the zero-initialised adaLN/output layers of DiT get small random weights,
-    so the backward pass does real work."""
+def backbones(batch: int, image_batch: int, patch: int, unet_batch: int):
+    """``(name, net, batch)``; the zero-initialised layers (DiT's adaLN and output, the UNet's output
+    convolution) get small random weights, so the backward pass does real work."""
     dit = DiT(num_classes=10, input_size=32, in_channels=4, patch_size=patch, hidden_size=256, depth=6, num_heads=4,
               learn_sigma=False)
+    unet = UNet(num_classes=10, image_size=16, channels=1, base_channels=32, channel_mult=(1, 2),
+                attention_resolutions=(8,))
     with torch.no_grad():
-        for p in dit.parameters():
+        for p in (*dit.parameters(), *unet.parameters()):
             if not p.any():
                 p.normal_(0, 0.02)
     return [("toy MLP, 2D", ToyMLP(num_classes=2, dim=2), batch),
-            (f"DiT 32x32x4 /{patch}, w256 d6", dit, image_batch)]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            (f"DiT 32x32x4 /{patch}, w256 d6", dit, image_batch),
+            ("UNet 16x16x1, b32 (1,2) attn 8", unet, unet_batch)]
 
 
 @contextmanager
@@ -78,12 +78,7 @@ def saved_tensor_bytes(model: nn.Module, total: list[int]):
 def peak_memory(call, model: nn.Module, device: torch.device) -> int:
     """Bytes: CUDA peak allocated above the resting state; CPU autograd saved-tensor bytes."""
     if device.type == "cuda":
-        synchronize(device)
-        resting = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        call()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - resting
+        return cuda_peak_bytes(call, device)
     total = [0]
     with saved_tensor_bytes(model, total):
         call()
@@ -98,30 +93,11 @@ def measure(net: nn.Module, batch: int, device: torch.device, repeats: int, warm
     x = torch.randn(batch, *model.data_shape, generator=g).to(device)
     y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
     t = torch.tensor(500.0)
-    calls = {name: GuidedDenoiser(model, make_guidance(**params), y) for name, params in METHODS.items()}
-
-    @torch.no_grad()
-    def call(name):
-        return calls[name](x, t)
-
-    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    times = {name: {clock: [] for clock in clocks} for name in calls}
-    for r in range(warmup + repeats):
-        for name in calls:  # interleaved: every round times all methods back to back
-            synchronize(device)
-            start = {clock: now() for clock, now in clocks.items()}
-            call(name)
-            synchronize(device)
-            if r >= warmup:
-                for clock, now in clocks.items():
-                    times[name][clock].append(now() - start[clock])
-    result = {}
-    for name in calls:
-        result[name] = {"memory": peak_memory(lambda: call(name), model, device)}
-        for clock in clocks:
-            result[name][clock] = statistics.median(times[name][clock])
-            result[name][f"{clock}_ratio"] = statistics.median(
-                a / b for a, b in zip(times[name][clock], times["cfg"][clock]))
+    guided = {name: GuidedDenoiser(model, make_guidance(**params), y) for name, params in METHODS.items()}
+    calls = {name: torch.no_grad()(partial(call, x, t)) for name, call in guided.items()}
+    result = medians(interleaved_times(calls, repeats, warmup, device), reference="cfg")
+    for name, call in calls.items():
+        result[name]["memory"] = peak_memory(call, model, device)
     return result
 
 
@@ -143,6 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4096, help="toy MLP batch")
     parser.add_argument("--image-batch", type=int, default=16, help="DiT batch")
     parser.add_argument("--patch", type=int, default=4, help="DiT patch size (2: 256 tokens, 4: 64)")
+    parser.add_argument("--unet-batch", type=int, default=128, help="UNet batch (the digits config's sampling batch)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -152,7 +129,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [(name, batch, measure(net, batch, device, args.repeats, args.warmup))
-            for name, net, batch in backbones(args.batch, args.image_batch, args.patch)]
+            for name, net, batch in backbones(args.batch, args.image_batch, args.patch, args.unet_batch)]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"guided denoiser, one call at t = 500/1000, median of {args.repeats} ({where}, torch {torch.__version__})")
     print(table(rows, device))

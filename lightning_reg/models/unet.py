@@ -97,7 +97,9 @@ class UNet(nn.Module):
     at resolution ``image_size / 2**i`` with ``base_channels * channel_mult[i]`` channels and
     ``num_res_blocks`` residual blocks (the decoder has one more per level, for the extra skip);
     ``attention_resolutions`` lists the resolutions (in pixels) that get self-attention after each block,
-    the middle block included. The output convolution starts at zero, so the untrained net predicts 0.
+    the middle block included. ``norm_groups`` is the GroupNorm group count (ADM: 32 at its 128+
+    channels; 8 suits the small CPU widths). The output convolution starts at zero, so the untrained
+    net predicts 0. The class embedding follows ADM: ``nn.Embedding``'s N(0, 1) rows added to the time embedding.
     """
 
     def __init__(
@@ -148,7 +150,7 @@ class UNet(nn.Module):
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
-            for i in range(num_res_blocks + 1):
+            for _ in range(num_res_blocks + 1):
                 self.up.append(stage(c + skips.pop(), widths[level], resolutions[level]))
                 c = widths[level]
             if level > 0:
