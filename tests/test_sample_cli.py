@@ -155,7 +155,7 @@ def foreign_checkpoints(checkpoint: Path, folder: Path) -> dict[str, Path]:
     ("ok", ["--sampler", "edm_heun"], "sampler 'edm_heun' needs the 'edm' schedule"),
     ("ok", ["--steps", "two"], "steps"),
     ("ok", ["--distribution", "toy1d"], "--distribution toy1d has 1 classes in 1D"),
-    ("ok", ["--precision", "fp16"], r"--precision must be one of \['fp32', 'bf16'\], got 'fp16'"),
+    ("ok", ["--precision", "half"], r"--precision must be one of \['fp32', 'bf16', 'fp16'\], got 'half'"),
     ("ok", ["--image_size", "256"], "--image_size is for a public DiT checkpoint: give --model too"),
     ("ok", ["--vae", "./vae/missing"], "--vae ./vae/missing does not exist"),
     ("ok", ["--model", "DiT-XL/2"], "--model DiT-XL/2 samples latents: give --vae"),
@@ -297,3 +297,21 @@ def test_public_dit_bad_input_one_line(public_dit, tmp_path, capsys, args, messa
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
     assert not out.exists()
+
+
+def test_dit_xl2_config_and_its_variants_parse():
+    """``configs/sample_dit_xl2_256.yaml`` parses, and every ``--guidance`` variant in its header builds."""
+    import yaml
+
+    from lightning_reg.guidance import make_guidance
+    from lightning_reg.sampling.cli import build_parser
+
+    path = ROOT / "configs" / "sample_dit_xl2_256.yaml"
+    cfg = build_parser().parse_args(["--config", str(path)])
+    assert (cfg.model, cfg.image_size, cfg.steps, cfg.num_samples, cfg.precision) == ("DiT-XL/2", 256, 250, 50000, "bf16")
+    variants = [cfg.guidance] + [yaml.safe_load(g) for g in re.findall(r"--guidance '(.*)'", path.read_text())]
+    assert len(variants) == 5
+    for params in variants:
+        for reg in ("none", "paper", "vjp"):
+            guidance = make_guidance(**{**params, "reg": reg})
+            assert guidance.guidance_channels == [0, 1, 2] and guidance.convention == "w2" and guidance.w == 0.5

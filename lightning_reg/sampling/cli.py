@@ -54,7 +54,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--vae", type=str | None, default=None,
                    help="sample in this AutoencoderKL's latent space and decode at the end: a local folder or "
                         "a cached hub name (stabilityai/sd-vae-ft-ema); required with --model")
-    p.add_argument("--precision", type=str, default="fp32", help="fp32, or bf16 (autocast, as the DiT authors)")
+    p.add_argument("--precision", type=str, default="fp32",
+                   help="fp32, or bf16 / fp16: autocast (the REG authors' DiT patch: fp16 autocast)")
     p.add_argument("--compile", type=bool, default=False, help="torch.compile the backbone")
     p.add_argument("--ema", type=bool, default=True, help="sample the EMA weights (false: the raw weights)")
     p.add_argument("--guidance", type=dict, default={"method": "cfg", "scale": 1.0, "reg": "none"},

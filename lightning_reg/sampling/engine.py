@@ -27,16 +27,18 @@ from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.base import Guidance, GuidedDenoiser
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device, precision: str):
-    """The sampling precision: ``bf16`` is ``torch.autocast`` to bfloat16 (as the DiT and REG authors sample:
-    the network's matrix products run in bfloat16, the chain's state and arithmetic stay float32, and REG's
-    backward pass runs under the same autocast); ``fp32`` changes nothing."""
+    """The sampling precision: ``bf16`` / ``fp16`` run the chain under ``torch.autocast`` to that type (the
+    network's matrix products in half precision; the chain's state and arithmetic stay float32; REG's
+    backward pass runs under the same autocast). The REG authors' DiT patch samples under
+    ``torch.cuda.amp.autocast()``, i.e. ``fp16``. ``fp32`` changes nothing."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def sample_seed(seed: int, index: int) -> int:
