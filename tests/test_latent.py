@@ -138,21 +138,15 @@ def test_train_on_latents_then_sample_decoded_images(vae_folder, tmp_path, one_t
     """train.py on ``LatentImages`` (the model sees 4x4x4 latents), then sample.py ``--vae`` (32x32 RGB images)."""
     import numpy as np
 
-    from lightning_reg.cli import main as train_main
+    from test_sample_cli import train_tiny_dit
+
     from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
     from lightning_reg.sampling.cli import main as sample_main
 
     data = make_synthetic_image_dataset(tmp_path / "data", num_classes=3, n_per_class=4, image_size=32)
-    train_main(["fit", "--seed_everything", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-                "--model.net", "lightning_reg.models.dit.DiT", "--model.net.num_classes", "3",
-                "--model.net.input_size", "4", "--model.net.in_channels", "4", "--model.net.hidden_size", "32",
-                "--model.net.depth", "1", "--model.net.num_heads", "2",
-                "--data", "lightning_reg.diffusion.latent.LatentImages", "--data.vae", str(vae_folder),
-                "--data.data", "lightning_reg.data.images.ImageDataModule", "--data.data.name", str(data),
-                "--data.data.image_size", "32", "--data.data.batch_size", "4"])
-    (ckpt,) = tmp_path.glob("checkpoints/*.ckpt")
+    ckpt = train_tiny_dit(tmp_path, 4, 4, "--data", "lightning_reg.diffusion.latent.LatentImages",
+                          "--data.vae", str(vae_folder), "--data.data", "lightning_reg.data.images.ImageDataModule",
+                          "--data.data.name", str(data), "--data.data.image_size", "32", "--data.data.batch_size", "4")
     out = tmp_path / "out"
     sample_main(["--checkpoint", str(ckpt), "--vae", str(vae_folder), "--output", str(out), "--num_samples", "3",
                  "--steps", "2", "--guidance", "{method: cfg, scale: 1.0, reg: paper}"])

@@ -182,20 +182,26 @@ def test_another_runs_folder_is_refused_and_left_alone(reference_run, checkpoint
     assert {p.name: p.stat().st_mtime_ns for p in reference_run.iterdir()} == files
 
 
+def train_tiny_dit(folder: Path, image_size: int, channels: int, *data_args: str) -> Path:
+    """train.py, 2 steps of a 3-class DiT (width 32, depth 1) on ``image_size`` x ``channels`` inputs from the
+    data module ``data_args``; its checkpoint."""
+    train_main(["fit", "--seed_everything", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+                "--trainer.default_root_dir", str(folder), "--trainer.accelerator", "cpu",
+                "--model.net", "lightning_reg.models.dit.DiT", "--model.net.num_classes", "3",
+                "--model.net.input_size", str(image_size), "--model.net.in_channels", str(channels),
+                "--model.net.hidden_size", "32", "--model.net.depth", "1", "--model.net.num_heads", "2", *data_args])
+    (ckpt,) = folder.glob("checkpoints/*.ckpt")
+    return ckpt
+
+
 def test_image_checkpoint_gives_uint8_samples_and_pngs(tmp_path):
     from PIL import Image
 
     from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
     data = make_synthetic_image_dataset(tmp_path / "data", num_classes=3, n_per_class=4, image_size=8)
-    train_main(["fit", "--seed_everything", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-                "--model.net", "lightning_reg.models.dit.DiT", "--model.net.num_classes", "3",
-                "--model.net.input_size", "8", "--model.net.in_channels", "3", "--model.net.hidden_size", "32",
-                "--model.net.depth", "1", "--model.net.num_heads", "2", "--model.net.learn_sigma", "false",
-                "--data", "lightning_reg.data.images.ImageDataModule",
-                "--data.name", str(data), "--data.image_size", "8", "--data.batch_size", "4"])
-    (ckpt,) = tmp_path.glob("checkpoints/*.ckpt")
+    ckpt = train_tiny_dit(tmp_path, 8, 3, "--data", "lightning_reg.data.images.ImageDataModule",
+                          "--data.name", str(data), "--data.image_size", "8", "--data.batch_size", "4")
     out = tmp_path / "out"
     sample_main(["--checkpoint", str(ckpt), "--output", str(out), "--num_samples", "5", "--steps", "2"])
     samples, labels = load(out)
