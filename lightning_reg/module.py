@@ -89,14 +89,18 @@ class ConditionalDiffusion(L.LightningModule):
         self.ema.module.load_state_dict(self.net.state_dict())
 
     def freeze_parameters(self, prefixes: list[str]) -> None:
-        """Keep the parameters of ``net`` whose names start with one of ``prefixes`` fixed."""
+        """Keep fixed the parameters of ``net`` named ``prefix`` or ``prefix.*`` (``blocks``, ``blocks.0``)."""
         names = [name for name, _ in self.net.named_parameters()]
-        unmatched = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+
+        def under(name: str, prefix: str) -> bool:
+            return name == prefix or name.startswith(prefix + ".")
+
+        unmatched = [p for p in prefixes if not any(under(name, p) for name in names)]
         if unmatched:
             tops = sorted({name.split(".")[0] for name in names})
             raise ConfigError(f"model.freeze {unmatched} match no parameter of model.net; its modules: {tops}")
         for name, param in self.net.named_parameters():
-            param.requires_grad_(not any(name.startswith(p) for p in prefixes))
+            param.requires_grad_(not any(under(name, p) for p in prefixes))
 
     @property
     def num_classes(self) -> int:

@@ -110,3 +110,9 @@ def test_freeze_keeps_frozen_parameters_fixed_while_the_rest_trains(source, one_
 def test_freeze_refuses_names_that_match_nothing():
     with pytest.raises(ConfigError, match=r"model.freeze \['encoder'\] match no parameter .*'blocks'"):
         ConditionalDiffusion(toy2d_net(), freeze=["blocks", "encoder"])
+    with pytest.raises(ConfigError, match=r"\['block'\] match no parameter"):  # whole names, not letters
+        ConditionalDiffusion(toy2d_net(), freeze=["block"])
+    model = ConditionalDiffusion(toy2d_net(), freeze=["blocks.1", "out.1.bias"])
+    assert sorted(n for n, p in model.net.named_parameters() if not p.requires_grad) == [
+        "blocks.1.layers.0.bias", "blocks.1.layers.0.weight", "blocks.1.layers.1.bias", "blocks.1.layers.1.weight",
+        "blocks.1.layers.3.bias", "blocks.1.layers.3.weight", "out.1.bias"]
