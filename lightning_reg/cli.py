@@ -88,11 +88,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
-def main(args=None) -> None:
-    """Run the CLI; bad flags, config keys and values end in one ``error: ...`` line and exit code 2."""
+def main(args=None, model_class: type[L.LightningModule] = ConditionalDiffusion) -> None:
+    """Run the CLI over ``model_class`` (also the digits classifier's); bad flags, config keys and values end
+    in one ``error: ...`` line and exit code 2."""
     quiet_lightning()
     try:
-        TrainCLI(ConditionalDiffusion, L.LightningDataModule, subclass_mode_data=True, args=args,
+        TrainCLI(model_class, L.LightningDataModule, subclass_mode_data=True, args=args,
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except ArgumentError as err:
         fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
