@@ -161,3 +161,28 @@ def test_bad_image_data_in_a_training_run_is_one_line_and_writes_nothing(tmp_pat
         assert exit_info.value.code == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [
             next(line for line in err.splitlines() if words in line)], err
         assert list(work.iterdir()) == []
+
+
+def test_hub_name_loads_both_splits_through_load_dataset(monkeypatch, tmp_path):
+    """A hub name (``ylecun/mnist``: columns image/label) goes to ``datasets.load_dataset(name, split=,
+    cache_dir=)`` once per split; here it answers from memory, as a cached download would."""
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    calls = []
+
+    def load_dataset(name, split, cache_dir):
+        calls.append((name, split, cache_dir))
+        n = {"train": 20, "test": 10}[split]
+        return datasets.Dataset.from_dict({"image": [Image.new("L", (28, 28), color=i) for i in range(n)],
+                                           "label": [i % 10 for i in range(n)]}, features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    dm = ImageDataModule(name="ylecun/mnist", image_key="image", channels=1, image_size=16, val_split="test",
+                         cache_dir=str(tmp_path))
+    assert dm.num_classes == 10
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set)) == (20, 10)
+    assert calls == [("ylecun/mnist", "train", str(tmp_path)), ("ylecun/mnist", "test", str(tmp_path))]
+    assert dm.val_set[3][0].shape == (1, 16, 16)
