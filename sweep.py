@@ -1,0 +1,10 @@
+"""Sweep guidance methods x weights x REG modes: ``python sweep.py --config configs/sweep_toy2d.yaml``.
+
+Writes ``sweep.csv`` and ``fronts.png`` to ``--output`` and prints the best settings; see ``docs/sweeps.md``.
+``python sweep.py --help`` lists the options.
+"""
+
+from lightning_reg.sampling.sweep import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""``sweep.py``: fronts and best points, resumption (settings and shards), and one-line errors that write nothing."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import lightning_reg.sampling.cli as sample_cli
+from lightning_reg.cli import main as train_main
+from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front
+from lightning_reg.sampling.sweep import main as sweep_main
+from lightning_reg.sampling.sweep import read_table
+from test_sample_cli import TRAIN_CONFIG  # the tiny ToyMLP of sample.py's tests
+
+STEPS = 4
+# 2 methods x 2 weights x 2 REG modes = 8 settings of 12 samples in 2 shards (one generate call per shard).
+SWEEP = ["--methods", "[{method: cfg, weights: [0.5, 2]}, {method: interval, weights: [1, 3], t_lo: 0, t_hi: 500}]",
+         "--reg", "[none, paper]", "--num_samples", "12", "--shard_size", "6", "--batch_size", "6",
+         "--steps", str(STEPS), "--seed", "3", "--distribution", "toy2d"]
+NAMES = ["cfg_w0.5_none", "cfg_w2_none", "cfg_w0.5_paper", "cfg_w2_paper", "interval_w1_none_t_hi500_t_lo0",
+         "interval_w3_none_t_hi500_t_lo0", "interval_w1_paper_t_hi500_t_lo0", "interval_w3_paper_t_hi500_t_lo0"]
+TIMING = ("time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_module():
+    """One intra-op thread for the whole module (as the ``one_thread`` fixture does per test): its module-scoped
+    sweeps sample tiny batches, which two OpenMP threads on a busy 2-core machine slow down ~10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A ToyMLP trained 50 steps through train.py's CLI (so the checkpoint rebuilds the backbone)."""
+    folder = tmp_path_factory.mktemp("train")
+    (folder / "tiny.yaml").write_text(TRAIN_CONFIG)
+    train_main(["fit", "--config", str(folder / "tiny.yaml"), "--trainer.default_root_dir", str(folder)])
+    (ckpt,) = folder.glob("checkpoints/*.ckpt")
+    return ckpt
+
+
+@pytest.fixture
+def count_generate(monkeypatch):
+    """Counts ``generate`` calls of the sampling chain (the 1-step check of each new setting excluded)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        if kwargs["steps"] == STEPS:
+            calls.append(len(args[3]))
+        return generate(*args, **kwargs)
+
+    generate = sample_cli.generate
+    monkeypatch.setattr(sample_cli, "generate", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def reference_sweep(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "sweep"
+    sweep_main(["--checkpoint", str(checkpoint), "--output", str(out), *SWEEP])
+    return out
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+# energy distance (min) against on-shape (max); a hand-made table with known answers
+TABLE = [
+    {"method": "cfg", "reg": "none", "w": 0, "ed": 0.30, "on": 0.90},
+    {"method": "cfg", "reg": "none", "w": 1, "ed": 0.10, "on": 0.95},  # best ed of (cfg, none)
+    {"method": "cfg", "reg": "none", "w": 2, "ed": 0.20, "on": 0.99},
+    {"method": "cfg", "reg": "paper", "w": 1, "ed": 0.08, "on": 0.96},  # best of (cfg, paper), dominates w=1 none
+    {"method": "cfg", "reg": "paper", "w": 2, "ed": 0.12, "on": 0.99},  # dominates w=2 none
+    {"method": "cosine", "reg": "none", "w": 1, "ed": 0.08, "on": 0.96},  # ties (cfg, paper, 1): both on the front
+    {"method": "cosine", "reg": "none", "w": 2, "ed": float("nan"), "on": 1.0},  # NaN: never on a front or best
+    {"method": "cosine", "reg": "paper", "w": 1, "ed": 0.40, "on": 0.85},
+]
+GOALS = {"ed": "min", "on": "max"}
+
+
+def test_pareto_front_and_best_rows_of_a_hand_made_table():
+    assert dominates(TABLE[3], TABLE[1], GOALS) and not dominates(TABLE[1], TABLE[3], GOALS)
+    assert not dominates(TABLE[3], TABLE[5], GOALS)  # equal rows
+    assert pareto_front(TABLE, GOALS) == [3, 4, 5]
+    assert pareto_front(TABLE, {"ed": "min"}) == [3, 5]
+    assert pareto_front(TABLE, {"on": "max"}) == [6]  # one objective: the best rows only
+    best = best_rows(TABLE, ("method", "reg"), "ed", "min")
+    assert list(best) == [("cfg", "none"), ("cfg", "paper"), ("cosine", "none"), ("cosine", "paper")]
+    assert [best[k]["w"] for k in best] == [1, 1, 1, 1] and best[("cfg", "paper")]["ed"] == 0.08
+    assert best_rows(TABLE, ("method",), "on", "max")[("cosine",)] is TABLE[6]  # the NaN ed does not matter here
+    assert best_rows(TABLE, ("method",), "ed", "max")[("cosine",)] is TABLE[7]
+    with pytest.raises(ValueError, match="'min' or 'max'"):
+        best_rows(TABLE, ("method",), "ed", "lowest")
+
+
+def test_sweep_outputs(reference_sweep, capsys):
+    rows = read_table(reference_sweep / "sweep.csv")
+    assert [r["setting"] for r in rows] == NAMES
+    assert [(r["method"], r["reg"], float(r["w"]), r["convention"], float(r["weight"])) for r in rows[:2]] == [
+        ("cfg", "none", 0.5, "w", 0.5), ("cfg", "none", 2.0, "w", 2.0)]
+    assert rows[4]["params"] == "t_hi=500 t_lo=0"
+    for row in rows:
+        assert {"energy_distance", "on_shape", "log_likelihood", "sliced_wasserstein"} <= set(row)
+        assert float(row["time_per_sample_ms"]) > 0 and float(row["peak_memory_mib"]) > 0
+        assert int(row["num_samples"]) == 12
+        meta = json.loads((reference_sweep / row["setting"] / "meta.json").read_text())
+        assert float(row["energy_distance"]) == meta["metrics"]["energy_distance"]  # the one evaluation path
+        assert meta["generated_samples"] == 12 and meta["config"]["guidance"]["scale"] == float(row["weight"])
+    assert Image.open(reference_sweep / "fronts.png").size[0] >= 800
+    # the same command again: every setting is finished, nothing is sampled, the summary is printed again
+    capsys.readouterr()
+    sweep_main(["--checkpoint", str(json.loads((reference_sweep / "cfg_w2_none" / "meta.json").read_text())
+                                    ["checkpoint"]), "--output", str(reference_sweep), *SWEEP])
+    out = capsys.readouterr().out
+    best = min((r for r in rows if r["method"] == "cfg" and r["reg"] == "paper"),
+               key=lambda r: float(r["energy_distance"]))
+    line = next(line for line in out.splitlines() if re.match(r"cfg\s+paper\s", line))
+    assert line.split()[2:4] == [f"{float(best['w']):g}", f"{float(best['energy_distance']):.4g}"]
+    assert "8 of 8 settings" in out
+
+
+def test_interrupted_sweep_resumes_and_equals_uninterrupted(reference_sweep, checkpoint, tmp_path, capsys,
+                                                            count_generate):
+    out = tmp_path / "sweep"
+    args = ["--checkpoint", str(checkpoint), "--output", str(out), *SWEEP]
+    sweep_main([*args, "--max_settings", "3"])
+    assert "run the same command again to resume" in capsys.readouterr().out
+    assert len(count_generate) == 3 * 2
+    assert [r["setting"] for r in read_table(out / "sweep.csv")] == NAMES[:3]
+    # a setting killed half-way: one of its two shards is done, no meta.json / row.json
+    partial = out / NAMES[3]
+    sweep_main([*args, "--max_settings", "1"])
+    for name in ("row.json", "meta.json", "samples.npz", "samples.png", "shard_00001.npz"):
+        (partial / name).unlink()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/shard_*.npz")}
+    count_generate.clear()
+    sweep_main(args)
+    assert len(count_generate) == 1 + 4 * 2  # the partial setting's missing shard, then the 4 untouched settings
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # finished shards are not redone
+    assert without_timing(read_table(out / "sweep.csv")) == without_timing(read_table(reference_sweep / "sweep.csv"))
+    assert math.isclose(json.loads((partial / "row.json").read_text())["energy_distance"],
+                        json.loads((reference_sweep / NAMES[3] / "row.json").read_text())["energy_distance"],
+                        rel_tol=0, abs_tol=0)
+
+
+def test_folder_of_another_sweep_is_refused_and_left_alone(reference_sweep, checkpoint, capsys):
+    files = {p: p.stat().st_mtime_ns for p in reference_sweep.rglob("*")}
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_main(["--checkpoint", str(checkpoint), "--output", str(reference_sweep), *SWEEP, "--seed", "4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --output {reference_sweep} holds another sweep (arguments differ in ['seed']); choose " \
+                  "another folder"
+    assert {p: p.stat().st_mtime_ns for p in reference_sweep.rglob("*")} == files
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--methods", "[{method: cfg, weights: []}]"], r"--methods\[0\] \(cfg\): empty weight grid"),
+    (["--methods", "[]"], "--methods is empty"),
+    (["--methods", "[{method: cfg, weights: [1], power: 2}]"],
+     r"--methods\[0\] \(cfg\) weight 1: bad parameters for guidance 'cfg': .*unexpected keyword argument 'power'"),
+    (["--methods", "[{method: cfg, weights: [1, -0.5]}]"],
+     r"--methods\[0\] \(cfg\) weight -0.5: scale=-0.5 is below 0 \(w convention\)"),
+    (["--methods", "[{method: cosine, weights: [2, 0.5]}]", "--convention", "w2"],
+     r"--methods\[0\] \(cosine\) weight 0.5: scale=0.5 is below 1 \(w2 convention\)"),
+    (["--methods", "[{method: cfg, weights: [1], reg: vjp}]"], r"\['reg'\] are set by the sweep"),
+    (["--reg", "[none, half]"], r"--reg: unknown REG modes \['half'\]"),
+    (["--distribution", "null"], "a sweep needs metrics"),
+    (["--front", "[fid, on_shape]"], "--front must name two of the computed metrics"),
+    (["--sample_options", "{seed: 1}"], r"--sample_options: \['seed'\] are set by the sweep"),
+    (["--sampler", "euler"], "unknown sampler 'euler'"),
+])
+def test_bad_input_one_line_and_nothing_written(checkpoint, tmp_path, capsys, change, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_main(["--checkpoint", str(checkpoint), "--output", str(out), *SWEEP, *change])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not out.exists()
