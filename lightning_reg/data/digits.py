@@ -88,9 +88,9 @@ def prepare_digits(source: str = "mnist", root: str | os.PathLike = "data") -> P
         return path
     if path.exists():
         raise ConfigError(f"{path} exists but is not a prepared digits dataset; remove it and run again")
+    start = time.perf_counter()
     images, labels = load_digit_arrays(source)
     test = stratified_test_mask(labels)
-    start = time.perf_counter()
     print(f"preparing digits: {len(labels)} {source} images {images.shape[1]}x{images.shape[2]} "
           f"({int((~test).sum())} train / {int(test.sum())} test) -> {path}", file=sys.stderr, flush=True)
     features = datasets.Features({"image": datasets.Image(mode="L"),
