@@ -314,7 +314,7 @@ def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cols = min(len(methods), 3) or 1
     nrows = max(1, math.ceil(len(methods) / cols))
-    fig = Figure(figsize=(4.6 * cols, 3.9 * nrows), layout="constrained")
+    fig = Figure(figsize=(max(4.6 * cols, 8.0), 3.9 * nrows), layout="constrained")  # room for the title
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, cols, squeeze=False, sharex=True, sharey=True).ravel()
     front = sorted((rows[i] for i in pareto_front(rows, goals)), key=lambda r: float(r[x]))
