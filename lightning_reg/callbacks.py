@@ -45,12 +45,15 @@ def metrics_table(results: dict[str, dict[str, float]]) -> str:
 
 class SamplingCallback(L.Callback):
     """Every ``every_n_val_epochs`` validation runs (sanity check excluded), sample ``num_samples``
-    class-balanced points per guidance setting and log ``sample/<setting>/<metric>`` for each of ``metrics``.
+    class-balanced points per guidance setting and log ``<name>/<setting>/<metric>`` for each of ``metrics``.
     A scatter plot (toy data) or an image grid (a block of rows per setting) is saved to
-    ``<log_dir>/samples/step_<global_step>.png``; loggers that take images (TensorBoard's ``add_image``,
-    ``log_image``) get it as ``sample/grid`` (toy data) or one grid per setting, ``sample/<setting>/grid``.
+    ``<log_dir>/<name>s/step_<global_step>.png``; loggers that take images (TensorBoard's ``add_image``,
+    ``log_image``) get it as ``<name>/grid`` (toy data) or one grid per setting, ``<name>/<setting>/grid``.
 
     Args:
+        name: the prefix of the logged keys and of the figure folder (default ``sample``: ``sample/...``,
+            ``samples/``); give each callback its own when a run holds several (e.g. a small ``watch`` one at
+            every validation and a large ``sample`` one at the end).
         settings: guidance dicts for ``make_guidance(**setting)``; default CFG ``w = 1`` with REG none/paper/vjp.
         sampler, steps, seed, batch_size, sampler_kwargs: as in ``sample.py``.
         metrics: toy data (a datamodule with a ``distribution``): names from ``metrics.toy.TOY_METRICS``,
@@ -64,7 +67,7 @@ class SamplingCallback(L.Callback):
             (IS: logits), for use from Python.
     """
 
-    def __init__(self, every_n_val_epochs: int = 1, num_samples: int = 1000, settings: list[dict] | None = None,
+    def __init__(self, name: str = "sample", every_n_val_epochs: int = 1, num_samples: int = 1000, settings: list[dict] | None = None,
                  sampler: str = "ddpm", steps: int = 25, seed: int = 0, batch_size: int = 1000,
                  sampler_kwargs: dict | None = None, metrics: list[str] | None = None,
                  feature_network: str | None = None, inception_weights: str | None = None,
@@ -80,7 +83,9 @@ class SamplingCallback(L.Callback):
                               f"got names {names}")
         get_sampler(sampler, **(sampler_kwargs or {}))
         self.guidances = {name: make_guidance(**s) for name, s in zip(names, settings)}
-        self.every_n_val_epochs, self.num_samples = every_n_val_epochs, num_samples
+        if not name or not name.replace("_", "").isalnum():
+            raise ConfigError(f"SamplingCallback name must be a non-empty word (letters, digits, _), got {name!r}")
+        self.name, self.every_n_val_epochs, self.num_samples = name, every_n_val_epochs, num_samples
         self.sampler, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
         self.sampler_kwargs = sampler_kwargs
         self.requested_metrics = None if metrics is None else check_names(
@@ -118,6 +123,11 @@ class SamplingCallback(L.Callback):
         """Whether ``feature_network`` is a classifier (a checkpoint path; ``inception`` is not)."""
         return isinstance(self.feature_network, str) and self.feature_network != "inception"
 
+    @property
+    def state_key(self) -> str:
+        """Unique per ``name``, so each of several callbacks in a run resumes its own count."""
+        return self._generate_state_key(name=self.name)
+
     def state_dict(self) -> dict:
         return {"val_runs": self.val_runs}
 
@@ -134,11 +144,11 @@ class SamplingCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         distribution = getattr(trainer.datamodule, "distribution", None)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step}.png"
+        path = Path(trainer.log_dir or trainer.default_root_dir) / f"{self.name}s" / f"step_{trainer.global_step}.png"
         results = {name: self.evaluate(trainer, pl_module, x, labels) for name, x in samples.items()}
         for name, metrics in results.items():
             for metric, value in metrics.items():
-                pl_module.log(f"sample/{name}/{metric}", value, rank_zero_only=True)
+                pl_module.log(f"{self.name}/{name}/{metric}", value, rank_zero_only=True)
         if any(results.values()):
             tqdm.write(f"\nstep {trainer.global_step}: {self.num_samples} samples per setting, {self.sampler} "
                        f"{self.steps} steps\n{metrics_table(results)}")
@@ -148,14 +158,14 @@ class SamplingCallback(L.Callback):
             save_figure(fig, path)
             image = self.figure_array(fig) if self.logger_takes_images(trainer) else None
             if image is not None:
-                self.log_image(trainer, "sample/grid", image)
+                self.log_image(trainer, f"{self.name}/grid", image)
         else:
             grids = {name: image_grid(to_uint8_nhwc(x[:GRID_IMAGES]), nrow=8) for name, x in samples.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             write_png(path, np.concatenate(list(grids.values())))
             if self.logger_takes_images(trainer):
                 for name, grid in grids.items():
-                    self.log_image(trainer, f"sample/{name}/grid", grid)
+                    self.log_image(trainer, f"{self.name}/{name}/grid", grid)
 
     def sample(self, trainer: L.Trainer, pl_module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``({setting: samples (N, ...)}, labels (N,))`` on every rank; rank ``r`` generates indices ``r::W``."""

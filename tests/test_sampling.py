@@ -201,7 +201,8 @@ def tiny_fit(tmp_path, callback, max_steps=40, images=False):
         data, every = Toy2D(num_train=2048, num_val=128, batch_size=128), 20
     model = ConditionalDiffusion(net, VPSchedule(1000), lr=5e-3, warmup_steps=5, ema_decay=0.5)
     trainer = L.Trainer(max_steps=max_steps, val_check_interval=every, check_val_every_n_epoch=None,
-                        limit_val_batches=1, accelerator="cpu", devices=1, callbacks=[callback],
+                        limit_val_batches=1, accelerator="cpu", devices=1,
+                        callbacks=callback if isinstance(callback, list) else [callback],
                         logger=CSVLogger(tmp_path, name="toy"), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
@@ -220,6 +221,24 @@ def test_callback_logs_one_metric_per_setting(tmp_path):
     header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert keys <= set(header)
     assert sorted(p.name for p in (log_dir / "samples").iterdir()) == ["step_20.png", "step_40.png"]
+
+
+def test_two_callbacks_log_and_save_apart(tmp_path):
+    """A small ``preview`` callback at every validation beside the default one at every 2nd: own keys, own
+    figure folders and own resumable counts in the checkpoint."""
+    one = [{"method": "cfg", "scale": 1.0, "reg": "none"}]
+    preview = SamplingCallback(name="preview", num_samples=8, steps=2, settings=one, metrics=["on_shape"])
+    final = SamplingCallback(every_n_val_epochs=2, num_samples=16, steps=2, settings=one, metrics=["on_shape"])
+    trainer = tiny_fit(tmp_path, [preview, final])
+    assert {"preview/cfg_w1_none/on_shape", "sample/cfg_w1_none/on_shape"} <= set(trainer.callback_metrics)
+    log_dir = tmp_path / "toy" / "version_0"
+    assert sorted(p.name for p in (log_dir / "previews").iterdir()) == ["step_20.png", "step_40.png"]
+    assert [p.name for p in (log_dir / "samples").iterdir()] == ["step_40.png"]
+    states = trainer._checkpoint_connector.dump_checkpoint()["callbacks"]
+    assert {k: v["val_runs"] for k, v in states.items() if k.startswith("SamplingCallback")} == {
+        "SamplingCallback{'name': 'preview'}": 2, "SamplingCallback{'name': 'sample'}": 2}
+    with pytest.raises(ConfigError, match="name must be a non-empty word"):
+        SamplingCallback(name="a/b")
 
 
 def test_callback_every_n_val_epochs_and_bad_settings(tmp_path):
