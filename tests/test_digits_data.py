@@ -70,7 +70,7 @@ def test_digits_module_trains_on_train_validates_on_test(sklearn_digits, one_thr
     subset = Digits(source="sklearn", root=str(root), classes=[0, 1, 2, 3, 4])
     subset.setup()
     assert subset.num_classes == 5
-    labels = [int(subset.val_set.hf[r]["label"]) for r in subset.val_set.indices]
+    labels = subset.val_set.labels.tolist()
     assert set(labels) == {0, 1, 2, 3, 4} and len(labels) == 180
 
 
@@ -186,3 +186,16 @@ def test_hub_name_loads_both_splits_through_load_dataset(monkeypatch, tmp_path):
     assert (len(dm.train_set), len(dm.val_set)) == (20, 10)
     assert calls == [("ylecun/mnist", "train", str(tmp_path)), ("ylecun/mnist", "test", str(tmp_path))]
     assert dm.val_set[3][0].shape == (1, 16, 16)
+
+
+def test_in_memory_images_equal_decoded_ones(sklearn_digits):
+    root, _ = sklearn_digits
+    cached = Digits(source="sklearn", root=str(root), image_size=12, max_samples=40)
+    decoded = Digits(source="sklearn", root=str(root), image_size=12, max_samples=40, in_memory=False)
+    cached.setup()
+    decoded.setup()
+    assert cached.train_set.cache.shape == (40, 1, 12, 12) and cached.train_set.cache.dtype == torch.uint8
+    assert decoded.train_set.cache is None
+    for i in (0, 17, 39):
+        assert torch.equal(cached.train_set[i][0], decoded.train_set[i][0])
+        assert cached.train_set[i][1] == decoded.train_set[i][1]
