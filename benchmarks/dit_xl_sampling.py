@@ -42,8 +42,8 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 
 
 def return_freed_memory() -> None:
-    """glibc: give free heap memory back and serve every later block >= 64 KiB by its own mmap, so that
-    freeing a tensor lowers the resident set size at once (otherwise the heap keeps earlier peaks)."""
+    """glibc: give the pages of free heap memory back (``malloc_trim``) and serve every later block >= 64 KiB
+    by its own mmap, so that freeing a tensor lowers the resident set size at once."""
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc_trim(0)
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
@@ -81,10 +81,12 @@ def memory(call, model: torch.nn.Module, device: torch.device) -> dict[str, int]
         call()
         synchronize(device)
         return {"peak": torch.cuda.max_memory_allocated(device) - resting}
+    return_freed_memory()  # else pages a previous call left in malloc's free lists hide this call's peak
+    peak = rss_peak_above_resting(call)
     saved = [0]
     with saved_tensor_bytes(model, saved):
         call()
-    return {"peak": rss_peak_above_resting(call), "saved": saved[0]}
+    return {"peak": peak, "saved": saved[0]}
 
 
 def public_dit(name: str, device: torch.device) -> Denoiser:
@@ -113,8 +115,6 @@ def measure(model: Denoiser, batch: int, device: torch.device, precision: str, r
 
     result = medians(interleaved_times({name: lambda n=name: step(n) for name in guided}, repeats, warmup, device),
                      "cfg")
-    if device.type == "cpu":
-        return_freed_memory()
     for name in guided:
         result[name].update(memory(lambda: step(name), model, device))
     return result
