@@ -164,21 +164,9 @@ class ClassifierTraining(L.LightningModule):
 def main(args=None) -> None:
     """``python -m lightning_reg.metrics.classifier fit --config configs/mnist_classifier.yaml``: ``train.py``'s CLI
     (the model's classes and image shape checked against the data, one-line errors) over ``ClassifierTraining``."""
-    from argparse import ArgumentError
+    from lightning_reg.cli import main as cli_main
 
-    from lightning_reg.cli import TrainCLI, config_error_behind, fail, parse_error_message, quiet_lightning
-
-    quiet_lightning()
-    try:
-        TrainCLI(ClassifierTraining, L.LightningDataModule, subclass_mode_data=True, args=args,
-                     save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
-    except ArgumentError as err:
-        fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
-    except Exception as err:
-        cause = config_error_behind(err)
-        if cause is None:
-            raise
-        fail(str(cause))
+    cli_main(args, model_class=ClassifierTraining)
 
 
 if __name__ == "__main__":
