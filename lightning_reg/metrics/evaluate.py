@@ -115,10 +115,14 @@ def load_reference(reference: str, image_shape: tuple[int, int, int], num_refere
     name = str(reference)
     if name.startswith("digits:"):
         from lightning_reg.data.digits import prepare_digits
-        name, kwargs["image_key"] = str(prepare_digits(source=name.split(":", 1)[1])), "image"
-    data = ImageDataModule(**{"batch_size": 256, **kwargs, "name": name, "split": split, "val_fraction": 0.0,
-                              "random_flip": False, "image_size": image_shape[1], "channels": image_shape[0],
-                              "seed": seed, "max_samples": num_reference})
+        source, root = name.split(":", 1)[1], kwargs.pop("root", "data")
+        name, kwargs["image_key"] = str(prepare_digits(source=source, root=root)), "image"
+    try:
+        data = ImageDataModule(**{"batch_size": 256, **kwargs, "name": name, "split": split, "val_fraction": 0.0,
+                                  "random_flip": False, "image_size": image_shape[1], "channels": image_shape[0],
+                                  "seed": seed, "max_samples": num_reference})
+    except TypeError as err:
+        raise ConfigError(f"--reference_kwargs {data_kwargs} do not fit ImageDataModule: {one_line(err)}") from None
     data.setup("fit")  # the whole (subset of the) split is the "training" set, in a seeded random order
     return loader_images(DataLoader(data.train_set, batch_size=data.batch_size), num_reference)
 
