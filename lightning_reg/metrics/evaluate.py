@@ -16,6 +16,7 @@ batch evaluator (``metrics.adm``) can follow the same protocol.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 from pathlib import Path
@@ -116,13 +117,14 @@ def load_reference(reference: str, image_shape: tuple[int, int, int], num_refere
     if name.startswith("digits:"):
         from lightning_reg.data.digits import prepare_digits
         source, root = name.split(":", 1)[1], kwargs.pop("root", "data")
+    unknown = sorted(set(kwargs) - set(inspect.signature(ImageDataModule).parameters))
+    if unknown:  # before any data is prepared
+        raise ConfigError(f"--reference_kwargs {unknown} are not options of ImageDataModule; see its docstring")
+    if name.startswith("digits:"):
         name, kwargs["image_key"] = str(prepare_digits(source=source, root=root)), "image"
-    try:
-        data = ImageDataModule(**{"batch_size": 256, **kwargs, "name": name, "split": split, "val_fraction": 0.0,
-                                  "random_flip": False, "image_size": image_shape[1], "channels": image_shape[0],
-                                  "seed": seed, "max_samples": num_reference})
-    except TypeError as err:
-        raise ConfigError(f"--reference_kwargs {data_kwargs} do not fit ImageDataModule: {one_line(err)}") from None
+    data = ImageDataModule(**{"batch_size": 256, **kwargs, "name": name, "split": split, "val_fraction": 0.0,
+                              "random_flip": False, "image_size": image_shape[1], "channels": image_shape[0],
+                              "seed": seed, "max_samples": num_reference})
     data.setup("fit")  # the whole (subset of the) split is the "training" set, in a seeded random order
     return loader_images(DataLoader(data.train_set, batch_size=data.batch_size), num_reference)
 
