@@ -22,7 +22,8 @@ from lightning_reg.module import ConditionalDiffusion
 
 CANDIDATES = {
     "b16 (1,2) attn 8": dict(base_channels=16, channel_mult=(1, 2), attention_resolutions=(8,)),
-    "b24 (1,2) attn 8": dict(base_channels=24, channel_mult=(1, 2), attention_resolutions=(8,)),
+    "b16 (1,2) no attn": dict(base_channels=16, channel_mult=(1, 2), attention_resolutions=()),
+    "b24 (1,2) no attn": dict(base_channels=24, channel_mult=(1, 2), attention_resolutions=()),
     "b32 (1,2) attn 8": dict(base_channels=32, channel_mult=(1, 2), attention_resolutions=(8,)),
     "b32 (1,2) no attn": dict(base_channels=32, channel_mult=(1, 2), attention_resolutions=()),
     "b32 (1,2,2) attn 8": dict(base_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(8,)),
