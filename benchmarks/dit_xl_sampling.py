@@ -27,7 +27,7 @@ import threading
 import time
 
 import torch
-from common import interleaved_times, medians, synchronize
+from common import cuda_peak_bytes, interleaved_times, medians
 from guidance_cost import METHODS, saved_tensor_bytes
 
 from lightning_reg.diffusion.denoiser import Denoiser
@@ -75,12 +75,7 @@ def rss_peak_above_resting(call, interval: float = 1e-3) -> int:
 
 def memory(call, model: torch.nn.Module, device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
-        synchronize(device)
-        resting = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        call()
-        synchronize(device)
-        return {"peak": torch.cuda.max_memory_allocated(device) - resting}
+        return {"peak": cuda_peak_bytes(call, device)}
     return_freed_memory()  # else pages a previous call left in malloc's free lists hide this call's peak
     peak = rss_peak_above_resting(call)
     saved = [0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from functools import partial
 from argparse import ArgumentError
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -38,7 +39,8 @@ from lightning_reg.sampling import writer
 from lightning_reg.models.dit import load_dit_checkpoint
 from lightning_reg.sampling.engine import PRECISIONS, balanced_labels, generate, sample_seed, setting_name
 
-DISTRIBUTIONS = {"toy1d": toy1d_distribution, "toy2d": toy2d_distribution}
+DISTRIBUTIONS = {"toy1d": toy1d_distribution, "toy2d": toy2d_distribution,
+                 "toy2d_overlap": partial(toy2d_distribution, "overlap")}
 GRID_IMAGES = 64
 
 
@@ -71,7 +73,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--labels", type=list[int] | None, default=None,
                    help="classes to sample, cycled: sample i gets labels[i % len(labels)]; default: class-balanced")
     p.add_argument("--distribution", type=str | None, default=None,
-                   help="toy1d or toy2d: compute the exact toy metrics and a scatter plot")
+                   help="toy1d, toy2d or toy2d_overlap: compute the exact toy metrics and a scatter plot")
     p.add_argument("--output", type=str | None, default=None, help="output folder")
     p.add_argument("--overwrite", type=bool, default=False, help="delete another run's files in --output")
     p.add_argument("--max_shards", type=int | None, default=None,
@@ -295,16 +297,23 @@ def make_fabric(accelerator: str, devices: int) -> lightning.Fabric:
                           f"{one_line(err, None)}") from None
 
 
-def main(args: list[str] | None = None) -> None:
-    """Parse, validate (nothing is written for bad input), launch the processes and sample."""
-    start = time.time()
+def launch(args: list[str] | None, build_parser, build_job):
+    """Parse ``args`` and ``build_job(cfg)`` (bad input: one ``error:`` line, exit 2, nothing written), then start
+    the processes of ``--trainer.devices``; returns ``(job, fabric)``. Shared by ``sample.py`` and ``sweep.py``."""
     try:
         cfg = build_parser().parse_args(args)
-        job = SamplingJob.from_config(cfg)
+        job = build_job(cfg)
         fabric = make_fabric(cfg["trainer.accelerator"], cfg["trainer.devices"])
     except ArgumentError as err:
         fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
     except ConfigError as err:
         fail(str(err))
     fabric.launch()
+    return job, fabric
+
+
+def main(args: list[str] | None = None) -> None:
+    """Parse, validate (nothing is written for bad input), launch the processes and sample."""
+    start = time.time()
+    job, fabric = launch(args, build_parser, SamplingJob.from_config)
     job.run(fabric, start)

@@ -23,13 +23,13 @@ import lightning
 import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from lightning_reg.cli import fail, parse_error_message
+from lightning_reg.cli import parse_error_message
 from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.guidance.methods import make_guidance
 from lightning_reg.guidance.reg import REG_MODES
 from lightning_reg.metrics.fronts import METRIC_GOALS, best_rows, pareto_front
 from lightning_reg.sampling import writer
-from lightning_reg.sampling.cli import SamplingJob, make_fabric
+from lightning_reg.sampling.cli import SamplingJob, launch
 from lightning_reg.sampling.cli import build_parser as build_sample_parser
 from lightning_reg.sampling.engine import setting_name
 
@@ -58,7 +58,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=1000, help="samples per forward (does not change the result)")
     p.add_argument("--shard_size", type=int, default=1000, help="samples per shard file (the unit of resumption)")
     p.add_argument("--labels", type=list[int] | None, default=None, help="as in sample.py; default class-balanced")
-    p.add_argument("--distribution", type=str | None, default=None, help="toy1d or toy2d: the exact toy metrics")
+    p.add_argument("--distribution", type=str | None, default=None,
+                   help="toy1d, toy2d or toy2d_overlap: the exact toy metrics")
     p.add_argument("--evaluation", type=dict | None, default=None,
                    help="images: {metrics: [fid, is, accuracy], reference: digits:mnist, num_reference: 10000, "
                         "feature_network: classifier.ckpt, inception_weights: null} (metrics.evaluate)")
@@ -369,13 +370,5 @@ def summary(rows: list[dict], x: str, y: str) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Parse and validate every setting (nothing is written for bad input), launch the processes and sweep."""
-    try:
-        cfg = build_parser().parse_args(args)
-        sweep = Sweep.from_config(cfg)
-        fabric = make_fabric(cfg["trainer.accelerator"], cfg["trainer.devices"])
-    except ArgumentError as err:
-        fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
-    except ConfigError as err:
-        fail(str(err))
-    fabric.launch()
+    sweep, fabric = launch(args, build_parser, Sweep.from_config)
     sweep.run(fabric)
