@@ -15,7 +15,6 @@ from test_guidance import A, BIAS, NULL, Counting, LinearEps, linear_model, vp_s
 
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction
-from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, VPSchedule
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import ChainState, GuidedDenoiser, make_guidance
