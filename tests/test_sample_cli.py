@@ -155,6 +155,7 @@ def foreign_checkpoints(checkpoint: Path, folder: Path) -> dict[str, Path]:
     ("ok", ["--sampler", "edm_heun"], "sampler 'edm_heun' needs the 'edm' schedule"),
     ("ok", ["--steps", "two"], "steps"),
     ("ok", ["--distribution", "toy1d"], "--distribution toy1d has 1 classes in 1D"),
+    ("ok", ["--distribution", "toy3d"], r"choose one of \['toy1d', 'toy2d', 'toy2d_overlap'\] or null"),
     ("ok", ["--precision", "half"], r"--precision must be one of \['fp32', 'bf16', 'fp16'\], got 'half'"),
     ("ok", ["--image_size", "256"], "--image_size is for a public DiT checkpoint: give --model too"),
     ("ok", ["--vae", "./vae/missing"], "--vae ./vae/missing does not exist"),
@@ -290,7 +291,7 @@ def test_public_dit_checkpoint_samples_decoded_images(public_dit, tmp_path, one_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "DiT-B/8"], r"DiT checkpoint .* on 8x8 inputs, 10 classes, not DiT-B/8 on 8x8 inputs"),
+    (["--model", "DiT-B/8"], r"DiT checkpoint .* is DiT-S/8 on 8x8 inputs, 10 classes, not DiT-B/8 on 8x8 inputs"),
     (["--model", "DiT-S/8", "--image_size", "32"], r"DiT checkpoint .* on 8x8 inputs, 10 classes, not 32x32 images"),
     ([], r"--checkpoint .*\(a public DiT checkpoint needs --model, e.g. DiT-XL/2\)$"),
 ])

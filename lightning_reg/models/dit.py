@@ -245,8 +245,8 @@ def dit_config_of(state_dict: Mapping[str, Tensor], num_heads: int | None = None
 
 def describe(config: Mapping) -> str:
     """``DiT-XL/2`` (or ``DiT depth 3, hidden 64, patch 2``) at its input size, with its classes."""
-    arch = {k: config[k] for k in ("depth", "hidden_size", "num_heads", "patch_size")}
-    name = next((n for n, a in DIT_CONFIGS.items() if a == arch),
+    shape = ("depth", "hidden_size", "patch_size")  # what the weights show (heads do not)
+    name = next((n for n, a in DIT_CONFIGS.items() if all(a[k] == config[k] for k in shape)),
                 f"DiT depth {config['depth']}, hidden {config['hidden_size']}, patch {config['patch_size']}")
     return f"{name} on {config['input_size']}x{config['input_size']} inputs, {config['num_classes']} classes"
 
