@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -140,6 +141,15 @@ class ConditionalDiffusion(L.LightningModule):
         loss = self.diffusion_loss(self.net, x0, self.drop_labels(y))
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        """Warn when the EMA cannot forget the first weights within the run: ``ema_decay ** max_steps`` of them
+        stay in the average (1% or more: a model that samples well on its raw weights samples noise on its EMA)."""
+        steps, decay = self.trainer.max_steps, self.hparams.ema_decay
+        if steps > 0 and decay ** steps >= 0.01:
+            rank_zero_warn(f"ema_decay={decay} over max_steps={steps}: the EMA weights used for validation and "
+                           f"sampling keep {decay ** steps:.0%} of the first step's weights; lower ema_decay (about "
+                           f"1 - 5 / max_steps = {1 - 5 / steps:.4g} or less) or train longer")
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.ema.update_parameters(self.net)

@@ -1,5 +1,7 @@
 """Training: label dropout, the EMA weights, and a short run that lowers the diffusion loss."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -19,6 +21,23 @@ def fit(module, steps: int, callbacks=()) -> None:
                         callbacks=list(callbacks))
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == steps
+
+
+@pytest.mark.parametrize("decay, steps, warns", [(0.9, 20, True), (0.5, 20, False), (0.999, 5000, False)])
+def test_warns_when_the_ema_keeps_the_first_weights(tiny_module, decay, steps, warns):
+    """0.9 ** 20 = 12% of the first step's weights stay in the EMA: warned; 0.5 ** 20 is nothing. (The third case
+    checks the arithmetic only: 0.999 ** 5000 = 0.7% < 1%, so it stops after 2 steps without a warning.)"""
+    module = tiny_module(ema_decay=decay)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
+                            max_epochs=1, limit_val_batches=0)
+        trainer.fit(module, datamodule=Toy2D(num_train=256, num_val=8, batch_size=128, seed=0))
+    messages = [str(w.message) for w in caught if "ema_decay" in str(w.message)]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert "keep 12% of the first step's weights" in messages[0]
 
 
 def test_label_dropout_rate_and_null_label(tiny_module):
