@@ -148,8 +148,8 @@ class ConditionalDiffusion(L.LightningModule):
         steps, decay = self.trainer.max_steps, self.hparams.ema_decay
         if steps > 0 and decay ** steps >= 0.01:
             rank_zero_warn(f"ema_decay={decay} over max_steps={steps}: the EMA weights used for validation and "
-                           f"sampling keep {decay ** steps:.0%} of the first step's weights; lower ema_decay (about "
-                           f"1 - 5 / max_steps = {1 - 5 / steps:.4g} or less) or train longer")
+                           f"sampling keep {decay ** steps:.0%} of the first step's weights; lower ema_decay (to "
+                           f"{max(0.0, 1 - 5 / steps):.4g} or less: 1 - 5 / max_steps) or train longer")
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.ema.update_parameters(self.net)
