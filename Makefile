@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make run    train + sample the embedded default (configs/toy2d.yaml) on the CPU
 #   make test   run the test suite
-# Also: make mnist (the digits classifier, then REG on real images, ~25 min on 2 CPU cores), make bench.
+# Also: make mnist (the digits classifier, then REG on real images: ~21 min on 2 CPU cores), make bench.
 # Both create .venv from requirements.lock on first use and reuse it afterwards.
 PYTHON ?= python3
 VENV   := .venv
