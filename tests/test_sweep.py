@@ -12,6 +12,7 @@ from PIL import Image
 import lightning_reg.sampling.cli as sample_cli
 from lightning_reg.cli import main as train_main
 from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front
+from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
 from lightning_reg.sampling.sweep import read_table
 from test_sample_cli import TRAIN_CONFIG  # the tiny ToyMLP of sample.py's tests
@@ -187,3 +188,12 @@ def test_bad_input_one_line_and_nothing_written(checkpoint, tmp_path, capsys, ch
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, data_key", [("sweep_toy2d", "distribution"), ("sweep_mnist", "evaluation")])
+def test_shipped_sweep_configs_parse(name, data_key):
+    """Both shipped sweeps name the six methods of the issue, >= 5 weights each and all three REG modes."""
+    cfg = build_parser().parse_args(["--config", str(Path(__file__).parents[1] / "configs" / f"{name}.yaml")])
+    assert [m["method"] for m in cfg.methods] == ["cfg", "interval", "linear", "cosine", "apg", "cfg_zero_star"]
+    assert all(len(m["weights"]) >= 5 for m in cfg.methods) and list(cfg.reg) == ["none", "paper", "vjp"]
+    assert cfg[data_key] is not None

@@ -92,6 +92,31 @@ def test_print_config_shows_the_merged_config(workdir, capsys):
     assert files_under(workdir) == before
 
 
+@pytest.mark.parametrize("configs, expect", [
+    (["mnist"], {"net": "lightning_reg.models.unet.UNet", "classes": 10, "steps": 2400, "callbacks": 3}),
+    (["mnist_gpu"], {"net": "lightning_reg.models.unet.UNet", "classes": 10, "steps": 100000, "callbacks": 3}),
+    (["mnist", "finetune_digits04"], {"classes": 5, "steps": 1200, "callbacks": 1, "data_classes": [0, 1, 2, 3, 4]}),
+    (["mnist", "finetune_digits09"], {"classes": 10, "steps": 1200, "callbacks": 1,
+                                      "init_from": "checkpoints/runs/digits04/version_0/checkpoints/last.ckpt"}),
+])
+def test_image_configs_parse(workdir, capsys, configs, expect):
+    """The digits configs (and the fine-tuning overlays on top of ``mnist.yaml``) parse against the classes they
+    name; nothing is written."""
+    before = files_under(workdir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *(arg for name in configs for arg in ("--config", f"configs/{name}.yaml")), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    net = config["model"]["net"]
+    assert net["init_args"]["num_classes"] == expect["classes"]
+    assert net["class_path"] == expect.get("net", net["class_path"])
+    assert config["trainer"]["max_steps"] == expect["steps"]
+    assert len(config["trainer"]["callbacks"]) == expect["callbacks"]
+    assert config["data"]["init_args"].get("classes") == expect.get("data_classes")
+    assert config["model"]["init_from"] == expect.get("init_from")
+    assert files_under(workdir) == before
+
+
 @pytest.mark.parametrize("name, steps", [("toy2d", 20), ("toy1d", 5)])
 def test_short_fit_writes_a_loadable_checkpoint(workdir, capsys, one_thread, name, steps):
     out_dir = workdir / "runs"
