@@ -55,6 +55,7 @@ def test_writes_a_json_row_and_appends_csv_rows(run_dir):
     ("bad output suffix", ["--output", "{out_txt}"], "must end in .json or .csv"),
     ("unknown metric", ["--metrics", "[fid, lpips]"], r"unknown \['lpips'\]"),
     ("corrupt meta.json", ["--samples", "{wrong_meta}"], "meta.json \\(beside --samples\\) is not valid JSON"),
+    ("corrupt reference", ["--reference", "{corrupt}"], r"--reference .*corrupt.npz is not a readable .npz"),
     ("reference options that do not fit", ["--reference", "digits:sklearn", "--reference_kwargs", "{{bogus: 1, root: {root}}}"],
      r"--reference_kwargs \['bogus'\] are not options of ImageDataModule"),
 ])
@@ -67,10 +68,12 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, capsys, problem, args
     (run_dir / "bad_meta").mkdir()
     np.savez(run_dir / "bad_meta" / "samples.npz", samples=np.zeros((6, 8, 8, 1), np.uint8))
     (run_dir / "bad_meta" / "meta.json").write_text("{truncated")
+    (run_dir / "corrupt.npz").write_bytes(b"PK\x03\x04 not a zip")
     (run_dir / "meta.json").write_text(json.dumps({"num_classes": 10}))  # as sample.py writes it
     paths = {"small": run_dir / "small.npz", "net16": run_dir / "net16.ckpt", "net4": run_dir / "net4.ckpt",
              "wrong_labels": run_dir / "wrong" / "samples.npz", "wrong_meta": run_dir / "bad_meta" / "samples.npz",
-             "out_txt": run_dir / "out.txt", "root": run_dir}
+             "out_txt": run_dir / "out.txt", "root": run_dir,
+             "corrupt": run_dir / "corrupt.npz"}
     args = [a.format(**paths) for a in args]
     with pytest.raises(SystemExit) as exit_:
         evaluate(run_dir, *(args if "--output" in args else [*args, "--output", str(run_dir / "out.json")]))

@@ -56,28 +56,35 @@ def evaluate_samples(samples_uint8_nhwc, labels, evaluator) -> dict[str, float]:
     return evaluator(samples_uint8_nhwc, labels)
 
 
-def read_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(uint8 NHWC images, labels or None)`` of a ``samples.npz`` (``samples`` as sample.py writes, or
-    ``arr_0`` as the ADM evaluator reads; labels from ``labels`` or ``arr_1``)."""
+def read_npz_images(path, flag: str, image_keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(uint8 NHWC images under the first of image_keys, labels or None)`` of an ``.npz`` (labels from
+    ``labels`` or ``arr_1``); a missing, unreadable or ill-formed file is one ConfigError naming ``flag``."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--samples {path} does not exist")
+        raise ConfigError(f"{flag} {path} does not exist")
     try:
         with np.load(path) as data:
-            key = next((k for k in ("samples", "arr_0") if k in data.files), None)
+            key = next((k for k in image_keys if k in data.files), None)
             if key is None:
-                raise ConfigError(f"--samples {path} holds {data.files}; expected 'samples' or 'arr_0' "
-                                  "(uint8 N x H x W x C images) and optionally 'labels'")
+                raise ConfigError(f"{flag} {path} holds {data.files}; expected uint8 N x H x W x C images under "
+                                  f"{' or '.join(repr(k) for k in image_keys)} (and optionally 'labels')")
             images = data[key]
             label_key = next((k for k in ("labels", "arr_1") if k in data.files), None)
             labels = data[label_key] if label_key else None
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - a truncated or non-npz file
-        raise ConfigError(f"--samples {path} is not a readable .npz ({type(err).__name__}: {one_line(err)})") from None
+        raise ConfigError(f"{flag} {path} is not a readable .npz ({type(err).__name__}: {one_line(err)})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ConfigError(f"--samples {path}: {key} must be uint8 images (N, H, W, C) with C 1 or 3, got "
+        raise ConfigError(f"{flag} {path}: {key} must be uint8 images (N, H, W, C) with C 1 or 3, got "
                           f"{images.dtype} {images.shape}")
+    return images, labels
+
+
+def read_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(uint8 NHWC images, labels or None)`` of a ``samples.npz`` (``arr_0`` as sample.py writes and the ADM
+    evaluator reads, or ``samples``; labels from ``labels`` or ``arr_1``)."""
+    images, labels = read_npz_images(path, "--samples", ("arr_0", "samples"))
     if labels is not None and labels.shape != (len(images),):
         raise ConfigError(f"--samples {path}: labels of shape {labels.shape} for {len(images)} images")
     return images, labels
@@ -107,7 +114,7 @@ def load_reference(reference: str, image_shape: tuple[int, int, int], num_refere
     from lightning_reg.data.images import ImageDataModule
 
     if str(reference).endswith(".npz"):
-        images = _npz_images(reference)
+        images = read_npz_images(reference, "--reference", ("arr_0", "samples", "images"))[0]
         if (images.shape[3], *images.shape[1:3]) != tuple(image_shape):
             raise ConfigError(f"--reference {reference} holds (C, H, W) = {(images.shape[3], *images.shape[1:3])} "
                               f"images but the samples are {tuple(image_shape)}; give a reference of the same size")
@@ -129,21 +136,6 @@ def load_reference(reference: str, image_shape: tuple[int, int, int], num_refere
     return loader_images(DataLoader(data.train_set, batch_size=data.batch_size), num_reference)
 
 
-def _npz_images(path) -> np.ndarray:
-    if not Path(path).is_file():
-        raise ConfigError(f"--reference {path} does not exist")
-    with np.load(path) as data:
-        key = next((k for k in ("arr_0", "samples", "images") if k in data.files), None)
-        if key is None:
-            raise ConfigError(f"--reference {path} holds {data.files}; expected images under 'arr_0', 'samples' "
-                              "or 'images'")
-        images = data[key]
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ConfigError(f"--reference {path}: {key} must be uint8 (N, H, W, C) images, got {images.dtype} "
-                          f"{images.shape}")
-    return images
-
-
 def write_row(path, row: dict) -> None:
     """``row`` as ``path``: a JSON object (``.json``, replaced) or a CSV line (``.csv``, appended; header once)."""
     from lightning_reg.sampling.writer import atomic_write, write_json
@@ -153,7 +145,10 @@ def write_row(path, row: dict) -> None:
     if path.suffix == ".json":
         write_json(path, row)
     elif path.suffix == ".csv":
-        rows = list(csv.DictReader(path.open())) if path.is_file() else []
+        rows = []
+        if path.is_file():
+            with path.open() as f:
+                rows = list(csv.DictReader(f))
         columns = list(dict.fromkeys([c for r in rows for c in r] + list(row)))
 
         def write(f):
@@ -173,7 +168,7 @@ def build_parser():
                        exit_on_error=False, default_meta=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
     p.add_argument("--samples", type=str | None, default=None,
-                   help="samples.npz: uint8 NHWC images under 'samples' (sample.py) or 'arr_0' (ADM), 'labels'")
+                   help="samples.npz: uint8 NHWC images under 'arr_0' (sample.py, ADM) or 'samples', 'labels'")
     p.add_argument("--reference", type=str | None, default=None,
                    help="reference images: an .npz (arr_0), digits:mnist / digits:sklearn, a dataset folder "
                         "written by save_to_disk or a hub name (resized to the samples' size)")
