@@ -31,7 +31,7 @@ def perturbed_unet(**kw) -> UNet:
     dict(num_classes=10, image_size=16, channels=1, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2,
          attention_resolutions=(8, 4), num_heads=2, dropout=0.1),
     dict(num_classes=4, image_size=32, channels=3, base_channels=16, channel_mult=(1, 2),
-         attention_resolutions=(), out_channels=6),
+         attention_resolutions=(), learn_sigma=True),
     dict(num_classes=4, image_size=32, channels=3, base_channels=8, channel_mult=(1, 1, 2, 2),
          attention_resolutions=(8,), num_heads=1),
 ], ids=["16px-1ch-attn8", "16px-3levels-attn8+4", "32px-3ch-no-attn", "32px-4levels"])
@@ -48,7 +48,7 @@ def test_shapes_attributes_and_zero_output(kw):
     assert attention == expected
     x = torch.randn(3, c, s, s)
     out = net(x, torch.tensor([0.0, 500.5, 999.0]), torch.tensor([0, 1, kw["num_classes"]]))
-    assert out.shape == (3, kw.get("out_channels") or c, s, s)
+    assert out.shape == (3, 2 * c if kw.get("learn_sigma") else c, s, s)
     assert torch.count_nonzero(out) == 0  # zero-initialised output convolution
 
 
@@ -96,6 +96,17 @@ def test_gradient_wrt_x_is_finite_and_per_sample():
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_learned_sigma_goes_through_the_shared_path():
+    """``learn_sigma``: the Denoiser returns x-shaped estimates and keeps the conditional rows' variance; the
+    loss adds the VLB term and stays finite (the UNet used to take ``out_channels``, which no path split)."""
+    torch.manual_seed(0)
+    module = ConditionalDiffusion(UNet(**TINY, learn_sigma=True))
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    assert module.denoiser(x, torch.tensor(500.0), y).shape == x.shape
+    assert module.denoiser.variance_interpolation.shape == (3, 1, 8, 8)  # label 3 is the null label
+    assert torch.isfinite(module.diffusion_loss(module.net, x, y))
+
+
 def test_trains_inside_conditional_diffusion():
     """Class-dependent 8x8 images (a bright row per class): 60 AdamW steps lower the fixed-noise loss."""
     g = torch.Generator().manual_seed(0)
@@ -135,6 +146,7 @@ def test_reg_runs_on_the_unet():
 @pytest.mark.parametrize("kw, message", [
     (dict(image_size=12, channel_mult=(1, 2, 2, 2)), r"image_size=12 must be divisible by .* = 8"),
     (dict(base_channels=12), r"channels \[12\] .* not divisible by norm_groups=8"),
+    (dict(base_channels=4, channel_mult=(2, 4)), r"channels \[4\] .* not divisible by norm_groups=8"),
     (dict(attention_resolutions=(16,)), r"attention_resolutions \[16\] are not among the resolutions \[8, 4\]"),
     (dict(num_heads=3), r"num_heads=3 must be >= 1 and divide the channels \[16\]"),
     (dict(num_res_blocks=0), "num_res_blocks must be >= 1"),

@@ -3,8 +3,8 @@
 Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (NeurIPS 2021), after Ho et al. 2020:
 residual blocks (GroupNorm, SiLU, 3x3 convolutions) conditioned by scale-shift normalisation on the time
 embedding plus the class embedding, self-attention at chosen resolutions, skip connections from each
-encoder stage to the decoder. Backbone protocol: ``forward(x, t, y) -> tensor shaped like x`` (or
-``out_channels``); label id ``num_classes`` is the null label used for classifier-free guidance.
+encoder stage to the decoder. Backbone protocol: ``forward(x, t, y) -> tensor shaped like x`` (twice the
+channels with ``learn_sigma``); label id ``num_classes`` is the null label used for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ class UNet(nn.Module):
     the middle block included. ``norm_groups`` is the GroupNorm group count (ADM: 32 at its 128+
     channels; 8 suits the small CPU widths). The output convolution starts at zero, so the untrained
     net predicts 0. The class embedding follows ADM: ``nn.Embedding``'s N(0, 1) rows added to the time embedding.
+    ``learn_sigma`` doubles the output channels: the prediction, then the DDPM variance interpolation that the
+    ``Denoiser``, the VLB loss and the ``ddpm`` sampler read (as for DiT).
     """
 
     def __init__(
@@ -113,18 +115,19 @@ class UNet(nn.Module):
         attention_resolutions: Sequence[int] = (8,),
         num_heads: int = 4,
         dropout: float = 0.0,
-        out_channels: int | None = None,
+        learn_sigma: bool = False,
         norm_groups: int = 8,
     ):
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
         widths = [base_channels * m for m in channel_mult]
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
-        check_config(num_classes, image_size, widths, num_res_blocks, attention_resolutions, resolutions,
+        check_config(num_classes, image_size, base_channels, widths, num_res_blocks, attention_resolutions, resolutions,
                      num_heads, dropout, norm_groups)
         self.num_classes, self.base_channels = num_classes, base_channels
         self.data_shape = (channels, image_size, image_size)
-        self.out_channels = out_channels or channels
+        self.learn_sigma = learn_sigma  # 2 x channels out: the prediction and the DDPM variance (Denoiser splits them)
+        self.out_channels = 2 * channels if learn_sigma else channels
         emb_dim = 4 * base_channels
 
         def stage(c_in: int, c_out: int, resolution: int) -> Stage:
@@ -180,7 +183,7 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def check_config(num_classes: int, image_size: int, widths: list[int], num_res_blocks: int,
+def check_config(num_classes: int, image_size: int, base_channels: int, widths: list[int], num_res_blocks: int,
                  attention_resolutions: tuple[int, ...], resolutions: list[int], num_heads: int,
                  dropout: float, norm_groups: int) -> None:
     """One ConfigError line for a UNet that cannot be built as asked."""
@@ -196,9 +199,9 @@ def check_config(num_classes: int, image_size: int, widths: list[int], num_res_b
     if image_size < 2 ** (levels - 1) or image_size % 2 ** (levels - 1):
         raise ConfigError(f"UNet image_size={image_size} must be divisible by 2**(len(channel_mult) - 1) = "
                           f"{2 ** (levels - 1)} ({levels} levels halve it {levels - 1} times)")
-    uneven = [w for w in widths if w % norm_groups]
+    uneven = [w for w in dict.fromkeys([base_channels, *widths]) if w % norm_groups]  # the input conv's too
     if uneven:
-        raise ConfigError(f"UNet channels {uneven} (base_channels * channel_mult) are not divisible by "
+        raise ConfigError(f"UNet channels {uneven} (base_channels and base_channels * channel_mult) are not divisible by "
                           f"norm_groups={norm_groups} (GroupNorm)")
     missing = sorted(set(attention_resolutions) - set(resolutions))
     if missing:
