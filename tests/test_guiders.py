@@ -189,6 +189,15 @@ def test_zero_init_counts_steps_of_each_chain(xy):
     assert len(net.calls) == 1
 
 
+def test_zero_init_steps_outside_the_window_are_the_conditional_prediction(xy):
+    """Outside ``[start, stop]`` every method gives the conditional prediction, CFG-Zero*'s zeroed steps included
+    (as at ``w = 0``): with ``start = 0.5`` the chain's first step is ``x0_c``, not ``x / (1 + sigma)``."""
+    x, y = xy
+    model = Denoiser(LinearEps(A, BIAS), EDMSchedule(), Prediction("edm"))
+    denoiser = GuidedDenoiser(model, make_guidance("cfg_zero_star", scale=1.0, zero_init_steps=1, start=0.5), y)
+    torch.testing.assert_close(denoiser(x, torch.tensor(80.0)), model(x, torch.tensor(80.0), y), **TOL)
+
+
 def test_chain_state_steps_and_resets():
     state = ChainState()
     steps = []

@@ -145,6 +145,10 @@ class Guidance:
         """``w(t)``, the weight of ``d`` at time ``t`` (subclasses vary it)."""
         return self.w
 
+    def weight_at(self, t: Tensor, model: Denoiser) -> float:
+        """``w(t)`` inside the ``[start, stop]`` window of sampling progress, 0 outside it."""
+        return self.weight(t, model) if self.start <= model.schedule.progress(t) <= self.stop else 0.0
+
     def guidance_term(self, x0_c: Tensor, x0_ref: Tensor, w: float, step: GuidanceStep) -> Tensor:
         """The method's ``g`` in x0 units, added to ``x0_c``: CFG's ``w(t) (x0_c - x0_ref)``."""
         return w * (x0_c - x0_ref)
@@ -176,7 +180,7 @@ class Guidance:
         out_c, out_g = step.output(x0_c), step.output(x0_c + g)
         ratio = out_c.std(dim=sample_dims(out_c), keepdim=True) / out_g.std(dim=sample_dims(out_g), keepdim=True)
         phi = self.guidance_rescale
-        return step.to_x0(out_g * (phi * ratio + 1 - phi)) - step.to_x0(out_c)
+        return step.to_x0(out_g * (phi * ratio + 1 - phi)) - x0_c
 
     def _term(self, x0_c: Tensor, x0_ref: Tensor, w: float, step: GuidanceStep) -> Tensor:
         """The full guidance term: the method's ``g``, rescaled, on ``guidance_channels``; what REG multiplies."""
@@ -198,8 +202,7 @@ class Guidance:
         Channels outside ``guidance_channels`` keep the conditional prediction in every mode (the
         ``vjp`` rectification of the masked term is masked again, since ``J^T`` mixes channels).
         """
-        inside = self.start <= model.schedule.progress(t) <= self.stop
-        w = self.weight(t, model) if inside else 0.0
+        w = self.weight_at(t, model)
         if w == 0:
             return model(x, t, y)
         step = GuidanceStep(model, x, t, state)

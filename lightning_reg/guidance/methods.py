@@ -178,7 +178,7 @@ class CFGZeroStar(Guidance):
         return step.x0_from_velocity(v_c + w * (v_c - s_star * v_ref)) - step.x0_from_velocity(v_c)
 
     def guided_x0(self, model, x, t, y, state):
-        if self.w == 0 or state.step >= self.zero_init_steps:
+        if self.weight_at(t, model) == 0 or state.step >= self.zero_init_steps:  # unguided steps are not zeroed
             return super().guided_x0(model, x, t, y, state)
         zeroed = GuidanceStep(model, x, t, state).x0_from_velocity(torch.zeros_like(x))
         if self.guidance_channels is None:
