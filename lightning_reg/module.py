@@ -128,12 +128,12 @@ class ConditionalDiffusion(L.LightningModule):
         x_t = a * x0 + s * eps
         prediction = self.denoiser.prediction
         out = net(prediction.input_scale(a, s) * x_t, self.schedule.net_time(t).to(x0.dtype), y)
-        if not getattr(net, "learn_sigma", False):
-            return (out - prediction.target(x0, eps, a, s)).pow(2).mean()
-        out, v = out.chunk(2, dim=1)
+        out, v = out.chunk(2, dim=1) if self.denoiser.learn_sigma else (out, None)
+        mse = (out - prediction.target(x0, eps, a, s)).pow(2).mean()
+        if v is None:
+            return mse
         x0_hat = prediction.to_x0(out.detach(), x_t, a, s)
-        vb = learned_variance_vlb(self.schedule, x0, x_t, t, x0_hat, v)
-        return (out - prediction.target(x0, eps, a, s)).pow(2).mean() + vb.mean()
+        return mse + learned_variance_vlb(self.schedule, x0, x_t, t, x0_hat, v).mean()
 
     def training_step(self, batch, batch_idx):
         x0, y = batch

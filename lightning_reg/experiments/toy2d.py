@@ -176,10 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     log_target = distribution.log_prob(fine, torch.full((len(fine),), args.label)) + log_reward(
         fine, torch.full((len(fine),), args.label))
 
-    i = args.steps - 1 - args.paper_t
+    i, density = args.steps - 1 - args.paper_t, target_density(log_target, 200)
     write_outputs(args.out, rows, {
-        "samples": samples_figure(target_density(log_target, 200), samples, args.label, args.w),
-        "fields": fields_figure(x, grads, i, times[i], args.paper_t, target_density(log_target, 200)),
+        "samples": samples_figure(density, samples, args.label, args.w),
+        "fields": fields_figure(x, grads, i, times[i], args.paper_t, density),
         "reg_correction": correction_figure(grads, args.grid, i, times[i]),
         "error_per_step": error_figure(rows),
     }, {"x": x, "times": times, **grads}, tables={"sample_metrics": metrics})
