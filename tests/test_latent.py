@@ -105,7 +105,8 @@ def test_reg_through_the_latent_denoiser_never_touches_the_vae(vae_folder, reg, 
 
     images = generate(denoiser, make_guidance(method="cfg", scale=2.0, reg=reg), [0, 1, 2], [0, 1, 2], steps=3,
                       seed=0, batch_size=3)
-    assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.shape == (3, *denoiser.sample_shape) == (3, 3, 32, 32) and torch.isfinite(images).all()
+    assert denoiser.data_shape == (4, 4, 4)  # the chain's latents; sample_shape is what evaluators see
     assert calls_seen_by_chain and set(calls_seen_by_chain) == {0}  # the VAE never ran during the chain
     assert vae_calls == ["Decoder"]  # one decode, after the last step
     assert all(p.grad is None for p in codec.parameters()) and all(p.grad is None for p in denoiser.net.parameters())

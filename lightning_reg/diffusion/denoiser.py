@@ -63,6 +63,15 @@ class Denoiser(nn.Module):
     def data_shape(self) -> tuple[int, ...]:
         return tuple(self.net.data_shape)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one finished sample (``decode``'s output): ``data_shape`` here, images for latents."""
+        return self.data_shape
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """A finished chain's ``x0`` as a sample: itself here (``LatentDenoiser`` decodes latents to images)."""
+        return x0
+
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(a_t, s_t)`` broadcastable against ``x``."""
         a, s = self.schedule.alpha_sigma(t)

@@ -108,6 +108,10 @@ class LatentDenoiser(Denoiser):
     def image_shape(self) -> tuple[int, int, int]:
         return self.codec.image_shape(self.data_shape)
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.image_shape
+
     def decode(self, latents: Tensor) -> Tensor:
         return self.codec.decode(latents).float()
 

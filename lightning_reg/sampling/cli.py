@@ -236,7 +236,7 @@ class SamplingJob:
         shards it generated, across all processes; ``cost``: throughput and peak memory (``peak_memory``)."""
         samples, labels = writer.read_shards(self.output, num_shards)
         cfg = self.config
-        if len(self.denoiser.data_shape) == 3:
+        if len(self.denoiser.sample_shape) == 3:
             from lightning_reg.metrics.plots import image_grid
             images = writer.to_uint8_nhwc(samples)
             writer.write_samples(self.output, images, labels)
@@ -255,6 +255,7 @@ class SamplingJob:
             "wall_time_s": round(wall_s, 3), "sampling_time_s": round(sampling_s, 3), "new_shards": new_shards,
             "world_size": world_size, **cost,
             "num_classes": self.denoiser.num_classes, "data_shape": list(self.denoiser.data_shape),
+            "sample_shape": list(self.denoiser.sample_shape),
             "metrics": metrics}
         writer.write_json(self.output / writer.META_FILE, meta)
         print(f"wrote {len(samples)} samples ({setting}) to {self.output / writer.SAMPLES_FILE}: sampling "

@@ -21,7 +21,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.diffusion.latent import LatentDenoiser
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.base import Guidance, GuidedDenoiser
@@ -112,8 +111,8 @@ def setting_name(guidance: Mapping) -> str:
 def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler: str = "ddpm", steps: int,
              seed: int, batch_size: int, device="cpu", sampler_kwargs: Mapping | None = None,
              precision: str = "fp32", progress: bool = False) -> Tensor:
-    """Samples ``x_0`` (float32 on the CPU, ``(N, *data_shape)``; a ``LatentDenoiser``'s decoded images,
-    ``(N, *image_shape)``) for ``labels`` (N,) at sample ``indices`` (N,).
+    """Samples (float32 on the CPU, ``(N, *denoiser.sample_shape)``: ``x_0``, or a ``LatentDenoiser``'s decoded
+    images) for ``labels`` (N,) at sample ``indices`` (N,).
 
     Each batch runs ``get_sampler(sampler, **sampler_kwargs)(GuidedDenoiser(denoiser, guidance, y), noise,
     schedule, steps, noise_sampler=...)`` with the per-sample noise of ``PerSampleNoise(seed, indices)``,
@@ -136,9 +135,6 @@ def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler
             with autocast(device, precision):
                 x0 = sample_fn(guided, noise.draw(denoiser.data_shape, device, dtype), denoiser.schedule, steps,
                                noise_sampler=noise)
-            if isinstance(denoiser, LatentDenoiser):
-                x0 = denoiser.decode(x0)
-            out.append(x0.float().cpu())
+            out.append(denoiser.decode(x0).float().cpu())
             bar.update(len(y))
-    shape = denoiser.image_shape if isinstance(denoiser, LatentDenoiser) else denoiser.data_shape
-    return torch.cat(out) if out else torch.empty(0, *shape)
+    return torch.cat(out) if out else torch.empty(0, *denoiser.sample_shape)

@@ -176,7 +176,7 @@ class Sweep:
             metric_names, evaluator = toy_metric_names(first_job.distribution), None
             if cfg.evaluation is not None:
                 raise ConfigError("--evaluation is for images; toy data (--distribution) uses the exact toy metrics")
-        elif cfg.evaluation is not None and len(denoiser.data_shape) == 3:
+        elif cfg.evaluation is not None and len(denoiser.sample_shape) == 3:
             evaluator = build_evaluator(cfg.evaluation, denoiser)
             metric_names = tuple(evaluator.names)
         else:
@@ -274,11 +274,11 @@ def build_evaluator(evaluation: dict, denoiser):
     if reference is None:
         raise ConfigError("--evaluation needs a reference: an .npz of images, digits:mnist or a dataset")
     try:
-        evaluator = build_image_evaluator(image_shape=tuple(denoiser.data_shape), num_classes=denoiser.num_classes,
+        evaluator = build_image_evaluator(image_shape=tuple(denoiser.sample_shape), num_classes=denoiser.num_classes,
                                           **options)
     except TypeError as err:
         raise ConfigError(f"--evaluation: {one_line(err)}") from None
-    evaluator.set_real(load_reference(reference, tuple(denoiser.data_shape), num_reference))
+    evaluator.set_real(load_reference(reference, tuple(denoiser.sample_shape), num_reference))
     return evaluator
 
 
