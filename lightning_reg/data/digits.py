@@ -142,13 +142,15 @@ class Digits(ImageDataModule):
                          image_key="image", label_key="label", image_size=image_size, channels=1,
                          batch_size=batch_size, num_workers=num_workers, seed=seed, max_samples=max_samples,
                          classes=classes, in_memory=in_memory)
-        self.source, self.root = source, root
+        self.source, self.root, self.prepared = source, root, False
 
     def prepare_data(self) -> None:
         prepare_digits(self.source, self.root)
+        self.prepared = True
 
     def _load(self, split: str):
-        self.prepare_data()  # also when ``num_classes`` is read before the trainer prepares the data
+        if not self.prepared:  # ``num_classes`` may be read before the trainer prepares the data; once is enough
+            self.prepare_data()  # (preparing checks an existing folder by loading it)
         return super()._load(split)
 
 
