@@ -12,7 +12,6 @@ checked (``make_guidance``) before the first sample.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from argparse import ArgumentError
@@ -122,10 +121,8 @@ def check_sweep_output(folder: Path, fingerprint: dict) -> None:
         raise ConfigError(f"--output {folder} holds a sample.py run; give the sweep its own folder")
     if not (folder / SWEEP_FILE).is_file():
         return
-    previous = writer.read_json(folder / SWEEP_FILE)
-    current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as it reads back
-    if previous != current:
-        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+    changed = writer.fingerprint_changes(writer.read_json(folder / SWEEP_FILE), fingerprint)
+    if changed:
         raise ConfigError(f"--output {folder} holds another sweep (arguments differ in {changed}); choose another "
                           "folder")
 

@@ -82,6 +82,13 @@ def _run_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(SHARD_GLOB)) + [folder / n for n in names if (folder / n).exists()]
 
 
+def fingerprint_changes(previous: dict | None, fingerprint: dict) -> list[str]:
+    """The keys whose values differ between a stored fingerprint (``None``: none stored) and ``fingerprint`` as it
+    reads back from JSON (tuples as lists); empty when they agree."""
+    current, previous = json.loads(json.dumps(fingerprint, sort_keys=True, default=str)), previous or {}
+    return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+
+
 def check_output(folder, fingerprint: dict, overwrite: bool) -> None:
     """Refuse (``ConfigError``) a folder holding another run's files unless ``overwrite``; creates nothing.
 
@@ -95,9 +102,8 @@ def check_output(folder, fingerprint: dict, overwrite: bool) -> None:
         return
     run_file = folder / RUN_FILE
     previous = read_json(run_file) if run_file.is_file() else None
-    if previous != json.loads(json.dumps(fingerprint, sort_keys=True, default=str)):
-        changed = sorted(k for k in set(fingerprint) | set(previous or {})
-                         if (previous or {}).get(k) != fingerprint.get(k))
+    changed = fingerprint_changes(previous, fingerprint)
+    if changed:
         detail = f"arguments differ in {changed}" if previous is not None else f"it has no {RUN_FILE}"
         raise ConfigError(f"--output {folder} holds another sampling run ({detail}); choose another folder "
                           "or pass --overwrite true to delete its samples")
