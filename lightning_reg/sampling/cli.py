@@ -25,6 +25,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from tqdm.auto import tqdm
 
+from lightning_reg import distributed
 from lightning_reg.cli import fail, parse_error_message
 from lightning_reg.data.toy import ToyDistribution, toy1d_distribution, toy2d_distribution
 from lightning_reg.diffusion.denoiser import Denoiser
@@ -80,6 +81,8 @@ def build_parser() -> ArgumentParser:
                    help="stop after generating this many shards (to split a long run; rerun to resume)")
     p.add_argument("--trainer.accelerator", type=str, default="cpu", help="cpu, gpu, cuda, mps or auto")
     p.add_argument("--trainer.devices", type=int, default=1, help="processes (DDP across them when > 1)")
+    p.add_argument("--trainer.num_nodes", type=int, default=1,
+                   help="machines, each running --trainer.devices processes (torchrun or SLURM; docs/distributed.md)")
     return p
 
 
@@ -290,26 +293,36 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"  # bytes on macOS, KiB on Linux
 
 
-def make_fabric(accelerator: str, devices: int) -> lightning.Fabric:
+def make_fabric(accelerator: str, devices: int, num_nodes: int = 1) -> lightning.Fabric:
     try:
-        return lightning.Fabric(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto")
+        return lightning.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                                strategy="ddp" if devices * num_nodes > 1 else "auto")
     except Exception as err:  # noqa: BLE001 - Lightning raises several types for an unusable accelerator
-        raise ConfigError(f"--trainer.accelerator {accelerator} with --trainer.devices {devices} is unusable here: "
-                          f"{one_line(err, None)}") from None
+        raise ConfigError(f"--trainer.accelerator {accelerator} with --trainer.devices {devices} and "
+                          f"--trainer.num_nodes {num_nodes} is unusable here: {one_line(err, None)}") from None
 
 
 def launch(args: list[str] | None, build_parser, build_job):
     """Parse ``args`` and ``build_job(cfg)`` (bad input: one ``error:`` line, exit 2, nothing written), then start
-    the processes of ``--trainer.devices``; returns ``(job, fabric)``. Shared by ``sample.py`` and ``sweep.py``."""
+    the processes of ``--trainer.devices`` x ``--trainer.num_nodes``; returns ``(job, fabric)``. Shared by
+    ``sample.py`` and ``sweep.py``. A process that starts alone (the first of a one-node run) checks before
+    starting the others; processes started together (torchrun, SLURM, several nodes) check, then agree
+    (``lightning_reg.distributed``)."""
     try:
         cfg = build_parser().parse_args(args)
-        job = build_job(cfg)
-        fabric = make_fabric(cfg["trainer.accelerator"], cfg["trainer.devices"])
+        if cfg["trainer.num_nodes"] < 1:
+            raise ConfigError(f"--trainer.num_nodes must be a positive integer, got {cfg['trainer.num_nodes']}")
+        fabric = make_fabric(cfg["trainer.accelerator"], cfg["trainer.devices"], cfg["trainer.num_nodes"])
+        together = fabric.world_size > 1 and distributed.started_together(cfg["trainer.num_nodes"])
+        job, error = distributed.check(lambda: build_job(cfg)) if together else (build_job(cfg), None)
     except ArgumentError as err:
         fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
     except ConfigError as err:
         fail(str(err))
     fabric.launch()
+    if fabric.world_size > 1:
+        distributed.agree(error)
+        distributed.exit_on_failure()
     return job, fabric
 
 

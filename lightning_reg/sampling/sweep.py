@@ -72,6 +72,8 @@ def build_parser() -> ArgumentParser:
                    help="stop after finishing this many new settings (rerun the same command to resume)")
     p.add_argument("--trainer.accelerator", type=str, default="cpu", help="cpu, gpu, cuda, mps or auto")
     p.add_argument("--trainer.devices", type=int, default=1, help="processes (DDP across them when > 1)")
+    p.add_argument("--trainer.num_nodes", type=int, default=1,
+                   help="machines, each running --trainer.devices processes (torchrun or SLURM; docs/distributed.md)")
     return p
 
 

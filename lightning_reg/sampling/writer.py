@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -157,6 +158,17 @@ def write_images(folder, images_nhwc: np.ndarray, grid: np.ndarray) -> None:
     write_png(out / "grid.png", grid)
 
 
+def save_npz(file, **arrays: np.ndarray) -> None:
+    """``np.savez`` with a fixed time stamp on each member, so equal arrays give a byte-identical file
+    (``np.savez`` stamps the time of writing)."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                              force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def write_samples(folder, samples: np.ndarray, labels: np.ndarray) -> None:
-    """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``."""
-    atomic_write(Path(folder) / SAMPLES_FILE, lambda f: np.savez(f, arr_0=samples, labels=labels))
+    """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``;
+    the same samples always give the same bytes."""
+    atomic_write(Path(folder) / SAMPLES_FILE, lambda f: save_npz(f, arr_0=samples, labels=labels))
