@@ -118,7 +118,7 @@ def main(args=None, model_class: type[L.LightningModule] = ConditionalDiffusion)
     """Run the CLI over ``model_class`` (also the digits classifier's); bad flags, config keys and values end
     in one ``error: ...`` line and exit code 2."""
     quiet_lightning()
-    distributed.exit_on_failure()
+    distributed.handle_exit()
     try:
         TrainCLI(model_class, L.LightningDataModule, subclass_mode_data=True, args=args,
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})

@@ -4,13 +4,14 @@ them fails, so that no process is left waiting in a collective for a peer that w
 - Input is checked on every rank (a checkpoint path can exist on one node and not on another) and the ranks
   agree on the outcome right after the process group starts (``agree``): if any rank's check failed, every
   rank exits with status 2 and rank 0 prints one ``error: rank R of W: ...`` line per failing rank.
-- A rank that raises later (``exit_on_failure``) prints its traceback and ``error: rank R of W: <cause>``
+- A rank that raises later (``handle_exit``) prints its traceback and ``error: rank R of W: <cause>``
   and ends its process at once; its peers, blocked in a collective with it, then fail on the lost
   connection and end the same way, naming the lost peer as their cause.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import traceback
@@ -83,13 +84,22 @@ def agree(error: str | None) -> None:
     sys.exit(2)
 
 
-def exit_on_failure() -> None:
-    """From now on, an exception that ends the program in a multi-process run prints its traceback and
-    ``error: rank R of W: <cause>`` and ends this process at once (``os._exit(1)``), closing its
-    connections so that its peers stop waiting for it; a single process keeps Python's usual ending."""
+def close() -> None:
+    """Destroy the process group if one was started (a process that exits with it alive can abort in
+    its threads' destructors: "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def handle_exit() -> None:
+    """From now on, the process group is closed at exit, and an exception that ends the program in a
+    multi-process run prints its traceback and ``error: rank R of W: <cause>`` and ends this process at once
+    (``os._exit(1)``), closing its connections so that its peers stop waiting for it; a single process keeps
+    Python's usual ending."""
     previous = sys.excepthook
     if getattr(previous, "ends_the_rank", False):
         return
+    atexit.register(close)
 
     def hook(kind, err, tb):
         if rank_and_world()[1] == 1 or not isinstance(err, Exception):

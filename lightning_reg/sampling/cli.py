@@ -322,7 +322,7 @@ def launch(args: list[str] | None, build_parser, build_job):
     fabric.launch()
     if fabric.world_size > 1:
         distributed.agree(error)
-        distributed.exit_on_failure()
+        distributed.handle_exit()
     return job, fabric
 
 

@@ -31,7 +31,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, one_line
 
 RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR = "run.json", "samples.npz", "meta.json", "images"
 SHARD_GLOB = "shard_*.npz"
@@ -130,8 +130,13 @@ def read_shards(folder, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
     """``(samples, labels)`` of shards ``0 .. num_shards - 1``, checked to be in index order."""
     parts = []
     for k in range(num_shards):
-        with np.load(shard_path(folder, k)) as shard:
-            parts.append((shard["indices"], shard["samples"], shard["labels"]))
+        path = shard_path(folder, k)
+        try:
+            with np.load(path) as shard:
+                parts.append((shard["indices"], shard["samples"], shard["labels"]))
+        except Exception as err:  # noqa: BLE001 - a truncated or overwritten file
+            raise ConfigError(f"shard {path} is unreadable ({type(err).__name__}: {one_line(err, 200)}); delete "
+                              "it and run the same command again to regenerate it") from None
     indices = np.concatenate([p[0] for p in parts])
     if not np.array_equal(indices, np.arange(len(indices))):
         raise RuntimeError(f"shards in {folder} do not cover the indices 0..{len(indices) - 1} in order")
