@@ -104,8 +104,9 @@ def handle_exit() -> None:
     def hook(kind, err, tb):
         if rank_and_world()[1] == 1 or not isinstance(err, Exception):
             return previous(kind, err, tb)
-        traceback.print_exception(kind, err, tb)
-        print(f"error: {failure_line(err)}", file=sys.stderr, flush=True)
+        stderr = sys.__stderr__  # torch's own hook (init_process_group) calls this one with sys.stderr captured
+        traceback.print_exception(kind, err, tb, file=stderr)
+        print(f"error: {failure_line(err)}", file=stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
 
