@@ -248,3 +248,12 @@ def test_a_training_rank_that_raises_ends_every_process(tmp_path):
     proc = run([str(ROOT / "train.py"), "fit", "--config", str(config), "--trainer.devices", "2"], tmp_path, tmp_path)
     assert proc.returncode != 0 and time.time() - start < LIMIT_S
     assert "error: rank 1 of 2: OSError: training shard 3 is corrupt" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flag", ["--trainer.num_nodes", "--trainer.devices"])
+def test_a_non_positive_process_count_is_one_line(checkpoint, tmp_path, capsys, flag):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), flag, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {flag} must be a positive integer, got 0"
+    assert not (tmp_path / "out").exists()

@@ -310,8 +310,9 @@ def launch(args: list[str] | None, build_parser, build_job):
     (``lightning_reg.distributed``)."""
     try:
         cfg = build_parser().parse_args(args)
-        if cfg["trainer.num_nodes"] < 1:
-            raise ConfigError(f"--trainer.num_nodes must be a positive integer, got {cfg['trainer.num_nodes']}")
+        for field in ("trainer.devices", "trainer.num_nodes"):
+            if cfg[field] < 1:
+                raise ConfigError(f"--{field} must be a positive integer, got {cfg[field]}")
         fabric = make_fabric(cfg["trainer.accelerator"], cfg["trainer.devices"], cfg["trainer.num_nodes"])
         together = fabric.world_size > 1 and distributed.started_together(cfg["trainer.num_nodes"])
         job, error = distributed.check(lambda: build_job(cfg)) if together else (build_job(cfg), None)
