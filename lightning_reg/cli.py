@@ -31,8 +31,11 @@ class AgreeOnChecks(L.Callback):
 class TrainCLI(LightningCLI):
     check_error: str | None = None  # this rank's failed --ckpt_path check, reported by AgreeOnChecks
 
-    def before_fit(self) -> None:
+    def before_validate(self) -> None:
         self.trainer.callbacks.insert(0, AgreeOnChecks(self.check_error))
+
+    def before_fit(self) -> None:
+        self.before_validate()  # the same agreement
         if self.check_error is not None:
             return
         model, data = self.model, self.datamodule

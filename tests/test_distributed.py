@@ -257,3 +257,17 @@ def test_a_non_positive_process_count_is_one_line(checkpoint, tmp_path, capsys, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {flag} must be a positive integer, got 0"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(LIMIT_S + 60)
+def test_a_resume_checkpoint_missing_on_one_node_ends_both_with_its_rank(checkpoint, tmp_path):  # noqa: F811
+    config = train_config(tmp_path, TOY_NET, TOY_DATA, CALLBACK)
+    missing = tmp_path / "only_on_node_0.ckpt"
+    nodes = two_nodes([str(ROOT / "train.py"), "fit", "--config", str(config), "--trainer.num_nodes", "2"], tmp_path,
+                      (["--ckpt_path", str(checkpoint)], ["--ckpt_path", str(missing)]))
+    for code, _, _, seconds in nodes:
+        assert code != 0 and seconds < LIMIT_S
+    errors = [line for line in nodes[0][2].splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rank 1 of 2: --ckpt_path {missing} does not exist"], nodes[0][2][-3000:]
+    assert f"error: rank 1 of 2: --ckpt_path {missing} does not exist" in nodes[1][2]
