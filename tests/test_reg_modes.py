@@ -102,11 +102,15 @@ def test_graph_free_is_exact_for_a_quadratic_denoiser(xy, t):
 
 
 @pytest.mark.parametrize("kind", list(SCHEDULES))
-def test_graph_free_is_one_forward_of_3b_without_graph(xy, kind):
+@pytest.mark.parametrize("layout, calls", [("batched", [(15, False)]), ("split", [(5, False)] * 3)])
+def test_graph_free_is_3b_rows_without_graph(xy, kind, layout, calls):
     x, y = xy
     net = Counting(SmoothNet())
-    call(model_for(kind, net), make_guidance("cfg", scale=1.0, reg="graph_free"), x, y, MID_TIME[kind])
-    assert net.calls == [(15, False)] and net.backwards == 0
+    guidance = make_guidance("cfg", scale=1.0, reg="graph_free", branch_layout=layout)
+    out = call(model_for(kind, net), guidance, x, y, MID_TIME[kind])
+    assert net.calls == calls and net.backwards == 0
+    other = make_guidance("cfg", scale=1.0, reg="graph_free", branch_layout="split" if layout == "batched" else "batched")
+    torch.testing.assert_close(out, call(model_for(kind, net), other, x, y, MID_TIME[kind]), rtol=0, atol=1e-12)
 
 
 def test_graph_free_autoguidance_probes_the_main_model_only(xy):
@@ -133,12 +137,14 @@ class LearnedSigma(nn.Module):
         return torch.cat([x @ A.T + BIAS[y], torch.tanh(x)], dim=1)
 
 
-def test_graph_free_keeps_one_variance_row_per_sample(xy):
+@pytest.mark.parametrize("layout", ["batched", "split"])
+def test_graph_free_keeps_one_variance_row_per_sample(xy, layout):
+    """Batched: the mean of the two probes' ``v`` (as ``x0_c``); split: the ``x - h 1`` probe's."""
     x, y = xy
     model = model_for("vp-eps", LearnedSigma())
-    call(model, make_guidance("cfg", scale=1.0, reg="graph_free"), x, y, 400.0)
+    call(model, make_guidance("cfg", scale=1.0, reg="graph_free", branch_layout=layout), x, y, 400.0)
     h = FD_STEP * vp_s(400)[1]
-    expected = (torch.tanh(x + h) + torch.tanh(x - h)) / 2
+    expected = (torch.tanh(x + h) + torch.tanh(x - h)) / 2 if layout == "batched" else torch.tanh(x - h)
     torch.testing.assert_close(model.variance_interpolation, expected, **TOL)
 
 
@@ -168,7 +174,8 @@ def test_reuse_cost_and_chain_reset(xy):
     A noisier time starts a new chain, which computes afresh."""
     x, y = xy
     net = Counting(SmoothNet())
-    guided = GuidedDenoiser(model_for("vp-eps", net), make_guidance("cfg", scale=1.0, reg="reuse", reg_every=3), y)
+    guided = GuidedDenoiser(model_for("vp-eps", net), make_guidance("cfg", scale=1.0, reg="reuse", reg_every=3,
+                                                                   branch_layout="batched"), y)
     with torch.no_grad():
         for t in (900.0, 800.0, 700.0, 600.0, 900.0):
             guided(x, torch.tensor(t))
@@ -192,12 +199,13 @@ def test_window_is_the_plain_method_outside_and_paper_inside(xy, kind):
     net = Counting(SmoothNet())
     model = model_for(kind, net)
     times = model.schedule.sampling_times(10)[:-1]
-    window = make_guidance("cfg", scale=1.0, reg="window", reg_window=[0.3, 0.6])
+    window = make_guidance("cfg", scale=1.0, reg="window", reg_window=[0.3, 0.6], branch_layout="batched")
     for t in times:
         net.calls.clear()
         out = call(model, window, x, y, float(t))
         inside = 0.3 <= model.schedule.progress(t) <= 0.6
-        expected = call(model, make_guidance("cfg", scale=1.0, reg="paper" if inside else "none"), x, y, float(t))
+        expected = call(model, make_guidance("cfg", scale=1.0, reg="paper" if inside else "none",
+                                             branch_layout="batched"), x, y, float(t))
         assert net.calls[0] == ((5, False) if inside else (10, False))
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
@@ -207,6 +215,7 @@ def test_window_is_the_plain_method_outside_and_paper_inside(xy, kind):
     (dict(reg="window", reg_window=[0.7, 0.2]), "reg_window must be"),
     (dict(reg="window", reg_window=[0.5]), "reg_window must be"),
     (dict(reg="cheap"), "unknown REG mode 'cheap'"),
+    (dict(branch_layout="stacked"), "unknown branch_layout 'stacked'"),
 ])
 def test_bad_reg_options_raise_config_error(params, message):
     with pytest.raises(ConfigError, match=message):

@@ -24,8 +24,8 @@ Three cheaper forms of ``paper`` (docs/guidance.md, "Cheaper REG"; measured in b
   elsewhere (where REG's correction ``(f - 1) ⊙ g`` is small).
 * ``graph_free``: for an ideal eps-model ``J`` is symmetric (a scaled Hessian of ``log p_t``), so
   ``J^T 1 ≈ J 1``, the derivative along the all-ones direction: the central difference
-  ``(x0_c(x + h 1) - x0_c(x - h 1)) / 2h`` with ``h = FD_STEP * s_t``, run with the reference in one forward of
-  3B (no autograd graph). ``x0_c`` is then the mean of the two probes, ``x0_c(x) + O(h^2)``; both are
+  ``(x0_c(x + h 1) - x0_c(x - h 1)) / 2h`` with ``h = FD_STEP * s_t``, run with the reference as CFG's branches
+  are (``Guidance.branch_layout``: one forward of 3B, or three of B), with no autograd graph. ``x0_c`` is then the mean of the two probes, ``x0_c(x) + O(h^2)``; both are
   exact for a denoiser quadratic in ``x``.
 
 Inference mode: tensors made under ``torch.inference_mode()`` (Lightning's validation and
@@ -98,13 +98,14 @@ def reused_factor(f: Tensor, a_then: Tensor, s_then: Tensor, a_now: Tensor, s_no
 
 def finite_difference_factor(guidance: "Guidance", model, x: Tensor, t: Tensor | float, y: Tensor,
                              step: "GuidanceStep") -> tuple[Tensor, Tensor, Tensor]:
-    """``(x0_c, x0_ref, f)`` from one forward of 3B: ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h ≈ a_t J^T 1``,
+    """``(x0_c, x0_ref, f)`` from 3B rows without graph: ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h ≈ a_t J^T 1``,
     ``x0_c`` the mean of the two probes, ``h = FD_STEP * s_t`` (per sample)."""
     h = FD_STEP * step.s
     x0_probes, x0_ref = guidance.conditional_and_reference(model, x, t, y, x_cond=torch.cat([x + h, x - h]))
     x0_plus, x0_minus = x0_probes.chunk(2)
-    if getattr(model, "variance_interpolation", None) is not None and len(model.variance_interpolation) == 2 * len(x):
-        model.variance_interpolation = sum(model.variance_interpolation.chunk(2)) / 2  # the probes' mean, as x0_c
+    v = getattr(model, "variance_interpolation", None)
+    if v is not None and len(v) == 2 * len(x):  # batched: the probes' mean, as x0_c; split: the x - h probe's
+        model.variance_interpolation = sum(v.chunk(2)) / 2
     return (x0_plus + x0_minus) / 2, x0_ref, step.a * (x0_plus - x0_minus) / (2 * h)
 
 
