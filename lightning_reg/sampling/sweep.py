@@ -33,7 +33,7 @@ from lightning_reg.sampling.cli import build_parser as build_sample_parser
 from lightning_reg.sampling.engine import setting_name
 
 SWEEP_FILE, ROW_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "row.json", "sweep.csv", "fronts.png"
-REG_STYLES = {"none": "-", "paper": "--", "vjp": ":"}
+REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--"}
 LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params")
 COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 
