@@ -98,8 +98,8 @@ def reused_factor(f: Tensor, a_then: Tensor, s_then: Tensor, a_now: Tensor, s_no
 
 def finite_difference_factor(guidance: "Guidance", model, x: Tensor, t: Tensor | float, y: Tensor,
                              step: "GuidanceStep") -> tuple[Tensor, Tensor, Tensor]:
-    """``(x0_c, x0_ref, f)`` from 3B rows without graph: ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h ≈ a_t J^T 1``,
-    ``x0_c`` the mean of the two probes, ``h = FD_STEP * s_t`` (per sample)."""
+    """``(x0_c, x0_ref, f)`` from 3B rows without graph: ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h``, i.e.
+    ``a_t J 1`` in place of the paper's ``a_t J^T 1``; ``x0_c`` the mean of the two probes, ``h = FD_STEP * s_t``."""
     h = FD_STEP * step.s
     x0_probes, x0_ref = guidance.conditional_and_reference(model, x, t, y, x_cond=torch.cat([x + h, x - h]))
     x0_plus, x0_minus = x0_probes.chunk(2)
