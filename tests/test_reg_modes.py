@@ -234,3 +234,18 @@ def test_every_method_runs_each_cheap_mode(xy, reg, method, params):
     plain = chain(model, make_guidance(method, scale=2.0, **params), x, y, "vp-eps")
     out = chain(model, make_guidance(method, scale=2.0, reg=reg, reg_window=[0.0, 1.0], **params), x, y, "vp-eps")
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-6
+
+
+@pytest.mark.timeout(120)
+def test_cheap_reg_experiment_prints_every_mode(capsys):
+    """The oracle comparison on the exact 1D toy denoiser: a row per mode; graph_free's error equals paper's
+    (1x1 Jacobian, exact central difference up to O(h^2)) to 3 digits."""
+    from lightning_reg.experiments.cheap_reg import MODES, main
+
+    main(["--task", "toy1d", "--exact", "--steps", "4", "--num-timesteps", "1000", "--rollouts", "4",
+          "--grid", "16"])
+    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:6]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "mode" not in line}
+    assert list(rows) == list(MODES)
+    assert rows["graph_free"] == pytest.approx(rows["reg paper"], rel=1e-3)
+    assert rows["reg paper"][0] != rows["cfg"][0]
