@@ -19,9 +19,10 @@ from torch import Tensor
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import eps_from_x0, x0_from_eps
 from lightning_reg.errors import ConfigError
-from lightning_reg.guidance.reg import REG_MODES, rectified_guidance
+from lightning_reg.guidance.reg import DEFAULT_EVERY, DEFAULT_WINDOW, Rectifier
 
 CONVENTIONS = ("w", "w2")
+BRANCH_LAYOUTS = ("auto", "batched", "split")
 # the output space of guidance rescale: what eps-networks and flow networks output
 OUTPUT_SPACES = {"vp": "eps", "edm": "eps", "flow": "velocity"}
 
@@ -99,7 +100,12 @@ class Guidance:
     Args:
         scale: guidance strength, read in ``convention`` (``w``: ``eps_c + w d``; ``w2``: ``eps_u + w2 d``).
         convention: ``w`` or ``w2``.
-        reg: ``none``, ``paper`` (REG, the default form when on) or ``vjp`` (exact first order).
+        reg: ``none``, ``paper`` (REG, the default form when on), ``vjp`` (exact first order), or a cheaper
+            form of ``paper``: ``reuse``, ``window``, ``graph_free`` (``reg.py``, docs/guidance.md).
+        reg_every: ``reuse``'s k: the factor is computed every k guided calls and reused in between.
+        reg_window: ``window``'s ``[start, stop]`` of sampling progress where REG is on.
+        branch_layout: how the conditional and reference branches run: ``batched`` (one forward of 2B),
+            ``split`` (two of B) or ``auto`` (``split`` on the CPU, ``batched`` elsewhere; see ``layout``).
         guidance_channels: guide only these channels (dim 1), the others keep the conditional
             prediction; DiT's checkpoints used ``[0, 1, 2]``. ``None``: all channels.
         start, stop: guide only while sampling progress ``p`` (0 at the noisy start, 1 at the clean end)
@@ -113,11 +119,14 @@ class Guidance:
 
     def __init__(self, scale: float = 1.0, convention: str = "w", reg: str = "none",
                  guidance_channels: Sequence[int] | None = None, start: float = 0.0, stop: float = 1.0,
-                 guidance_rescale: float = 0.0):
+                 guidance_rescale: float = 0.0, reg_every: int = DEFAULT_EVERY,
+                 reg_window: Sequence[float] = DEFAULT_WINDOW, branch_layout: str = "auto"):
         if convention not in CONVENTIONS:
             raise ConfigError(f"unknown weight convention {convention!r}; choose 'w' or 'w2'")
-        if reg not in REG_MODES:
-            raise ConfigError(f"unknown REG mode {reg!r}; choose one of {list(REG_MODES)}")
+        self.rectifier = Rectifier(reg, reg_every, reg_window)
+        if branch_layout not in BRANCH_LAYOUTS:
+            raise ConfigError(f"unknown branch_layout {branch_layout!r}; choose one of {list(BRANCH_LAYOUTS)}")
+        self.branch_layout = branch_layout
         scale = check_finite(f"{self.name} scale", scale)
         self.w = self.to_w(scale, convention, "scale")
         self.convention, self.reg = convention, reg
@@ -190,10 +199,26 @@ class Guidance:
         """The reference prediction: the null label through the same model (CFG)."""
         return model(x, t, torch.full_like(y, model.null_label))
 
-    def conditional_and_reference(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor):
-        """Both predictions in one batched forward of 2B, as DiT does."""
-        x0 = model(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, model.null_label)]))
-        return x0.chunk(2)
+    def conditional_and_reference(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor,
+                                  x_cond: Tensor | None = None):
+        """The conditional prediction at ``x_cond`` (default ``x``; k stacked batches: kB rows) and the reference
+        at ``x``: the (k + 1)B rows in one forward (``batched``, as DiT does for CFG) or one forward of B each
+        (``split``), by ``branch_layout``."""
+        x_cond = x if x_cond is None else x_cond
+        rows, labels = torch.cat([x_cond, x]), torch.cat([y.repeat(len(x_cond) // len(x)),
+                                                          torch.full_like(y, model.null_label)])
+        if self.layout(x) == "batched":
+            x0 = model(rows, t, labels)
+        else:
+            x0 = torch.cat([model(r, t, l) for r, l in zip(rows.split(len(x)), labels.split(len(x)))])
+        return x0[:len(x_cond)], x0[len(x_cond):]
+
+    def layout(self, x: Tensor) -> str:
+        """``branch_layout``; ``auto``: ``split`` on the CPU (faster there at every batch measured,
+        benchmarks/README.md), ``batched`` elsewhere."""
+        if self.branch_layout != "auto":
+            return self.branch_layout
+        return "split" if x.device.type == "cpu" else "batched"
 
     def guided_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor, state: ChainState) -> Tensor:
         """``x0_c + g``, with ``g`` rectified by REG when it is on; ``x0_c`` where ``w(t) = 0`` or ``p`` is
@@ -206,14 +231,10 @@ class Guidance:
         if w == 0:
             return model(x, t, y)
         step = GuidanceStep(model, x, t, state)
-        if self.reg == "none":
-            x0_c, x0_ref = self.conditional_and_reference(model, x, t, y)
-            return x0_c + self._term(x0_c, x0_ref, w, step)
-        with torch.no_grad():
-            x0_ref = self.reference_x0(model, x, t, y)
-        x0_c, rectified = rectified_guidance(model, x, t, y, step.a,
-                                             lambda x0_c: self._term(x0_c, x0_ref, w, step), self.reg)
-        return x0_c + self._masked(rectified)
+        if self.rectifier.active(model.schedule.progress(t)):
+            return self.rectifier.guided_x0(self, model, x, t, y, w, step)
+        x0_c, x0_ref = self.conditional_and_reference(model, x, t, y)
+        return x0_c + self._term(x0_c, x0_ref, w, step)
 
     def __repr__(self):
         fields = {k: v for k, v in vars(self).items() if k != "reference"}

@@ -1,4 +1,4 @@
-"""Guidance methods (REG_NOTES §3), one small class each; every one takes ``reg: none|paper|vjp``."""
+"""Guidance methods (REG_NOTES §3), one small class each; every one takes every REG mode (``reg.py``)."""
 
 from __future__ import annotations
 
@@ -117,8 +117,9 @@ class Autoguidance(Guidance):
     def reference_x0(self, model, x, t, y):
         return self.reference(x, t, y)
 
-    def conditional_and_reference(self, model, x, t, y):
-        return model(x, t, y), self.reference(x, t, y)
+    def conditional_and_reference(self, model, x, t, y, x_cond=None):
+        x_cond = x if x_cond is None else x_cond
+        return model(x_cond, t, y.repeat(len(x_cond) // len(x))), self.reference(x, t, y)
 
 
 class APG(Guidance):

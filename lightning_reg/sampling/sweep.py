@@ -33,7 +33,7 @@ from lightning_reg.sampling.cli import build_parser as build_sample_parser
 from lightning_reg.sampling.engine import setting_name
 
 SWEEP_FILE, ROW_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "row.json", "sweep.csv", "fronts.png"
-REG_STYLES = {"none": "-", "paper": "--", "vjp": ":"}
+REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--"}
 LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params")
 COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 
@@ -46,7 +46,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--methods", type=list[dict], default=[],
                    help="one entry per method: {method: interval, weights: [0.5, 1, 2], t_lo: 100, t_hi: 600}; "
                         "keys other than method and weights are fixed parameters of make_guidance")
-    p.add_argument("--reg", type=list[str], default=list(REG_MODES), help="REG modes, from none, paper, vjp")
+    p.add_argument("--reg", type=list[str], default=["none", "paper", "vjp"],
+                   help=f"REG modes, from {', '.join(REG_MODES)}")
     p.add_argument("--convention", type=str, default="w",
                    help="the weights' convention: w (eps_c + w d) or w2 (eps_u + w2 d, w2 = w + 1)")
     p.add_argument("--num_samples", type=int, default=2000, help="samples per setting")
