@@ -139,5 +139,5 @@ def test_a_storage_blob_that_is_not_weights_only_is_refused():
     torch.save(Evil(), blob, _use_new_zipfile_serialization=False)
     data = blob.getvalue()
     payload = b"\x80\x04ctorch.storage\n_load_from_bytes\nB" + struct.pack("<I", len(data)) + data + b"\x85R."
-    with pytest.raises(EDM2FileError, match="not a readable EDM2 snapshot"):
+    with pytest.raises(UnsafePickleError, match="nested torch storage blob holds more than tensor data"):
         safe_load(payload)

@@ -58,7 +58,11 @@ def reconstruct_persistent_obj(meta: dict) -> PersistentObject:
 
 def load_storage_bytes(data: bytes):
     """``torch.storage._load_from_bytes`` with ``weights_only=True``: a nested ``torch.save`` blob of one storage."""
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise UnsafePickleError("a nested torch storage blob holds more than tensor data (torch.load with "
+                                "weights_only=True refused it; nothing from it was run)") from None
 
 
 def numpy_dtype(obj, align=False, copy=False):
