@@ -19,7 +19,8 @@ from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 from lightning_reg.guidance.methods import GUIDANCE
 from lightning_reg.models.edm2 import (EDM2_SIZES, EDM2Denoiser, EDM2Precond, edm2_denoiser_parts, edm2_img512_config,
-                                       load_edm2, load_edm2_state_dict, mp_cat, mp_silu, mp_sum, normalize)
+                                       convert_edm2, load_edm2, load_edm2_state_dict, mp_cat, mp_silu, mp_sum,
+                                       normalize)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NETS = ("main", "guide", "uncond")
@@ -273,3 +274,37 @@ def test_a_dit_file_and_a_truncated_file_given_as_edm2(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_edm2(path)
         assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_convert_once_to_safetensors_then_load_without_pickle(tmp_path, expected, monkeypatch):
+    pkl = tmp_path / "edm2-img512-tiny.pkl"
+    pkl.write_bytes((FIXTURES / "edm2_official_tiny_main.pkl").read_bytes())
+    written = convert_edm2(pkl)
+    assert written == tmp_path / "edm2-img512-tiny.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edm2-img512-tiny.pkl", "edm2-img512-tiny.safetensors"]
+    net_pkl, snap_pkl = load_edm2(pkl)
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the safetensors load read a pickle")
+
+    for name in ("read_edm2_pickle", "safe_load", "SafeUnpickler"):
+        monkeypatch.setattr(f"lightning_reg.io.edm2_pickle.{name}", no_pickle)
+    monkeypatch.setattr("lightning_reg.models.edm2.read_edm2_pickle", no_pickle)
+    net, snapshot = load_edm2(written)
+    assert snapshot.init_kwargs == expected["config"]["main"] and snapshot.encoder == "StabilityVAEEncoder"
+    assert snapshot.loss_kwargs == snap_pkl.loss_kwargs and snapshot.latent_scale.tolist() == snap_pkl.latent_scale.tolist()
+    assert all(torch.equal(v, snap_pkl.state_dict[k]) and v.dtype == torch.float16 for k, v in snapshot.state_dict.items())
+    with torch.no_grad():
+        x, s, y = expected["x"], expected["sigma"], expected["class_labels"]
+        assert torch.equal(EDM2Denoiser(net)(x, s, y), EDM2Denoiser(net_pkl)(x, s, y))
+
+
+def test_convert_refuses_bad_files_and_writes_nothing(tmp_path):
+    for name, data in (("cut.pkl", (FIXTURES / "edm2_official_tiny_guide.pkl").read_bytes()[:30_000]),
+                       ("dit.pkl", (FIXTURES / "dit_official_tiny.pt").read_bytes())):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError):
+            convert_edm2(tmp_path / name)
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="is not an EDM2 safetensors file"):
+        load_edm2(tmp_path / "bad.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "cut.pkl", "dit.pkl"]

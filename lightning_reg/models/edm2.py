@@ -23,12 +23,16 @@ unconditional network.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_reg.diffusion.denoiser import Denoiser
@@ -350,10 +354,60 @@ def load_edm2_state_dict(net: EDM2Precond, state_dict: dict[str, Tensor], name: 
     net.load_state_dict(state_dict, strict=True)
 
 
-def load_edm2(path: str | Path) -> tuple[EDM2Precond, EDM2Snapshot]:
-    """``(network, snapshot)`` from an official ``edm2-*.pkl``, read without running its code (docs/edm2.md)."""
+SNAPSHOT_FIELDS = ("class_name", "init_kwargs", "encoder", "encoder_kwargs", "latent_scale", "latent_bias",
+                   "loss_kwargs")
+
+
+def save_edm2_safetensors(snapshot: EDM2Snapshot, path: str | Path) -> Path:
+    """Write ``snapshot`` as safetensors (weights as stored; the other fields as JSON metadata), atomically."""
+    path = Path(path)
+    meta = {k: getattr(snapshot, k) for k in SNAPSHOT_FIELDS}
+    meta = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in snapshot.state_dict.items()}, tmp,
+                  metadata={"edm2_snapshot": json.dumps(meta)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_edm2_safetensors(path: str | Path) -> EDM2Snapshot:
+    """An ``EDM2Snapshot`` from ``save_edm2_safetensors``'s file (no pickle involved)."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {})["edm2_snapshot"])
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        raise ConfigError(f"{path} is not an EDM2 safetensors file written by convert_edm2 ({one_line(err)})") from None
+    for key in ("latent_scale", "latent_bias"):
+        if meta[key] is not None:
+            meta[key] = np.asarray(meta[key], dtype=np.float32)
+    return EDM2Snapshot(state_dict=state_dict, **meta)
+
+
+def convert_edm2(path: str | Path) -> Path:
+    """Read an official ``edm2-*.pkl`` safely once and write ``<same name>.safetensors`` next to it, so later
+    loads (``load_edm2``) never touch pickle."""
+    path = Path(path)
     try:
         snapshot = read_edm2_pickle(path)
     except EDM2FileError as err:
         raise ConfigError(str(err)) from None
+    edm2_from_snapshot(snapshot, str(path))  # refuse a file our network cannot load before writing anything
+    return save_edm2_safetensors(snapshot, path.with_suffix(".safetensors"))
+
+
+def load_edm2(path: str | Path) -> tuple[EDM2Precond, EDM2Snapshot]:
+    """``(network, snapshot)`` from an official ``edm2-*.pkl`` (read without running its code) or from its
+    ``convert_edm2`` safetensors file (docs/edm2.md)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        snapshot = read_edm2_safetensors(path)
+    else:
+        try:
+            snapshot = read_edm2_pickle(path)
+        except EDM2FileError as err:
+            raise ConfigError(str(err)) from None
     return edm2_from_snapshot(snapshot, str(path)), snapshot
