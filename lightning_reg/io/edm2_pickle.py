@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import io
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -111,13 +111,17 @@ class SafeUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"refusing persistent id {pid!r}: EDM2 snapshots have none")
 
 
-def safe_load(data: bytes, name: str = "<bytes>"):
-    """Unpickle ``data`` with ``SafeUnpickler``; any failure is one ``EDM2FileError`` line naming ``name``."""
-    if data[:4] == b"PK\x03\x04":
+def safe_load(data: bytes | BinaryIO, name: str = "<bytes>"):
+    """Unpickle ``data`` (bytes or a binary file) with ``SafeUnpickler``; any failure is one ``EDM2FileError``
+    line naming ``name``."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    start = stream.tell()
+    if stream.read(4) == b"PK\x03\x04":
         raise EDM2FileError(f"{name} is a zip file (a torch.save checkpoint such as a DiT or Lightning file), "
                             "not an EDM2 snapshot pickle")
+    stream.seek(start)
     try:
-        return SafeUnpickler(io.BytesIO(data)).load()
+        return SafeUnpickler(stream).load()
     except UnsafePickleError as err:
         raise UnsafePickleError(f"{name}: {err}") from None
     except EDM2FileError as err:
@@ -186,7 +190,8 @@ def read_edm2_pickle(path: str | Path) -> EDM2Snapshot:
     """Read an official ``edm2-*.pkl`` without running anything from it (see the module docstring)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        stream = path.open("rb")
     except OSError as err:
         raise EDM2FileError(f"cannot read EDM2 snapshot {path}: {err.strerror or err}") from None
-    return _as_snapshot(safe_load(data, str(path)), str(path))
+    with stream:
+        return _as_snapshot(safe_load(stream, str(path)), str(path))

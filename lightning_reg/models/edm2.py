@@ -11,8 +11,9 @@ dicts load strictly (``load_edm2``, docs/edm2.md). Magnitude preservation (paper
 * attention on cosine-normalised q, k, v; activations clipped to [-256, 256]; the output convolution and
   each block's embedding scaled by learned gains (``out_gain``, ``emb_gain``).
 
-Weights are computed in float32 whatever their storage (the official files store float16), then cast to
-the activations' dtype (bf16/fp16 under autocast-free reduced precision).
+Weights keep their stored dtype (the official files: float16) and are computed in float32 on every forward
+(normalised, then scaled by ``gain / sqrt(fan_in)``, that quotient in the gain's stored dtype, as the public
+code computes it), then cast to the activations' dtype.
 
 Backbone protocol (``Denoiser``): ``EDM2Precond(x_in, t, y)`` returns ``F`` for ``x_in = c_in x`` with the
 EDM schedule's ``t = 250 ln sigma`` (so ``c_noise = ln(sigma) / 4 = t / 1000``) and label ids ``y``, taken
@@ -332,7 +333,8 @@ def edm2_from_snapshot(snapshot: EDM2Snapshot, name: str = "EDM2 snapshot") -> E
     if snapshot.class_name != "Precond":
         raise ConfigError(f"{name} holds a {snapshot.class_name!r} network, not an EDM2 'Precond'")
     try:
-        net = EDM2Precond(**snapshot.init_kwargs)
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            net = EDM2Precond(**snapshot.init_kwargs)
     except TypeError as err:
         raise ConfigError(f"{name}: constructor arguments {snapshot.init_kwargs} do not fit EDM2Precond "
                           f"({one_line(err)})") from None
@@ -341,7 +343,8 @@ def edm2_from_snapshot(snapshot: EDM2Snapshot, name: str = "EDM2 snapshot") -> E
 
 
 def load_edm2_state_dict(net: EDM2Precond, state_dict: dict[str, Tensor], name: str = "EDM2 state dict") -> None:
-    """Strict load with one line naming missing, unexpected and mis-shaped tensors."""
+    """Strict load of the tensors as stored (their dtype kept, ``assign``), with one line naming missing,
+    unexpected and mis-shaped tensors."""
     own = net.state_dict()
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -351,7 +354,7 @@ def load_edm2_state_dict(net: EDM2Precond, state_dict: dict[str, Tensor], name: 
                  for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
                  if items]
         raise ConfigError(f"{name} does not fit the EDM2 network: {'; '.join(parts)}")
-    net.load_state_dict(state_dict, strict=True)
+    net.load_state_dict(state_dict, strict=True, assign=True)
 
 
 SNAPSHOT_FIELDS = ("class_name", "init_kwargs", "encoder", "encoder_kwargs", "latent_scale", "latent_bias",
