@@ -7,7 +7,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,8 @@ def test_fixture_is_read_without_running_its_code(name, expected, monkeypatch):
     assert all(v.dtype == torch.float16 for v in snapshot.state_dict.values())
     assert snapshot.state_dict["unet.out_conv.weight"].shape == (4, expected["config"][name]["model_channels"], 3, 3)
     assert ("unet.emb_label.weight" in snapshot.state_dict) == (name != "uncond")
-    assert snapshot.encoder == "StabilityVAEEncoder" and snapshot.encoder_kwargs == {"vae_name": "stabilityai/sd-vae-ft-mse"}
+    assert snapshot.encoder == "StabilityVAEEncoder"
+    assert snapshot.encoder_kwargs == {"vae_name": "stabilityai/sd-vae-ft-mse"}
     # the encoder's defaults: scale = 0.5 / raw_std, bias = -raw_mean * scale
     raw_mean, raw_std = np.array([5.81, 3.25, 0.12, -2.15]), np.array([4.17, 4.62, 3.71, 3.28])
     np.testing.assert_allclose(snapshot.latent_scale, 0.5 / raw_std, rtol=1e-6)
@@ -75,7 +75,8 @@ def test_the_canary_is_live_under_a_loader_that_runs_the_pickled_source(tmp_path
 
 @pytest.mark.parametrize("module,name", [("os", "system"), ("posix", "system"), ("builtins", "eval"),
                                          ("builtins", "exec"), ("subprocess", "Popen"), ("torch", "load"),
-                                         ("torch_utils.persistence", "persistent_class"), ("dnnlib.util", "call_func_by_name")])
+                                         ("torch_utils.persistence", "persistent_class"),
+                                         ("dnnlib.util", "call_func_by_name")])
 def test_any_other_global_is_refused_and_nothing_runs(module, name, tmp_path):
     marker = tmp_path / "ran"
     payload = f"c{module}\n{name}\n(S'touch {marker}'\ntR.".encode()

@@ -127,8 +127,9 @@ def safe_load(data: bytes | BinaryIO, name: str = "<bytes>"):
     except EDM2FileError as err:
         raise EDM2FileError(f"{name}: {err}") from None
     except Exception as err:  # truncated or corrupt: EOFError, UnpicklingError, struct/value errors
-        raise EDM2FileError(f"{name} is not a readable EDM2 snapshot ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); is the file complete?") from None
+        detail = str(err).splitlines()[0] if str(err) else "no detail"
+        raise EDM2FileError(f"{name} is not a readable EDM2 snapshot ({type(err).__name__}: {detail}); "
+                            "is the file complete?") from None
 
 
 def module_state_dict(obj, prefix: str = "") -> dict[str, Tensor]:
