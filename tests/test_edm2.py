@@ -258,3 +258,11 @@ def test_convert_refuses_bad_files_and_writes_nothing(tmp_path):
     with pytest.raises(ConfigError, match="is not an EDM2 safetensors file"):
         load_edm2(tmp_path / "bad.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "cut.pkl", "dit.pkl"]
+
+
+def test_bf16_autocast_runs_close_to_float32(stored_nets, expected):
+    net = stored_nets["main"]
+    denoiser = Denoiser(net, *edm2_denoiser_parts(net))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = denoiser(expected["x"], expected["sigma"], expected["class_labels"])
+    assert out.dtype == torch.float32 and 1e-4 < relative_error(out, expected["out"]["main"]) < 3e-2

@@ -244,7 +244,9 @@ def edm2_img512_config(size: str) -> dict:
 
 class EDM2Precond(nn.Module):
     """The official ``Precond``: ``unet`` plus the uncertainty head ``logvar_fourier``/``logvar_linear``
-    (the training loss's ``u(sigma)``, paper eq. 8). As a backbone it returns ``F`` (module docstring)."""
+    (the training loss's ``u(sigma)``, paper eq. 8). As a backbone it returns ``F`` (module docstring).
+    ``use_fp16`` is kept as recorded (the public code's float16 activations on CUDA); here reduced precision
+    comes from autocast."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
