@@ -4,9 +4,9 @@ Guidance: the img512 networks of the EDM2 presets (64x64x4 latents, the real con
 float16 weights with every gain 1) on the CPU at ``--batch`` (1): one guided denoiser call ``D(x, sigma)``
 at sigma 1 (a Heun step makes two) for CFG (reference: the unconditional XS net), autoguidance (reference:
 XS for S, M for XXL, as the presets) and each with REG paper / vjp, interleaved round by round
-(``common.py``); time as a ratio to CFG; memory: the peak resident set above the resting state during a
-call, the largest over the rounds (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), so the weights
-are excluded.
+(``common.py``); time as a ratio to CFG; memory: the peak resident set above the resting state during one
+call of each, in a separate process (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; see
+``peak_rss_above_resting``), so the weights are excluded.
 
 Reader: a random XXL-size network written in the official snapshot layout by ``write_snapshot`` (a
 stand-in ``torch_utils.persistence`` / ``dnnlib.util`` registered for the writer only; no shipped weights),
@@ -63,9 +63,11 @@ def random_net(size: str, label_dim: int = 1000) -> EDM2Precond:
 def peak_rss_above_resting(call) -> int:
     """Bytes of resident memory ``call`` adds at its peak (Linux: ``VmHWM`` after a reset, minus ``VmRSS``).
 
-    ``main`` runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, so every tensor above that is its
-    own mapping, returned to the system when freed: the resident set then follows the live tensors instead
-    of the allocator's cache, and the peak of one call is not hidden by memory an earlier call freed."""
+    Measured in a child process (``_child``) with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, so every
+    tensor above that is its own mapping, returned to the system when freed: the resident set then follows
+    the live tensors instead of the allocator's cache, and the peak of one call is not hidden by memory an
+    earlier call freed. (Timing runs in the parent with the default allocator: the page faults of that
+    setting would inflate the calls that allocate more.)"""
     def status(field: str) -> int:
         line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
         return int(line.split()[1]) * 1024
@@ -76,7 +78,8 @@ def peak_rss_above_resting(call) -> int:
     return status("VmHWM") - resting
 
 
-def guidance_rows(size: str, batch: int, repeats: int, warmup: int) -> list[dict]:
+def guided_calls(size: str, batch: int) -> tuple[dict, dict]:
+    """One guided denoiser call per method on random img512 networks, and their parameter counts."""
     torch.manual_seed(0)
     main, uncond, guide = random_net(size), random_net("xs", label_dim=0), random_net(AUTOGUIDE[size])
     x, y, sigma = torch.randn(batch, 4, 64, 64), torch.randint(0, 1000, (batch,)), torch.tensor(1.0)
@@ -90,16 +93,34 @@ def guidance_rows(size: str, batch: int, repeats: int, warmup: int) -> list[dict
         else:
             denoiser, guidance = EDM2Denoiser(main), make_guidance(
                 "autoguidance", scale=2.0, convention="w2", reg=reg, reference=EDM2Denoiser(guide))
-        guided = GuidedDenoiser(denoiser, guidance, y)
-        calls[name] = lambda name=name, guided=guided: memory[name].append(
-            peak_rss_above_resting(lambda: guided(x, sigma)))
-    memory = {name: [] for name in calls}
+        calls[name] = lambda guided=GuidedDenoiser(denoiser, guidance, y): guided(x, sigma)
+    params = {k: sum(p.numel() for p in n.parameters()) for k, n in (("main", main), ("guide", guide))}
+    return calls, params
+
+
+def peak_memory(size: str, batch: int) -> dict[str, int]:
+    """``peak_rss_above_resting`` of one call per method, in a fresh process with the mmap threshold fixed."""
+    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch; "
+            f"from edm2_cost import guided_calls, peak_rss_above_resting; torch.set_num_threads(1); "
+            f"calls, _ = guided_calls({size!r}, {batch}); torch.set_grad_enabled(False); "
+            f"print(json.dumps({{k: peak_rss_above_resting(c) for k, c in calls.items()}}))")
+    return json.loads(_child(code))
+
+
+def guidance_rows(size: str, batch: int, repeats: int, warmup: int) -> list[dict]:
+    calls, params = guided_calls(size, batch)
     with torch.no_grad():
         stats = medians(interleaved_times(calls, repeats, warmup, torch.device("cpu")), "cfg")
-    memory = {name: max(values) for name, values in memory.items()}
-    params = {k: sum(p.numel() for p in n.parameters()) for k, n in (("main", main), ("guide", guide))}
+    del calls
+    memory = peak_memory(size, batch)
     return [dict(size=size, guide=AUTOGUIDE[size], params=params, method=name, memory=memory[name], **stats[name])
             for name in METHODS]
+
+
+def _child(code: str) -> str:
+    """Run ``code`` in a fresh interpreter with glibc's mmap threshold fixed (``peak_rss_above_resting``)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2 ** 20))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
 
 
 # ------------------------------------------------------------------------------------- snapshot writer
@@ -174,21 +195,13 @@ def reader_rows(size: str, workdir: Path) -> list[dict]:
                 f"out['bytes'] = peak_rss_above_resting(lambda: out.update(t0=time.perf_counter(), "
                 f"r=f({str(path)!r}), t1=time.perf_counter())); print(json.dumps(dict(seconds=out['t1'] - "
                 f"out['t0'], peak=out['bytes'])))")
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD))
-        rows.append(dict(reader=name, file=path.name, file_bytes=path.stat().st_size, **json.loads(run.stdout)))
+        rows.append(dict(reader=name, file=path.name, file_bytes=path.stat().st_size, **json.loads(_child(code))))
     return rows
 
 
-MMAP_THRESHOLD = str(2 ** 20)
-
-
 def main(argv=None):
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # see peak_rss_above_resting
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["s", "xxl"])
+    parser.add_argument("--sizes", nargs="*", default=["s", "xxl"], help="img512 sizes; none: the reader only")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
