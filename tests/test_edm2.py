@@ -145,11 +145,13 @@ def test_guided_estimate_is_edm2s_lerp(kind, stored_nets, expected):
     torch.testing.assert_close(guided, d_ref.lerp(d, 2.4), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["cfg", "autoguidance"])
 @pytest.mark.parametrize("reg", ["paper", "vjp"])
-def test_reg_differentiates_the_main_network_only(reg, stored_nets, expected):
-    denoiser, guidance = pair(stored_nets, "cfg", 2.0, reg=reg)
+def test_reg_differentiates_the_main_network_only(kind, reg, stored_nets, expected):
+    denoiser, guidance = pair(stored_nets, kind, 2.0, reg=reg)
+    ref_net = stored_nets["uncond" if kind == "cfg" else "guide"]
     grad_calls = []
-    hook = stored_nets["uncond"].register_forward_hook(lambda *a: grad_calls.append(torch.is_grad_enabled()))
+    hook = ref_net.register_forward_hook(lambda *a: grad_calls.append(torch.is_grad_enabled()))
     x, y, sigma = expected["x"][:3], expected["sample_labels"], torch.tensor(2.0)
     try:
         guided = GuidedDenoiser(denoiser, guidance, y)(x, sigma)
@@ -158,13 +160,13 @@ def test_reg_differentiates_the_main_network_only(reg, stored_nets, expected):
     assert grad_calls == [False]  # the reference ran once, outside any graph
     main = Denoiser(stored_nets["main"], *edm2_denoiser_parts(stored_nets["main"]))
     with torch.no_grad():
-        g = main(x, sigma, y) - EDM2Denoiser(stored_nets["main"], stored_nets["uncond"])(x, sigma, torch.full_like(y, 10))
+        g = main(x, sigma, y) - Denoiser(ref_net, *edm2_denoiser_parts(ref_net))(x, sigma, y)  # w = 1
     x_in = x.clone().requires_grad_(True)
     x0_c = main(x_in, sigma, y)
     factor = torch.autograd.grad(x0_c.sum() if reg == "paper" else x0_c, x_in, None if reg == "paper" else g)[0]
     expected_x0 = x0_c.detach() + (factor * g if reg == "paper" else factor)
     torch.testing.assert_close(guided, expected_x0, rtol=1e-4, atol=1e-5)
-    assert all(p.grad is None for p in stored_nets["main"].parameters())
+    assert all(p.grad is None for net in stored_nets.values() for p in net.parameters())
 
 
 @pytest.mark.parametrize("method", sorted(set(GUIDANCE) - {"conditional", "autoguidance"}))
