@@ -14,7 +14,7 @@ then read in a fresh process: ``read_edm2_pickle`` alone, ``load_edm2`` (reader 
 ``load_edm2`` of its ``convert_edm2`` safetensors file, each with wall time and peak resident set.
 
     python benchmarks/edm2_cost.py [--sizes s xxl] [--batch 1] [--repeats 2] [--warmup 1] [--threads 1]
-                                   [--reader-size xxl] [--no-reader] [--workdir DIR]
+                                   [--reader-size xxl] [--no-reader] [--no-memory] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -107,13 +107,13 @@ def peak_memory(size: str, batch: int) -> dict[str, int]:
     return json.loads(_child(code))
 
 
-def guidance_rows(size: str, batch: int, repeats: int, warmup: int) -> list[dict]:
+def guidance_rows(size: str, batch: int, repeats: int, warmup: int, memory: bool = True) -> list[dict]:
     calls, params = guided_calls(size, batch)
     with torch.no_grad():
         stats = medians(interleaved_times(calls, repeats, warmup, torch.device("cpu")), "cfg")
     del calls
     try:
-        memory = peak_memory(size, batch)
+        memory = peak_memory(size, batch) if memory else dict.fromkeys(METHODS)
     except subprocess.CalledProcessError as err:  # e.g. killed for memory: keep the timings
         print(f"memory of {size}: the measuring process failed ({err.returncode}): {err.stderr[-300:]}")
         memory = dict.fromkeys(METHODS)
@@ -216,6 +216,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reader-size", default="xxl")
     parser.add_argument("--no-reader", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="time the guided calls only")
     parser.add_argument("--workdir", type=Path, default=None, help="where the reader's random snapshot is written")
     args = parser.parse_args(argv)
     if args.threads:
@@ -224,7 +225,7 @@ def main(argv=None):
     print("| net | guide (autog.) | method | wall s | wall / CFG | CPU s | CPU / CFG | peak RSS above resting, GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        for r in guidance_rows(size, args.batch, args.repeats, args.warmup):
+        for r in guidance_rows(size, args.batch, args.repeats, args.warmup, not args.no_memory):
             print(f"| {size.upper()} ({r['params']['main'] / 1e6:.0f}M) | {r['guide'].upper()} "
                   f"({r['params']['guide'] / 1e6:.0f}M) | {r['method']} | {r['wall']:.2f} | {r['wall_ratio']:.2f} | "
                   f"{r['cpu']:.2f} | {r['cpu_ratio']:.2f} | {gib(r['memory'])} |", flush=True)
