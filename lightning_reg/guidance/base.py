@@ -112,6 +112,9 @@ class Guidance:
             lies in ``[start, stop]`` (diffusers' guiders' ``start``/``stop``); the conditional prediction outside.
         guidance_rescale: ``phi`` of Lin et al. (2023, §3.4): the guided output's per-sample std is matched
             to the conditional one's, blended by ``phi`` (0: off).
+        reference: a separate reference ``Denoiser`` given the *same* labels (autoguidance, Karras et al.
+            2024: a smaller or earlier model); ``None``: the null label through the model (CFG).
+            ``reference_checkpoint`` names its file (``sample.py`` loads it into ``reference``).
     """
 
     name = "guidance"
@@ -120,7 +123,8 @@ class Guidance:
     def __init__(self, scale: float = 1.0, convention: str = "w", reg: str = "none",
                  guidance_channels: Sequence[int] | None = None, start: float = 0.0, stop: float = 1.0,
                  guidance_rescale: float = 0.0, reg_every: int = DEFAULT_EVERY,
-                 reg_window: Sequence[float] = DEFAULT_WINDOW, branch_layout: str = "auto"):
+                 reg_window: Sequence[float] = DEFAULT_WINDOW, branch_layout: str = "auto",
+                 reference: Denoiser | None = None, reference_checkpoint: str | None = None):
         if convention not in CONVENTIONS:
             raise ConfigError(f"unknown weight convention {convention!r}; choose 'w' or 'w2'")
         self.rectifier = Rectifier(reg, reg_every, reg_window)
@@ -140,6 +144,7 @@ class Guidance:
         self.start = check_finite(f"{self.name} start", start, 0.0, 1.0)
         self.stop = check_finite(f"{self.name} stop", stop, self.start, 1.0)
         self.guidance_rescale = check_finite(f"{self.name} guidance_rescale", guidance_rescale, 0.0, 1.0)
+        self.reference, self.reference_checkpoint = reference, reference_checkpoint
 
     @staticmethod
     def to_w(value: float, convention: str, field: str) -> float:
@@ -172,6 +177,18 @@ class Guidance:
         if self.guidance_rescale and math.prod(model.data_shape) < 2:
             raise ConfigError(f"guidance_rescale needs samples of at least 2 values (a std), the model's "
                               f"data_shape is {model.data_shape}")
+        ref = self.reference
+        if ref is None:
+            if self.reference_checkpoint:
+                raise ConfigError(f"reference_checkpoint={self.reference_checkpoint!r} is set but was not loaded; "
+                                  "pass reference=Denoiser(...) or sample through sample.py")
+            return
+        if ref.num_classes != model.num_classes or ref.data_shape != model.data_shape:
+            raise ConfigError(
+                f"{self.name} reference has num_classes={ref.num_classes}, data_shape={ref.data_shape}; "
+                f"the model has num_classes={model.num_classes}, data_shape={model.data_shape}")
+        if ref.schedule != model.schedule:
+            raise ConfigError(f"{self.name} reference was trained with another noise schedule")
 
     def _masked(self, g: Tensor) -> Tensor:
         """``g`` on ``guidance_channels`` (dim 1), zero elsewhere; all of ``g`` when unset."""
@@ -196,15 +213,20 @@ class Guidance:
         return self._masked(self._rescaled(x0_c, self.guidance_term(x0_c, x0_ref, w, step), step))
 
     def reference_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """The reference prediction: the null label through the same model (CFG)."""
+        """The reference prediction: ``reference`` given the same labels, else the null label through the model."""
+        if self.reference is not None:
+            return self.reference(x, t, y)
         return model(x, t, torch.full_like(y, model.null_label))
 
     def conditional_and_reference(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor,
                                   x_cond: Tensor | None = None):
         """The conditional prediction at ``x_cond`` (default ``x``; k stacked batches: kB rows) and the reference
-        at ``x``: the (k + 1)B rows in one forward (``batched``, as DiT does for CFG) or one forward of B each
-        (``split``), by ``branch_layout``."""
+        at ``x``: ``reference`` given the same labels, or else the null label through the model, its (k + 1)B
+        rows in one forward (``batched``, as DiT does for CFG) or one forward of B each (``split``), by
+        ``branch_layout``."""
         x_cond = x if x_cond is None else x_cond
+        if self.reference is not None:
+            return model(x_cond, t, y.repeat(len(x_cond) // len(x))), self.reference(x, t, y)
         rows, labels = torch.cat([x_cond, x]), torch.cat([y.repeat(len(x_cond) // len(x)),
                                                           torch.full_like(y, model.null_label)])
         if self.layout(x) == "batched":
