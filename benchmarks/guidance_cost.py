@@ -18,7 +18,7 @@ resting, and the autograd graph's saved bytes), over the whole k-step chain for 
 
     python benchmarks/guidance_cost.py [--device cpu|cuda] [--mlp-batches 2000 8192] [--unet-batches 125 250 500]
                                        [--dit-batches 4] [--precision fp32|bf16] [--repeats 5] [--warmup 1]
-                                       [--threads N]
+                                       [--threads N] [--methods 'cfg (2B)' 'cfg (B+B)' 'reg paper' ...]
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def cfg_reference(device: torch.device) -> str:
 
 
 def measure(model: Denoiser, batch: int, device: torch.device, repeats: int, warmup: int, precision: str = "fp32",
-            **guidance) -> dict[str, dict]:
-    """Per method: median ``wall`` and ``cpu`` seconds per chain step, their ratios to the device's CFG layout,
-    and ``memory`` (``common.memory``); plus the derived ``window`` row."""
+            methods: tuple[str, ...] = tuple(METHODS), **guidance) -> dict[str, dict]:
+    """Per method of ``methods`` (names of ``METHODS``): median ``wall`` and ``cpu`` seconds per chain step, their
+    ratios to the device's CFG layout, and ``memory`` (``common.memory``); plus the derived ``window`` row."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.data_shape, generator=g).to(device)
     y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
@@ -102,9 +102,10 @@ def measure(model: Denoiser, batch: int, device: torch.device, repeats: int, war
             for t in times[mid:mid + steps]:
                 chain(x, t)
 
-    calls = {name: (lambda p=params, k=steps: run(p, k)) for name, (params, steps) in METHODS.items()}
+    chosen = {name: METHODS[name] for name in methods}
+    calls = {name: (lambda p=params, k=steps: run(p, k)) for name, (params, steps) in chosen.items()}
     timed = interleaved_times(calls, repeats, warmup, device)
-    for name, (_, steps) in METHODS.items():
+    for name, (_, steps) in chosen.items():
         timed[name] = {clock: [v / steps for v in seconds] for clock, seconds in timed[name].items()}
     reference = cfg_reference(device)
     result = medians(timed, reference)
@@ -142,7 +143,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), metavar="NAME",
+                        help=f"rows to time (the CFG reference and 'reg paper' always): {', '.join(map(repr, METHODS))}")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    methods = tuple(name for name in METHODS
+                    if name in args.methods or name in ("reg paper", cfg_reference(torch.device(args.device))))
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +164,7 @@ def main(argv=None) -> None:
             model = denoiser(build(), device)
             for batch in batches:
                 rows.append((name, batch, measure(model, batch, device, args.repeats, args.warmup, args.precision,
-                                                  **guidance)))
+                                                  methods, **guidance)))
                 print(f"measured {name} at batch {batch}", flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"one guided step of a {CHAIN_STEPS}-step DDIM chain at its mid time, {args.precision}, median of "
