@@ -11,6 +11,7 @@ from PIL import Image
 
 import lightning_reg.sampling.cli as sample_cli
 from lightning_reg.cli import main as train_main
+from lightning_reg.guidance.reg import REG_MODES
 from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
@@ -197,3 +198,11 @@ def test_shipped_sweep_configs_parse(name, data_key):
     assert [m["method"] for m in cfg.methods] == ["cfg", "interval", "linear", "cosine", "apg", "cfg_zero_star"]
     assert all(len(m["weights"]) >= 5 for m in cfg.methods) and list(cfg.reg) == ["none", "paper", "vjp"]
     assert cfg[data_key] is not None
+
+
+def test_shipped_reg_modes_sweep_parses():
+    """The cheap-REG sweep: CFG at w = 1 and 3 with every REG mode, >= 2,000 samples per setting, image metrics."""
+    config = Path(__file__).parents[1] / "configs" / "sweep_mnist_reg_modes.yaml"
+    cfg = build_parser().parse_args(["--config", str(config)])
+    assert [(m["method"], list(m["weights"])) for m in cfg.methods] == [("cfg", [1, 3])]
+    assert list(cfg.reg) == list(REG_MODES) and cfg.num_samples >= 2000 and cfg.evaluation is not None
