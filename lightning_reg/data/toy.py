@@ -1,4 +1,4 @@
-"""The paper's toy problems (REG_NOTES §4) as Lightning data modules with known densities.
+"""The paper's toy problems (docs/theory.md §4) as Lightning data modules with known densities.
 
 * ``Toy1D``: one condition, ``p(x|y)`` a mixture with means [0.5, 1.5], stds [0.25, 0.25]; the
   "unconditional" density is a *different* mixture (means [-1, 1], stds [0.5, 0.5]), not the class

@@ -1,4 +1,4 @@
-"""Forward noising processes ``x_t = a_t * x_0 + s_t * eps`` (REG_NOTES notation).
+"""Forward noising processes ``x_t = a_t * x_0 + s_t * eps`` (docs/theory.md notation).
 
 Every schedule maps a time value ``t`` to ``(a_t, s_t)``; samplers and guidance only ever see
 those two numbers, so the same code serves discrete VP (DDPM), EDM and rectified flow:
@@ -52,7 +52,7 @@ class NoiseSchedule(ABC):
 
     @abstractmethod
     def progress(self, t: Tensor | float) -> float:
-        """Sampling progress ``p``: 0 at the noisiest time, 1 at the clean end (REG_NOTES §3)."""
+        """Sampling progress ``p``: 0 at the noisiest time, 1 at the clean end (docs/theory.md, notation)."""
 
     def check_steps(self, steps: int) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:

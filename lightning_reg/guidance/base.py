@@ -1,6 +1,6 @@
 """The shared base of all guidance methods, and the guided denoiser that samplers call.
 
-Convention (REG_NOTES): the guided estimate is ``x0_c + g``, where a method's guidance term ``g`` is
+Convention (docs/theory.md): the guided estimate is ``x0_c + g``, where a method's guidance term ``g`` is
 CFG's ``w(t) * (x0_c - x0_ref)`` (in eps units ``eps_c + w(t) * d``, ``d = eps_c - eps_ref``; see
 ``diffusion/predictions.py``) or another function of the two predictions (``guidance_term``). A method
 may be configured in the other common convention ``eps_ref + w2 * d`` by ``convention: w2``; ``w2 = w + 1``.

@@ -1,4 +1,4 @@
-"""Image metrics through torchmetrics: FID, Inception Score, KID and class accuracy (REG_NOTES §4: FID vs IS fronts).
+"""Image metrics through torchmetrics: FID, Inception Score, KID and class accuracy (docs/theory.md §4: FID vs IS fronts).
 
 By default the features are torch-fidelity's Inception-v3 (``pt_inception-2015-12-05``), whose
 weights must already sit in the torch hub cache or at ``inception_weights`` (nothing is downloaded at
