@@ -7,10 +7,7 @@ copy of the weights (``torch.optim.swa_utils.AveragedModel``) is used for valida
 
 from __future__ import annotations
 
-import pickle
 import warnings
-import zipfile
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -22,6 +19,10 @@ from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef, learned_v
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
 from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.io.files import read_torch, require_keys, state_dict_mismatch, unwrap_state_dict
+
+CHECKPOINT_WHAT = "PyTorch checkpoint of a ConditionalDiffusion"
+EMA_PREFIX = "ema.module."  # the EMA weights of ``net`` in a checkpoint's state dict
 
 
 class ConditionalDiffusion(L.LightningModule):
@@ -75,7 +76,8 @@ class ConditionalDiffusion(L.LightningModule):
         its classes are kept, and every new row (the new classes and the null label, last) starts as its
         null row, so a new class starts from the unconditional model it was fine-tuned from.
         """
-        source = load_denoiser(path, ema=True, field="model.init_from").net.state_dict()
+        checkpoint = read_checkpoint(path, "model.init_from")
+        source = unwrap_state_dict(checkpoint["state_dict"], path, "model.init_from", under=(), prefix=EMA_PREFIX)
         target = self.net.state_dict()
         key = next(f"{name}.weight" for name, m in self.net.named_modules() if m is self.net.label_embedding)
         old, new = source.get(key), target[key]
@@ -168,48 +170,19 @@ class ConditionalDiffusion(L.LightningModule):
 
 
 def read_checkpoint(path, field: str) -> dict:
-    """The Lightning checkpoint at ``path``, loaded with ``weights_only=True`` (tensors and plain data:
-    loading runs no code) and memory-mapped; a one-line ConfigError for a missing, truncated, foreign
-    or unsafe file."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{field} {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise ConfigError(f"{field} {path} is not a PyTorch checkpoint (not a torch.save zip archive: "
-                          "truncated, or another format)")
+    """The Lightning checkpoint at ``path`` (``io.read_torch``: tensors and plain data only) with its ``state_dict``."""
+    return require_keys(read_torch(path, field, CHECKPOINT_WHAT), ["state_dict"], path, field, "Lightning checkpoint")
+
+
+def module_from_checkpoint(checkpoint: dict, path, field: str) -> ConditionalDiffusion:
+    """The ``ConditionalDiffusion`` of an already read checkpoint (its hyperparameters rebuild the backbone, as
+    ``load_from_checkpoint`` does, without reading the file again), on the CPU; a ConfigError if it is not one."""
+    from lightning.pytorch.core.saving import _load_state  # what load_from_checkpoint runs on the loaded dict
+
+    checkpoint = {**checkpoint, "hyper_parameters": dict(checkpoint.get("hyper_parameters") or {})}
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), one_line(err, 150))
-        raise ConfigError(f"{field} {path} holds pickled objects other than tensors and plain data, which "
-                          f"could run code when loaded; refused ({detail})") from None
-    except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
-        raise ConfigError(f"{field} {path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                          f"{one_line(err, 150)})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{field} {path} is not a Lightning checkpoint (it has no 'state_dict')")
-    return checkpoint
-
-
-def state_dict_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
-    """What differs between two state dicts (missing / unexpected keys, other shapes), or ``""``."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {tuple(found[k].shape)} (needs {tuple(v.shape)})"
-              for k, v in expected.items() if k in found and found[k].shape != v.shape]
-    parts = [f"{what}: {', '.join(items[:limit])}{f' (+{len(items) - limit} more)' if len(items) > limit else ''}"
-             for what, items in (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)) if items]
-    return "; ".join(parts)
-
-
-def load_denoiser(path, ema: bool, field: str = "--checkpoint") -> Denoiser:
-    """The checkpoint's EMA (or raw) denoiser, in eval mode on the CPU; a ConfigError saying what is wrong."""
-    if path is None:
-        raise ConfigError(f"{field} is required: the .ckpt file of a trained ConditionalDiffusion")
-    read_checkpoint(path, field)
-    try:
-        model = ConditionalDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
-        reason = one_line(err)
+        return _load_state(ConditionalDiffusion, checkpoint, strict=True)
+    except (TypeError, ValueError, KeyError, RuntimeError, ImportError, AttributeError) as err:
+        # another module's hyperparameters, a backbone that no longer builds, or weights that do not fit
         raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint "
-                          f"({type(err).__name__}: {reason})") from None
-    return (model.ema_denoiser() if ema else model.denoiser).eval()
+                          f"({type(err).__name__}: {one_line(err)})") from None

@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser, LatentImages, load_autoencoder
+from lightning_reg.data.latent import LatentImages
+from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
+from lightning_reg.io.vae import load_autoencoder
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.errors import ConfigError
@@ -145,7 +147,7 @@ def test_train_on_latents_then_sample_decoded_images(vae_folder, tmp_path, one_t
     from lightning_reg.sampling.cli import main as sample_main
 
     data = make_synthetic_image_dataset(tmp_path / "data", num_classes=3, n_per_class=4, image_size=32)
-    ckpt = train_tiny_dit(tmp_path, 4, 4, "--data", "lightning_reg.diffusion.latent.LatentImages",
+    ckpt = train_tiny_dit(tmp_path, 4, 4, "--data", "lightning_reg.data.latent.LatentImages",
                           "--data.vae", str(vae_folder), "--data.data", "lightning_reg.data.images.ImageDataModule",
                           "--data.data.name", str(data), "--data.data.image_size", "32", "--data.data.batch_size", "4")
     out = tmp_path / "out"

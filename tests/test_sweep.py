@@ -14,7 +14,7 @@ from lightning_reg.cli import main as train_main
 from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
-from lightning_reg.sampling.sweep import read_table
+from lightning_reg.metrics.fronts import read_table
 from test_sample_cli import TRAIN_CONFIG  # the tiny ToyMLP of sample.py's tests
 
 STEPS = 4

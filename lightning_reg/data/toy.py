@@ -148,3 +148,7 @@ class Toy2D(ToyDataModule):
     def __init__(self, num_train: int = 100_000, num_val: int = 4096, batch_size: int = 512,
                  null_fraction: float = 0.0, seed: int = 0, task: str = "ring_cross"):
         super().__init__(toy2d_distribution(task), num_train, num_val, batch_size, null_fraction, seed)
+
+
+TOY_DISTRIBUTIONS = {"toy1d": toy1d_distribution, "toy2d": toy2d_distribution,
+                     "toy2d_overlap": lambda: toy2d_distribution("overlap")}

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.errors import ConfigError, fail, one_line, parse_error_message
+from lightning_reg.io.files import atomic_write, read_npz_images, to_uint8_nhwc, write_json
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 
 INCEPTION = "inception"
@@ -51,34 +52,41 @@ def build_image_evaluator(metrics=("fid", "is"), image_shape: tuple[int, int, in
     return ImageMetrics(metrics, image_shape, network, device, inception_weights)
 
 
+def build_evaluator(distribution: str | None, evaluation: dict | None, num_classes: int, data_shape, sample_shape,
+                    seed: int = 0):
+    """The one evaluator of a model's samples, for ``sample.py``, ``sweep.py`` and ``evaluate_samples``: the exact
+    toy metrics for toy data (``distribution``: a ``data.toy.TOY_DISTRIBUTIONS`` name, checked against the model's
+    ``num_classes`` and ``data_shape``), image metrics (``evaluation``: ``build_image_evaluator`` options and
+    ``reference`` / ``num_reference``, whose features are set once here), or ``None`` when neither is given."""
+    from lightning_reg.data.toy import TOY_DISTRIBUTIONS
+    from lightning_reg.metrics.toy import ToyEvaluator
+
+    if distribution is not None:
+        target = TOY_DISTRIBUTIONS[distribution]()
+        if (target.num_classes, (target.dim,)) != (num_classes, tuple(data_shape)):
+            raise ConfigError(f"--distribution {distribution} has {target.num_classes} classes in {target.dim}D; the "
+                              f"checkpoint has num_classes={num_classes}, data_shape={tuple(data_shape)}")
+        return ToyEvaluator(target, seed)
+    if evaluation is None:
+        return None
+    if len(sample_shape) != 3:
+        raise ConfigError(f"--evaluation is for images; the model's samples have shape {tuple(sample_shape)} (toy "
+                          "data: give --distribution)")
+    options = dict(evaluation)
+    reference, num_reference = options.pop("reference", None), options.pop("num_reference", None)
+    if reference is None:
+        raise ConfigError("--evaluation needs a reference: an .npz of images, digits:mnist or a dataset")
+    try:
+        evaluator = build_image_evaluator(image_shape=tuple(sample_shape), num_classes=num_classes, **options)
+    except TypeError as err:
+        raise ConfigError(f"--evaluation: {one_line(err)}") from None
+    evaluator.set_real(load_reference(reference, tuple(sample_shape), num_reference))
+    return evaluator
+
+
 def evaluate_samples(samples_uint8_nhwc, labels, evaluator) -> dict[str, float]:
     """``evaluator``'s metrics of one set of samples (uint8 NHWC) sampled for ``labels`` (or ``None``)."""
     return evaluator(samples_uint8_nhwc, labels)
-
-
-def read_npz_images(path, flag: str, image_keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(uint8 NHWC images under the first of image_keys, labels or None)`` of an ``.npz`` (labels from
-    ``labels`` or ``arr_1``); a missing, unreadable or ill-formed file is one ConfigError naming ``flag``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{flag} {path} does not exist")
-    try:
-        with np.load(path) as data:
-            key = next((k for k in image_keys if k in data.files), None)
-            if key is None:
-                raise ConfigError(f"{flag} {path} holds {data.files}; expected uint8 N x H x W x C images under "
-                                  f"{' or '.join(repr(k) for k in image_keys)} (and optionally 'labels')")
-            images = data[key]
-            label_key = next((k for k in ("labels", "arr_1") if k in data.files), None)
-            labels = data[label_key] if label_key else None
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a truncated or non-npz file
-        raise ConfigError(f"{flag} {path} is not a readable .npz ({type(err).__name__}: {one_line(err)})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ConfigError(f"{flag} {path}: {key} must be uint8 images (N, H, W, C) with C 1 or 3, got "
-                          f"{images.dtype} {images.shape}")
-    return images, labels
 
 
 def read_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -92,8 +100,6 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def loader_images(loader, n: int | None = None) -> np.ndarray:
     """The first ``n`` (all if ``None``) images of a loader of ``(x in [-1, 1] NCHW, y)`` batches, as uint8 NHWC."""
-    from lightning_reg.sampling.writer import to_uint8_nhwc
-
     batches, count = [], 0
     for x, _ in loader:
         batches.append(x)
@@ -138,8 +144,6 @@ def load_reference(reference: str, image_shape: tuple[int, int, int], num_refere
 
 def write_row(path, row: dict) -> None:
     """``row`` as ``path``: a JSON object (``.json``, replaced) or a CSV line (``.csv``, appended; header once)."""
-    from lightning_reg.sampling.writer import atomic_write, write_json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
@@ -178,7 +182,7 @@ def build_parser():
     p.add_argument("--num_reference", type=int | None, default=None,
                    help="reference images to use (a seeded random subset of a dataset); default: all")
     p.add_argument("--feature_network", type=str, default=INCEPTION,
-                   help="a digits-classifier checkpoint (python -m lightning_reg.metrics.classifier fit) or "
+                   help="a digits-classifier checkpoint (python train_classifier.py fit) or "
                         "'inception' (torchmetrics' Inception-v3)")
     p.add_argument("--adm", type=bool, default=False,
                    help="--reference is an ADM reference batch (VIRTUAL_imagenet256_labeled.npz): ADM's metrics "
@@ -241,8 +245,6 @@ def main(args: list[str] | None = None) -> None:
     """``python evaluate.py --samples run/samples.npz --reference digits:mnist --feature_network clf.ckpt``."""
     from argparse import ArgumentError
 
-    from lightning_reg.cli import fail, parse_error_message
-
     try:
         cfg = build_parser().parse_args(args)
         row = run(cfg)
@@ -256,5 +258,5 @@ def main(args: list[str] | None = None) -> None:
         print(f"wrote {cfg.output}")
 
 
-__all__ = ["IMAGE_METRICS", "INCEPTION", "build_image_evaluator", "evaluate_samples", "load_reference",
+__all__ = ["IMAGE_METRICS", "INCEPTION", "build_evaluator", "build_image_evaluator", "evaluate_samples", "load_reference",
            "loader_images", "main", "read_samples", "run", "write_row"]

@@ -27,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from lightning_reg.errors import ConfigError, check_names
+from lightning_reg.io.files import require_file
 from lightning_reg.metrics.classifier import FeatureNetwork
 
 IMAGE_METRICS = ("fid", "is", "kid", "accuracy")
@@ -48,9 +49,8 @@ def _inception(inception_weights: str, output: str) -> nn.Module:
     """torch-fidelity's Inception-v3 from the file ``inception_weights``: pool features (``"2048"``) or IS logits."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    if not os.path.isfile(inception_weights):
-        raise ConfigError(f"inception_weights {inception_weights} does not exist: it must be torch-fidelity's "
-                          f"{INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
+    require_file(inception_weights, "inception_weights", f"it must be torch-fidelity's {INCEPTION_WEIGHTS} "
+                                                         "(pt_inception-2015-12-05)")
     return NoTrainInceptionV3("inception-v3-compat", [output], feature_extractor_weights_path=inception_weights)
 
 
@@ -66,7 +66,7 @@ def _build(name: str, feature_extractor: nn.Module | None, image_shape: tuple[in
     if name == "accuracy":
         if not isinstance(feature_extractor, FeatureNetwork):
             raise ConfigError("metric accuracy needs a classifier as the feature network (a checkpoint of "
-                              "`python -m lightning_reg.metrics.classifier fit`), not Inception or a plain module")
+                              "`python train_classifier.py fit`), not Inception or a plain module")
         return MulticlassAccuracy(feature_extractor.num_classes, average="micro", **common)
     if isinstance(feature_extractor, FeatureNetwork):
         feature_extractor = feature_extractor.logits if name == "is" else feature_extractor.features

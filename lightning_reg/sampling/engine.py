@@ -124,7 +124,9 @@ def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler
     for field, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{field} must be a positive integer, got {value!r}")
-    sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}))
+    # a learned variance (DiT) reaches the VP samplers explicitly: the denoiser's own record of its last call
+    variance = {"learned_variance": denoiser.learned_variance} if denoiser.learn_sigma else {}
+    sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}), **variance)
     denoiser.check_labels(labels)
     dtype = next(denoiser.parameters(), torch.empty(0)).dtype
     out = []

@@ -16,21 +16,17 @@ restart with the same fingerprint skips them.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
 from lightning_reg.errors import ConfigError
+from lightning_reg.io.files import atomic_write, file_sha256, read_json, to_uint8_nhwc, write_json  # noqa: F401
 
 RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR = "run.json", "samples.npz", "meta.json", "images"
 SHARD_GLOB = "shard_*.npz"
@@ -43,37 +39,6 @@ def shard_path(folder: Path, k: int) -> Path:
 def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
     """Index ranges of the shards: ``[k S, min((k + 1) S, N))``."""
     return [range(start, min(start + shard_size, num_samples)) for start in range(0, num_samples, shard_size)]
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path, write: Callable[[object], None], binary: bool = True) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path, data: dict) -> None:
-    atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True, default=str), binary=False)
-
-
-def read_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _run_files(folder: Path) -> list[Path]:
@@ -135,12 +100,6 @@ def read_shards(folder, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
     if not np.array_equal(indices, np.arange(len(indices))):
         raise RuntimeError(f"shards in {folder} do not cover the indices 0..{len(indices) - 1} in order")
     return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
-
-
-def to_uint8_nhwc(images) -> np.ndarray:
-    """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C): ``round((x + 1) * 127.5)`` clipped to [0, 255]."""
-    images = torch.as_tensor(images)
-    return rearrange(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), "n c h w -> n h w c").numpy()
 
 
 def write_png(path, image_hwc: np.ndarray) -> None:

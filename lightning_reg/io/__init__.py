@@ -1,0 +1,14 @@
+"""The loading layer's leaf: every read of a file we do not trust, and every atomic write (``docs/architecture.md``).
+
+It imports nothing of the project but ``errors``; model formats built on these readers live in
+``lightning_reg.sources``.
+"""
+
+from lightning_reg.io.files import (atomic_write, file_sha256, load_weights, read_json, read_npz_images, read_torch,
+                                    refuse, require_file, require_keys, state_dict_mismatch, to_uint8_nhwc,
+                                    unwrap_state_dict, write_json)
+from lightning_reg.io.vae import load_autoencoder
+
+__all__ = ["atomic_write", "file_sha256", "load_autoencoder", "load_weights", "read_json", "read_npz_images",
+           "read_torch", "refuse", "require_file", "require_keys", "state_dict_mismatch", "to_uint8_nhwc",
+           "unwrap_state_dict", "write_json"]

@@ -1,0 +1,185 @@
+"""Model sources: one small class per checkpoint format, behind one ``load_model(spec)``.
+
+    denoiser = load_model(ModelSpec("run/last.ckpt"))                                   # format: lightning
+    denoiser = load_model(ModelSpec("DiT-XL-2-256x256.pt", model="DiT-XL/2", vae="stabilityai/sd-vae-ft-ema"))
+
+A source reads its file once (through ``lightning_reg.io``), builds the ``Denoiser`` and carries as *data*
+what the format implies (the public DiT: a linear VP schedule of 1000 steps and eps prediction);
+``load_model`` attaches the VAE (``spec.vae``) once, for every format. Adding a format is one subclass of
+``ModelSource`` registered with ``@register_source`` (``docs/architecture.md``, "Model sources").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
+from lightning_reg.diffusion.predictions import Prediction
+from lightning_reg.diffusion.schedules import make_schedule
+from lightning_reg.errors import ConfigError
+from lightning_reg.io.files import read_torch
+from lightning_reg.io.vae import load_autoencoder
+from lightning_reg.models.dit import load_dit_checkpoint, read_state_dict
+from lightning_reg.module import CHECKPOINT_WHAT, module_from_checkpoint, read_checkpoint
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how (``sample.py``'s ``--checkpoint``, ``--format``, ``--model``, ...).
+
+    Args:
+        checkpoint: the file (or folder) of the weights.
+        format: a registered source name (``lightning``, ``dit``, ...) or ``None``: the first source whose
+            ``claims(spec)`` accepts it (``dit`` when ``model`` names a DiT, else ``lightning``).
+        model: the architecture a format needs named (DiT: ``DiT-XL/2``).
+        image_size: the image size the model must serve (DiT: latent side times 8).
+        num_heads: DiT widths outside the paper's sizes (heads do not show in the weights).
+        vae: an ``AutoencoderKL`` folder or cached hub name: sample in its latent space, decode at the end.
+        ema: a ``lightning`` checkpoint's EMA weights (else its raw weights).
+        field: the option name that errors quote.
+    """
+
+    checkpoint: str | None
+    format: str | None = None
+    model: str | None = None
+    image_size: int | None = None
+    num_heads: int | None = None
+    vae: str | None = None
+    ema: bool = True
+    field: str = "--checkpoint"
+
+
+class ModelSource:
+    """A checkpoint format: ``read`` the file once, ``denoiser`` builds the model from what was read.
+
+    Class data: ``name`` (the ``format`` key), ``what`` (the noun of its errors), ``schedule`` and
+    ``prediction`` (what the format implies, ``None`` when the checkpoint records its own), ``needs_vae``.
+    """
+
+    name: ClassVar[str]
+    what: ClassVar[str]
+    schedule: ClassVar[dict | None] = None  # make_schedule(**schedule)
+    prediction: ClassVar[str | None] = None
+    needs_vae: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()  # the ModelSpec fields besides checkpoint, vae, field it takes
+
+    def claims(self, spec: ModelSpec) -> bool:
+        """Whether an unspecified ``format`` means this source."""
+        return False
+
+    def check(self, spec: ModelSpec) -> None:
+        """Refuse options the format does not take, before the file is read."""
+        if spec.checkpoint is None:
+            raise ConfigError(f"{spec.field} is required: the {self.what} file")
+        others = [f for f in ("model", "image_size", "num_heads") if getattr(spec, f) is not None
+                  and f not in self.options]
+        if others:
+            raise ConfigError(f"--{others[0]} is for a public DiT checkpoint: give --model too (e.g. DiT-XL/2)")
+        if self.needs_vae and spec.vae is None:
+            raise ConfigError(f"--model {spec.model} samples latents: give --vae (the Stable Diffusion VAE, "
+                              "e.g. stabilityai/sd-vae-ft-ema or a local folder)")
+
+    def read(self, spec: ModelSpec) -> Any:
+        return read_torch(spec.checkpoint, spec.field, self.what)
+
+    def denoiser(self, spec: ModelSpec, contents: Any) -> Denoiser:
+        raise NotImplementedError
+
+    def implied_denoiser(self, net) -> Denoiser:
+        """``net`` under the format's own schedule and prediction."""
+        return Denoiser(net, make_schedule(**self.schedule), Prediction(self.prediction))
+
+
+SOURCES: dict[str, ModelSource] = {}
+
+
+def register_source(cls: type[ModelSource]) -> type[ModelSource]:
+    """Class decorator: make ``cls`` the source of ``format: cls.name``."""
+    SOURCES[cls.name] = cls()
+    return cls
+
+
+@register_source
+class LightningSource(ModelSource):
+    """A ``ConditionalDiffusion`` checkpoint of ``train.py`` (schedule and prediction in its hyperparameters)."""
+
+    name, what = "lightning", CHECKPOINT_WHAT
+
+    def claims(self, spec: ModelSpec) -> bool:
+        return spec.model is None
+
+    def read(self, spec: ModelSpec) -> dict:
+        try:
+            return read_checkpoint(spec.checkpoint, spec.field)
+        except ConfigError as err:
+            if str(spec.checkpoint).endswith(".pt") and spec.format is None:
+                raise ConfigError(f"{err} (a public DiT checkpoint needs --model, e.g. DiT-XL/2)") from None
+            raise
+
+    def denoiser(self, spec: ModelSpec, contents: dict) -> Denoiser:
+        model = module_from_checkpoint(contents, spec.checkpoint, spec.field)
+        return model.ema_denoiser() if spec.ema else model.denoiser
+
+
+@register_source
+class DiTSource(ModelSource):
+    """A public DiT state dict (``DiT-XL-2-256x256.pt``, or the public training script's checkpoints)."""
+
+    name, what = "dit", "torch weights file of a DiT"
+    schedule = {"name": "vp", "num_timesteps": 1000, "betas": "linear"}
+    prediction = "eps"
+    needs_vae = True
+    options = ("model", "image_size", "num_heads")
+
+    def claims(self, spec: ModelSpec) -> bool:
+        return spec.model is not None
+
+    @staticmethod
+    def field(spec: ModelSpec) -> str:
+        return f"{spec.field}: DiT checkpoint"
+
+    def read(self, spec: ModelSpec) -> dict:
+        return read_state_dict(spec.checkpoint, self.field(spec))
+
+    def denoiser(self, spec: ModelSpec, contents: dict) -> Denoiser:
+        net = load_dit_checkpoint(spec.checkpoint, spec.model, spec.image_size, spec.num_heads,
+                                  field=self.field(spec), state_dict=contents)
+        return self.implied_denoiser(net)
+
+
+def source_of(spec: ModelSpec) -> ModelSource:
+    """The source ``spec.format`` names, or the first that claims the spec."""
+    if spec.format is not None:
+        if spec.format not in SOURCES:
+            raise ConfigError(f"unknown --format {spec.format!r}; choose one of {sorted(SOURCES)} or null (detected)")
+        return SOURCES[spec.format]
+    return next((s for s in SOURCES.values() if s.claims(spec)), SOURCES["lightning"])
+
+
+def load_model(spec: ModelSpec) -> Denoiser:
+    """The denoiser of ``spec`` (eval mode, CPU): its source reads the file once and builds it; over the VAE's
+    latents when ``spec.vae`` is set (checked against ``spec.image_size``). Bad input: one ConfigError line."""
+    source = source_of(spec)
+    source.check(spec)
+    denoiser = source.denoiser(spec, source.read(spec))
+    if spec.vae is None:
+        return denoiser.eval()
+    latent = LatentDenoiser.over(denoiser, LatentCodec(load_autoencoder(spec.vae)))
+    if spec.image_size is not None and latent.image_shape[1] != spec.image_size:
+        raise ConfigError(f"--image_size {spec.image_size}: the model's {denoiser.data_shape[1]}x"
+                          f"{denoiser.data_shape[2]} latents decode to {latent.image_shape[1]}x"
+                          f"{latent.image_shape[2]} images with this VAE")
+    return latent.eval()
+
+
+def load_denoiser(path, ema: bool = True, field: str = "--checkpoint") -> Denoiser:
+    """A ``ConditionalDiffusion`` checkpoint's EMA (or raw) denoiser: ``load_model`` of a ``lightning`` spec."""
+    if path is None:
+        raise ConfigError(f"{field} is required: the .ckpt file of a trained ConditionalDiffusion")
+    return load_model(ModelSpec(str(path), format="lightning", ema=ema, field=field))
+
+
+__all__ = ["DiTSource", "LightningSource", "ModelSource", "ModelSpec", "SOURCES", "load_denoiser", "load_model",
+           "register_source", "source_of"]
