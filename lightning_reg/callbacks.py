@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError, check_names
 from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.io.files import to_uint8_nhwc
 from lightning_reg.metrics.evaluate import build_image_evaluator, evaluate_samples, loader_images
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import TOY_METRICS, toy_metric_names, toy_metrics
 from lightning_reg.sampling.engine import balanced_labels, gather_by_index, generate, rank_indices, setting_name
-from lightning_reg.sampling.writer import to_uint8_nhwc, write_png
+from lightning_reg.sampling.writer import write_png
 
 DEFAULT_IMAGE_METRICS = ("fid", "is")
 DEFAULT_SETTINGS = ({"method": "cfg", "scale": 1.0, "reg": "none"}, {"method": "cfg", "scale": 1.0, "reg": "paper"},

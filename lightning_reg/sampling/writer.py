@@ -21,12 +21,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 
 from lightning_reg.errors import ConfigError
-from lightning_reg.io.files import atomic_write, file_sha256, read_json, to_uint8_nhwc, write_json  # noqa: F401
+from lightning_reg.io.files import atomic_write, read_json, write_json
 
 RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR = "run.json", "samples.npz", "meta.json", "images"
 SHARD_GLOB = "shard_*.npz"
