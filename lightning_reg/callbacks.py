@@ -23,7 +23,7 @@ from lightning_reg.io.files import to_uint8_nhwc
 from lightning_reg.metrics.evaluate import build_image_evaluator, evaluate_samples, loader_images
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
-from lightning_reg.metrics.toy import TOY_METRICS, toy_metric_names, toy_metrics
+from lightning_reg.metrics.toy import TOY_METRICS, ToyEvaluator
 from lightning_reg.sampling.engine import balanced_labels, gather_by_index, generate, rank_indices, setting_name
 from lightning_reg.sampling.writer import write_png
 
@@ -97,14 +97,16 @@ class SamplingCallback(L.Callback):
         self.feature_network = feature_network if feature_network is not None else feature_extractor
         self.inception_weights = inception_weights
         self.image_metrics: ImageMetrics | None = None  # image data: built in setup, on rank 0
+        self.toy_evaluator: ToyEvaluator | None = None  # toy data: built in setup
         self.val_runs = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Resolve ``metrics`` for the data and build the image metrics (loading Inception) before training."""
         distribution = getattr(trainer.datamodule, "distribution", None)
         data_shape, requested = pl_module.denoiser.data_shape, self.requested_metrics
-        if distribution is not None:
-            self.metrics = toy_metric_names(distribution, requested)
+        if distribution is not None:  # the toy evaluator of sample.py and the sweep
+            self.toy_evaluator = ToyEvaluator(distribution, self.seed, requested)
+            self.metrics = self.toy_evaluator.names
         elif len(data_shape) == 3:
             default = DEFAULT_IMAGE_METRICS + (("accuracy",) if self.classifier_features else ())
             self.metrics = check_names(default if requested is None else requested,
@@ -185,9 +187,8 @@ class SamplingCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """``metrics`` of one setting's samples: exact toy metrics, or image metrics against validation images."""
-        distribution = getattr(trainer.datamodule, "distribution", None)
-        if distribution is not None:
-            return toy_metrics(samples, labels, distribution, seed=self.seed, metrics=self.metrics)
+        if self.toy_evaluator is not None:
+            return self.toy_evaluator(samples, labels)
         if self.image_metrics is None:
             return {}
         self.image_metrics.to(pl_module.device)
