@@ -28,7 +28,7 @@ from lightning_reg.errors import ConfigError, fail, one_line, parse_error_messag
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
 from lightning_reg.io.files import file_sha256, to_uint8_nhwc, write_json
-from lightning_reg.metrics.evaluate import build_evaluator
+from lightning_reg.metrics.evaluate import build_evaluator, read_samples
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import ToyEvaluator
 from lightning_reg.sampling import writer
@@ -160,7 +160,8 @@ class SamplingJob:
         samples, labels = writer.read_shards(self.output, num_shards)
         cfg = self.config
         setting = setting_name(cfg.guidance)
-        if len(self.denoiser.sample_shape) == 3:
+        images = len(self.denoiser.sample_shape) == 3
+        if images:
             samples = to_uint8_nhwc(samples)
             writer.write_images(self.output, samples, image_grid(samples[:GRID_IMAGES], nrow=8))
         else:
@@ -169,6 +170,10 @@ class SamplingJob:
         if isinstance(self.evaluator, ToyEvaluator):
             save_figure(scatter_figure({setting: (samples, labels)}, self.evaluator.distribution),
                         self.output / "samples.png")
+        if images and self.evaluator is not None:
+            # the images as written: evaluate.py on samples.npz then agrees to the last bit (the float32 feature
+            # network's rounding depends on the buffer it reads, not only on the values)
+            samples, labels = read_samples(self.output / writer.SAMPLES_FILE)
         metrics = None if self.evaluator is None else self.evaluator(samples, labels)
         meta = {
             "checkpoint": str(cfg.checkpoint), "checkpoint_sha256": self.fingerprint["checkpoint_sha256"],
