@@ -234,3 +234,11 @@ def test_sweep_of_the_public_dit_layout_opens_its_checkpoint_once_and_writes_its
     meta = json.loads((out / rows[0]["setting"] / "meta.json").read_text())
     assert meta["sample_shape"] == [3, 64, 64] and meta["data_shape"] == [4, 8, 8]
     assert loads.count(dit) == 1 and hashes.count(dit) == 1
+
+
+def test_sweep_of_a_lightning_checkpoint_reads_it_once_for_all_settings(checkpoint, tmp_path, monkeypatch):
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(Path(f)), load(f, *a, **k))[1])
+    sweep_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "sweep"), *SWEEP, "--max_settings", "3"])
+    assert len(list((tmp_path / "sweep").glob("*/row.json"))) == 3 and loads.count(checkpoint) == 1
