@@ -63,7 +63,7 @@ class ModelSource:
     schedule: ClassVar[dict | None] = None  # make_schedule(**schedule)
     prediction: ClassVar[str | None] = None
     needs_vae: ClassVar[bool] = False
-    options: ClassVar[tuple[str, ...]] = ()  # the ModelSpec fields besides checkpoint, vae, field it takes
+    options: ClassVar[tuple[str, ...]] = ()  # which of ModelSpec's model, image_size, num_heads it takes
 
     def claims(self, spec: ModelSpec) -> bool:
         """Whether an unspecified ``format`` means this source."""
@@ -78,8 +78,9 @@ class ModelSource:
         if others:
             raise ConfigError(f"--{others[0]} is for a public DiT checkpoint: give --model too (e.g. DiT-XL/2)")
         if self.needs_vae and spec.vae is None:
-            raise ConfigError(f"--model {spec.model} samples latents: give --vae (the Stable Diffusion VAE, "
-                              "e.g. stabilityai/sd-vae-ft-ema or a local folder)")
+            model = f"--model {spec.model}" if spec.model else f"a {self.what}"
+            raise ConfigError(f"{model} samples latents: give --vae (the Stable Diffusion VAE, e.g. "
+                              "stabilityai/sd-vae-ft-ema or a local folder)")
 
     def read(self, spec: ModelSpec) -> Any:
         return read_torch(spec.checkpoint, spec.field, self.what)
