@@ -28,3 +28,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """A CLIP tokenizer over a small local vocabulary (lower-case letters, digits and punctuation, each also
+    as a word end ``</w>``, one merge), nothing downloaded: ``<|startoftext|>`` 0, ``<|endoftext|>`` 1 (also
+    pad), 139 ids in all; ``model_max_length`` 16."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in (*chars, *(c + "</w>" for c in chars), "an"):
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[("a", "n")], model_max_length=16)

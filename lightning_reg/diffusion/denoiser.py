@@ -59,6 +59,11 @@ class Denoiser(nn.Module):
     def null_label(self) -> int:
         return self.net.num_classes
 
+    def null_condition(self, y: Tensor) -> Tensor:
+        """The reference condition of guidance for conditions ``y``: the null label (a prompt model: the
+        empty prompt's embedding)."""
+        return torch.full_like(y, self.null_label)
+
     @property
     def data_shape(self) -> tuple[int, ...]:
         return tuple(self.net.data_shape)

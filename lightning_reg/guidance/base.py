@@ -187,12 +187,12 @@ class Guidance:
         return self._masked(self._rescaled(x0_c, self.guidance_term(x0_c, x0_ref, w, step), step))
 
     def reference_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """The reference prediction: the null label through the same model (CFG)."""
-        return model(x, t, torch.full_like(y, model.null_label))
+        """The reference prediction: the null condition through the same model (CFG)."""
+        return model(x, t, model.null_condition(y))
 
     def conditional_and_reference(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor):
         """Both predictions in one batched forward of 2B, as DiT does."""
-        x0 = model(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, model.null_label)]))
+        x0 = model(torch.cat([x, x]), t, torch.cat([y, model.null_condition(y)]))
         return x0.chunk(2)
 
     def guided_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor, state: ChainState) -> Tensor:
