@@ -241,6 +241,12 @@ def edit_json(path, **changes):
      "prediction_type 'sample' is not supported; supported: \\['epsilon', 'v_prediction'\\]"),
     (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True),
      "rescale_betas_zero_snr=true is not supported"),
+    (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", beta_schedule="sigmoid"),
+     r"beta_schedule 'sigmoid' is not supported; supported: \['linear', 'scaled_linear', 'squaredcos_cap_v2'\]"),
+    (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", timestep_spacing="random"),
+     r"scheduler: timestep_spacing 'random' is not supported; supported: \['leading', 'trailing', 'linspace'\]"),
+    (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", steps_offset=-1),
+     "scheduler: steps_offset must be a non-negative integer, got -1"),
     (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights"),
      "unet is not a loadable UNet2DConditionModel folder"),
 ])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_reg.diffusion.latent import HUB_NAME, LatentCodec, LatentDenoiser
 from lightning_reg.diffusion.predictions import Prediction
-from lightning_reg.diffusion.schedules import VPSchedule
+from lightning_reg.diffusion.schedules import SPACINGS, VPSchedule
 from lightning_reg.errors import ConfigError, one_line
 
 PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x and 2.x (one UNet, one CLIP text encoder, AutoencoderKL)
@@ -36,23 +36,33 @@ def schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") ->
     from diffusers import DDIMScheduler
 
     config = dict(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers' notes on keys DDIM does not take
-        ddim = DDIMScheduler.from_config(config).config
+    betas = config.get("beta_schedule", "linear")
+    if betas not in BETA_SCHEDULES or config.get("trained_betas") is not None:
+        raise ConfigError(f"{field}: beta_schedule {betas!r}{' with trained_betas' * bool(config.get('trained_betas'))}"
+                          f" is not supported; supported: {sorted(BETA_SCHEDULES)}")
+    for flag in ("rescale_betas_zero_snr", "thresholding", "clip_sample"):
+        if config.get(flag, False):
+            raise ConfigError(f"{field}: {flag}=true is not supported (latent SD schedulers leave it false)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # diffusers' notes on keys DDIM does not take
+            ddim = DDIMScheduler.from_config(config).config
+    except Exception as err:  # noqa: BLE001 - values DDIM's constructor refuses
+        raise ConfigError(f"{field}: not a usable scheduler config ({type(err).__name__}: {one_line(err, 200)})") \
+            from None
+    if ddim.timestep_spacing not in SPACINGS[1:]:  # diffusers' own
+        raise ConfigError(f"{field}: timestep_spacing {ddim.timestep_spacing!r} is not supported; supported: "
+                          f"{list(SPACINGS[1:])}")
     kind = ddim.prediction_type
     if kind not in PREDICTION_TYPES:
         raise ConfigError(f"{field}: prediction_type {kind!r} is not supported; supported: "
                           f"{sorted(PREDICTION_TYPES)} (SD 1.x epsilon, SD 2.x v_prediction)")
-    if ddim.beta_schedule not in BETA_SCHEDULES or ddim.trained_betas is not None:
-        raise ConfigError(f"{field}: beta_schedule {ddim.beta_schedule!r} (trained_betas "
-                          f"{'set' if ddim.trained_betas is not None else 'unset'}) is not supported; "
-                          f"supported: {sorted(BETA_SCHEDULES)}")
-    for flag in ("rescale_betas_zero_snr", "thresholding", "clip_sample"):
-        if config.get(flag, False):
-            raise ConfigError(f"{field}: {flag}=true is not supported (latent SD schedulers leave it false)")
-    schedule = VPSchedule(int(ddim.num_train_timesteps), BETA_SCHEDULES[ddim.beta_schedule], float(ddim.beta_start),
-                          float(ddim.beta_end), spacing=ddim.timestep_spacing, steps_offset=int(ddim.steps_offset),
-                          final_alpha_one=bool(ddim.set_alpha_to_one))
+    try:
+        schedule = VPSchedule(int(ddim.num_train_timesteps), BETA_SCHEDULES[betas], float(ddim.beta_start),
+                              float(ddim.beta_end), spacing=ddim.timestep_spacing,
+                              steps_offset=int(ddim.steps_offset), final_alpha_one=bool(ddim.set_alpha_to_one))
+    except (ConfigError, TypeError, ValueError) as err:  # ours, or values of the wrong type
+        raise ConfigError(f"{field}: {one_line(err, 200)}") from None
     return schedule, Prediction(PREDICTION_TYPES[kind])
 
 
