@@ -44,3 +44,21 @@ def clip_tokenizer():
     for token in (*chars, *(c + "</w>" for c in chars), "an"):
         vocab[token] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[("a", "n")], model_max_length=16)
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """``hub_cache(folder, "owner/name")``: a Hugging Face cache under ``tmp_path`` (the layout
+    ``huggingface-cli download`` writes) holding ``folder`` as the one snapshot of that hub name; returns the
+    cache folder."""
+    import shutil
+
+    def make(folder, name: str):
+        revision = "0" * 40
+        repo = tmp_path / f"models--{name.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / revision)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        return str(tmp_path)
+
+    return make

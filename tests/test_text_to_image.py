@@ -264,14 +264,9 @@ def test_missing_folder_and_uncached_hub_name(tmp_path, monkeypatch):
         load_text_to_image("someone/not-cached", cache_dir=str(tmp_path / "cache"))
 
 
-def test_a_cached_hub_name_loads_without_network(pipeline_folder, tmp_path, one_thread):
+def test_a_cached_hub_name_loads_without_network(pipeline_folder, hub_cache, one_thread):
     """A hub name resolves in a Hugging Face cache (the layout ``huggingface-cli download`` writes)."""
-    revision = "0" * 40
-    repo = tmp_path / "models--someone--tiny-sd"
-    shutil.copytree(pipeline_folder, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    loaded = load_text_to_image("someone/tiny-sd", cache_dir=str(tmp_path))
+    loaded = load_text_to_image("someone/tiny-sd", cache_dir=hub_cache(pipeline_folder, "someone/tiny-sd"))
     reference = load_text_to_image(str(pipeline_folder))
     for got, want in zip(loaded.denoiser.state_dict().values(), reference.denoiser.state_dict().values()):
         assert torch.equal(got, want)
