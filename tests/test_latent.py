@@ -1,7 +1,6 @@
 """Latent diffusion: the SD-VAE wrapper (a tiny random ``AutoencoderKL``), loading, and REG that never runs
 through the VAE."""
 
-
 import lightning as L
 import pytest
 import torch
