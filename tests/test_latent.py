@@ -1,8 +1,6 @@
 """Latent diffusion: the SD-VAE wrapper (a tiny random ``AutoencoderKL``), loading, and REG that never runs
 through the VAE."""
 
-import shutil
-
 import lightning as L
 import pytest
 import torch
@@ -62,14 +60,9 @@ def test_round_trip_shapes_and_scale(vae_folder, one_thread):
     torch.testing.assert_close(images, codec.vae.decode(z / 0.18215).sample)
 
 
-def test_hub_name_loads_from_the_local_cache_only(vae_folder, tmp_path, one_thread):
+def test_hub_name_loads_from_the_local_cache_only(vae_folder, hub_cache, one_thread):
     """A hub name resolves in a Hugging Face cache (the layout ``huggingface-cli download`` writes)."""
-    revision = "0" * 40
-    repo = tmp_path / "models--someone--tiny-vae"
-    shutil.copytree(vae_folder, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    vae = load_autoencoder("someone/tiny-vae", cache_dir=str(tmp_path))
+    vae = load_autoencoder("someone/tiny-vae", cache_dir=hub_cache(vae_folder, "someone/tiny-vae"))
     for got, want in zip(vae.state_dict().values(), load_autoencoder(str(vae_folder)).state_dict().values()):
         assert torch.equal(got, want)
 
