@@ -18,6 +18,7 @@ from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import make_schedule
+from lightning_reg.diffusion.text import TextToImage, is_pipeline, load_text_to_image
 from lightning_reg.errors import ConfigError
 from lightning_reg.io.files import read_torch
 from lightning_reg.io.vae import load_autoencoder
@@ -32,13 +33,16 @@ class ModelSpec:
     Args:
         checkpoint: the file (or folder) of the weights.
         format: a registered source name (``lightning``, ``dit``, ...) or ``None``: the first source whose
-            ``claims(spec)`` accepts it (``dit`` when ``model`` names a DiT, else ``lightning``).
+            ``claims(spec)`` accepts it (``diffusers`` for a pipeline folder or cached hub name, ``dit`` when
+            ``model`` names a DiT, else ``lightning``).
         model: the architecture a format needs named (DiT: ``DiT-XL/2``).
         image_size: the image size the model must serve (DiT: latent side times 8).
         num_heads: DiT widths outside the paper's sizes (heads do not show in the weights).
         vae: an ``AutoencoderKL`` folder or cached hub name: sample in its latent space, decode at the end.
         ema: a ``lightning`` checkpoint's EMA weights (else its raw weights).
         field: the option name that errors quote.
+        negative_prompt: a ``diffusers`` pipeline's reference prompt (its embedding is the null condition).
+        gradient_checkpointing: a ``diffusers`` pipeline's UNet recomputes its blocks in REG's backward.
     """
 
     checkpoint: str | None
@@ -49,6 +53,8 @@ class ModelSpec:
     vae: str | None = None
     ema: bool = True
     field: str = "--checkpoint"
+    negative_prompt: str = ""
+    gradient_checkpointing: bool = False
 
 
 class ModelSource:
@@ -77,6 +83,9 @@ class ModelSource:
                   and f not in self.options]
         if others:
             raise ConfigError(f"--{others[0]} is for a public DiT checkpoint: give --model too (e.g. DiT-XL/2)")
+        text = [f for f in ("negative_prompt", "gradient_checkpointing") if getattr(spec, f) and f not in self.options]
+        if text:
+            raise ConfigError(f"--{text[0]} is for a diffusers text-to-image pipeline (--pipeline), not a {self.what}")
         if self.needs_vae and spec.vae is None:
             model = f"--model {spec.model}" if spec.model else f"a {self.what}"
             raise ConfigError(f"{model} samples latents: give --vae (the Stable Diffusion VAE, e.g. "
@@ -100,6 +109,31 @@ def register_source(cls: type[ModelSource]) -> type[ModelSource]:
     """Class decorator: make ``cls`` the source of ``format: cls.name``."""
     SOURCES[cls.name] = cls()
     return cls
+
+
+@register_source
+class DiffusersSource(ModelSource):
+    """A diffusers ``StableDiffusionPipeline`` folder or cached hub name (``diffusion.text``): its UNet under its
+    scheduler's schedule and prediction, its VAE's latents and its prompt encoder (``TextDenoiser.encode``)."""
+
+    name, what = "diffusers", "diffusers pipeline folder"
+    options = ("negative_prompt", "gradient_checkpointing")
+
+    def claims(self, spec: ModelSpec) -> bool:
+        return spec.model is None and spec.checkpoint is not None and is_pipeline(spec.checkpoint)
+
+    def check(self, spec: ModelSpec) -> None:
+        super().check(spec)
+        if spec.vae is not None:
+            raise ConfigError(f"--vae: a diffusers pipeline brings its own VAE ({spec.field} {spec.checkpoint}/vae); "
+                              "leave --vae unset")
+
+    def read(self, spec: ModelSpec) -> TextToImage:
+        return load_text_to_image(spec.checkpoint, negative_prompt=spec.negative_prompt,
+                                  gradient_checkpointing=spec.gradient_checkpointing, field=spec.field)
+
+    def denoiser(self, spec: ModelSpec, contents: TextToImage) -> Denoiser:
+        return contents.denoiser
 
 
 @register_source
@@ -182,5 +216,5 @@ def load_denoiser(path, ema: bool = True, field: str = "--checkpoint") -> Denois
     return load_model(ModelSpec(str(path), format="lightning", ema=ema, field=field))
 
 
-__all__ = ["DiTSource", "LightningSource", "ModelSource", "ModelSpec", "SOURCES", "load_denoiser", "load_model",
+__all__ = ["DiTSource", "DiffusersSource", "LightningSource", "ModelSource", "ModelSpec", "SOURCES", "load_denoiser", "load_model",
            "register_source", "source_of"]

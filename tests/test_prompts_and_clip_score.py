@@ -36,27 +36,6 @@ def test_read_prompts_missing_and_binary(tmp_path):
         read_prompts(tmp_path / "bad.txt")
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory, clip_tokenizer):
-    """A random CLIP (width 8, 2 layers, 16x16 images in 8x8 patches) with its processor, saved locally."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                         vocab_size=1000, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8)
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
-                                                                 crop_size={"height": 16, "width": 16}),
-                              tokenizer=clip_tokenizer)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def test_clip_score_is_100_times_the_mean_cosine_clipped_at_0(clip_folder, one_thread):
     from transformers import CLIPModel, CLIPProcessor
 

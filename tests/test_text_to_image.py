@@ -19,30 +19,6 @@ PREDICTION_TYPES = ["epsilon", "v_prediction"]
 LATENT = (4, 8, 8)
 
 
-def tiny_components(tokenizer, prediction_type: str = "epsilon", seed: int = 0) -> dict:
-    """SD-like components: a 2-level UNet with cross attention on 8x8x4 latents, a 2-level VAE (16x16 images),
-    a 2-layer CLIP text encoder of width 8, and SD's DDIM scheduler config (scaled-linear betas, steps_offset 1,
-    set_alpha_to_one false)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=LATENT[1], in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, norm_num_groups=2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=8,
-                                                intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                                                vocab_size=1000, max_position_embeddings=16))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                scheduler=scheduler)
-
-
 def our_denoiser(parts: dict, null_embedding, gradient_checkpointing: bool = False) -> TextDenoiser:
     schedule, prediction = schedule_from_scheduler_config(parts["scheduler"].config)
     return TextDenoiser(PromptUNet(parts["unet"], gradient_checkpointing), schedule, prediction,
@@ -50,7 +26,7 @@ def our_denoiser(parts: dict, null_embedding, gradient_checkpointing: bool = Fal
 
 
 @pytest.fixture(scope="module")
-def sd_parts(clip_tokenizer):
+def sd_parts(clip_tokenizer, tiny_components):
     return {kind: tiny_components(clip_tokenizer, kind) for kind in PREDICTION_TYPES}
 
 
@@ -171,7 +147,8 @@ def saved_tensor_count(call) -> int:
 
 
 @pytest.mark.parametrize("reg", ["paper", "vjp"])
-def test_gradient_checkpointing_gives_the_same_reg_with_a_smaller_graph(clip_tokenizer, reg, one_thread):
+def test_gradient_checkpointing_gives_the_same_reg_with_a_smaller_graph(clip_tokenizer, tiny_components, reg,
+                                                                      one_thread):
     results, saved = [], []
     for checkpointing in (False, True):
         parts = tiny_components(clip_tokenizer)  # fresh UNet: checkpointing is switched on in place

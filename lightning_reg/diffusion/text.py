@@ -23,6 +23,7 @@ from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import SPACINGS, VPSchedule
 from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.io.files import quiet_loading
 from lightning_reg.io.vae import HUB_NAME
 
 PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x and 2.x (one UNet, one CLIP text encoder, AutoencoderKL)
@@ -109,11 +110,14 @@ class TextDenoiser(LatentDenoiser):
 
     ``null_embedding`` ``(L, D)`` (or ``(1, L, D)``) is the empty or negative prompt's embedding: the
     reference condition of CFG and of every guidance method (diffusers' ``negative_prompt_embeds``).
+    ``prompt_encoder`` (optional) turns captions into conditions (``encode``); it runs before the chain, never
+    inside guidance or REG.
     """
 
     def __init__(self, net: PromptUNet, schedule: VPSchedule, prediction: Prediction, codec: LatentCodec,
-                 null_embedding: Tensor):
+                 null_embedding: Tensor, prompt_encoder: PromptEncoder | None = None):
         super().__init__(net, schedule, prediction, codec)
+        self.prompt_encoder = prompt_encoder
         null_embedding = null_embedding.detach().reshape(null_embedding.shape[-2:])
         if null_embedding.shape[-1] != net.embedding_dim:
             raise ConfigError(f"the null embedding has width {null_embedding.shape[-1]} but the UNet's cross "
@@ -126,6 +130,12 @@ class TextDenoiser(LatentDenoiser):
 
     def null_condition(self, y: Tensor) -> Tensor:
         return self.null_embedding.to(y).expand_as(y)
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """The conditions ``(B, L, D)`` of ``prompts``, on this denoiser's device."""
+        if self.prompt_encoder is None:
+            raise ConfigError("this text-to-image denoiser has no prompt encoder: pass the pipeline's to TextDenoiser")
+        return self.prompt_encoder(prompts).to(self.null_embedding)
 
     def check_labels(self, y: Tensor, allow_null: bool = False) -> None:
         """Conditions must be prompt embeddings ``(B, L, D)`` shaped like the null embedding."""
@@ -189,6 +199,15 @@ def resolve_pipeline_folder(source: str, field: str = "--pipeline", cache_dir: s
                       "model_index.json) or a cached hub name such as stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
+def is_pipeline(source: str, cache_dir: str | None = None) -> bool:
+    """Whether ``source`` is a diffusers pipeline: a folder with ``model_index.json``, or a hub name whose
+    snapshot (with one) is in the local Hugging Face cache."""
+    try:
+        return (resolve_pipeline_folder(str(source), cache_dir=cache_dir) / "model_index.json").is_file()
+    except ConfigError:
+        return False
+
+
 def load_text_to_image(source: str, *, negative_prompt: str = "", gradient_checkpointing: bool = False,
                        field: str = "--pipeline", cache_dir: str | None = None) -> TextToImage:
     """A ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) as a ``TextToImage``; one ConfigError line for a
@@ -224,15 +243,16 @@ def load_text_to_image(source: str, *, negative_prompt: str = "", gradient_check
     parts = {}
     for name, cls in loaders.items():
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                parts[name] = cls.from_pretrained(str(folder / name), local_files_only=True)
+            with quiet_loading():
+                low_memory = {"low_cpu_mem_usage": False} if name in ("unet", "vae") else {}  # no accelerate
+                parts[name] = cls.from_pretrained(str(folder / name), local_files_only=True, **low_memory)
         except Exception as err:  # noqa: BLE001 - missing weights, another class, corrupt files ...
             raise ConfigError(f"{field} {source}: {name} is not a loadable {cls.__name__} folder "
                               f"({type(err).__name__}: {one_line(err, 300)})") from None
     prompt_encoder = PromptEncoder(parts["tokenizer"], parts["text_encoder"])
     net = PromptUNet(parts["unet"].eval(), gradient_checkpointing)
-    denoiser = TextDenoiser(net, schedule, prediction, LatentCodec(parts["vae"]), prompt_encoder([negative_prompt]))
+    denoiser = TextDenoiser(net, schedule, prediction, LatentCodec(parts["vae"]), prompt_encoder([negative_prompt]),
+                            prompt_encoder)
     meta = {"pipeline": kind, "source": str(source), "prediction": prediction.kind,
             "schedule": {key: value for key, value in vars(schedule).items() if key != "alpha_bar"},
             "latent_shape": list(denoiser.data_shape), "image_shape": list(denoiser.image_shape),

@@ -19,8 +19,10 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -124,6 +126,35 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" progress bar (on stderr) and the loaders' warnings off while loading
+    pretrained folders, so a failure is still one ``error:`` line; the bar's setting is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def tree_sha256(path) -> str:
+    """``file_sha256`` of a file; of a folder (a diffusers pipeline), the sha256 of its files' relative paths and
+    ``file_sha256``s in sorted order (links followed, as the loaders follow them)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
     return digest.hexdigest()
 
 

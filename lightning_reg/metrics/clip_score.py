@@ -7,13 +7,13 @@ The score is torchmetrics': ``max(100 * mean(cos(E_image, E_text)), 0)`` over al
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.io.files import quiet_loading
 from lightning_reg.metrics.images import _images
 
 _BATCH = 100
@@ -51,8 +51,7 @@ def clip_loader(folder: str | Path, field: str = "--clip-model"):
         from transformers import CLIPModel, CLIPProcessor
 
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_loading():
                 return (ProjectedCLIP(CLIPModel.from_pretrained(str(folder), local_files_only=True)),
                         CLIPProcessor.from_pretrained(str(folder), local_files_only=True))
         except Exception as err:  # noqa: BLE001 - missing processor files, another model type, corrupt weights

@@ -28,7 +28,7 @@ REG_STYLES = {"none": "-", "paper": "--", "vjp": ":"}
 LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params")
 COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 METRIC_GOALS = {"energy_distance": "min", "sliced_wasserstein": "min", "log_likelihood": "max", "on_shape": "max",
-                "fid": "min", "kid": "min", "is": "max", "accuracy": "max"}
+                "fid": "min", "kid": "min", "is": "max", "accuracy": "max", "clip_score": "max"}
 
 
 def _value(row: Mapping, metric: str, goal: str) -> float:
@@ -74,7 +74,7 @@ def best_rows(rows: Sequence[Mapping], by: Sequence[str], metric: str, goal: str
 def default_front(metric_names: tuple[str, ...]) -> list[str]:
     """The figure's ``[x, y]``: a distance to the target against a measure of guidance's effect."""
     x = "energy_distance" if "energy_distance" in metric_names else "fid"
-    y = next((m for m in ("on_shape", "accuracy", "is", "log_likelihood") if m in metric_names), None)
+    y = next((m for m in ("on_shape", "clip_score", "accuracy", "is", "log_likelihood") if m in metric_names), None)
     return [x, y]
 
 

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lightning_reg.data.prompts import read_prompts
 from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.text import TextDenoiser, resolve_pipeline_folder
 from lightning_reg.errors import ConfigError, fail, one_line, parse_error_message
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
-from lightning_reg.io.files import file_sha256, to_uint8_nhwc, write_json
+from lightning_reg.io.files import file_sha256, to_uint8_nhwc, tree_sha256, write_json
 from lightning_reg.metrics.evaluate import build_evaluator, read_samples
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import ToyEvaluator
@@ -53,7 +55,8 @@ class LoadedModel:
     @classmethod
     def load(cls, config: SampleConfig) -> "LoadedModel":
         denoiser = load_model(config.model_spec)
-        return cls(denoiser, file_sha256(config.checkpoint))
+        path = resolve_pipeline_folder(config.model_path) if isinstance(denoiser, TextDenoiser) else config.model_path
+        return cls(denoiser, tree_sha256(path))
 
 
 @dataclass
@@ -63,10 +66,11 @@ class SamplingJob:
     config: SampleConfig
     denoiser: Denoiser
     guidance: Guidance
-    labels: torch.Tensor
+    labels: torch.Tensor  # per sample: its class, or its caption's line (0-based) with --prompts
     output: Path
     fingerprint: dict
     evaluator: object | None  # metrics.evaluate.build_evaluator: toy metrics, image metrics or None
+    prompts: list[str] | None = None  # the captions of --prompts
 
     @classmethod
     def build(cls, config: SampleConfig, model: LoadedModel, evaluator=None) -> "SamplingJob":
@@ -79,13 +83,15 @@ class SamplingJob:
             params["reference"] = load_denoiser(ref_path, config.ema, "--guidance.reference_checkpoint")
         guidance = make_guidance(**params)
         guidance.bind(denoiser)
-        labels = cls.make_labels(config, denoiser)
+        prompts = cls.read_prompts(config, denoiser)
+        labels = cls.make_labels(config, denoiser, prompts)
         if evaluator is None:
             evaluator = build_evaluator(config.distribution, config.evaluation, denoiser.num_classes,
-                                        denoiser.data_shape, denoiser.sample_shape, config.seed)
+                                        denoiser.data_shape, denoiser.sample_shape, config.seed, prompts)
+        job = cls(config, denoiser, guidance, labels, Path(config.output), {}, evaluator, prompts)
         try:  # sampler vs schedule, sampler options
-            generate(denoiser, guidance, labels[:1], [0], sampler=config.sampler, steps=1, seed=config.seed,
-                     batch_size=1, sampler_kwargs=config.sampler_kwargs, precision=config.precision)
+            generate(denoiser, guidance, job.conditions(torch.tensor([0])), [0], sampler=config.sampler, steps=1,
+                     seed=config.seed, batch_size=1, sampler_kwargs=config.sampler_kwargs, precision=config.precision)
         except TypeError as err:
             raise ConfigError(f"--sampler_kwargs {config.sampler_kwargs} do not fit sampler {config.sampler!r}: "
                               f"{err}") from None
@@ -97,11 +103,29 @@ class SamplingJob:
             "sampler": config.sampler, "sampler_kwargs": config.sampler_kwargs, "steps": config.steps,
             "seed": config.seed, "num_samples": config.num_samples, "shard_size": config.shard_size,
             "labels": config.labels or "balanced"}
+        if prompts is not None:
+            fingerprint.update(labels="prompts", prompts_sha256=file_sha256(config.prompts),
+                               negative_prompt=config.negative_prompt)
         writer.check_output(config.output, fingerprint, config.overwrite)
-        return cls(config, denoiser, guidance, labels, Path(config.output), fingerprint, evaluator)
+        job.fingerprint = fingerprint
+        return job
 
     @staticmethod
-    def make_labels(config: SampleConfig, denoiser: Denoiser) -> torch.Tensor:
+    def read_prompts(config: SampleConfig, denoiser: Denoiser) -> list[str] | None:
+        """The captions of ``--prompts``, which a text-to-image model needs and a class-conditional one refuses."""
+        text = isinstance(denoiser, TextDenoiser)
+        if text and config.prompts is None:
+            raise ConfigError(f"{config.model_spec.field} {config.model_path} is a text-to-image model: give "
+                              "--prompts FILE (one caption a line)")
+        if not text and config.prompts is not None:
+            raise ConfigError(f"--prompts is for a text-to-image pipeline (--pipeline); {config.model_path} is a "
+                              f"class-conditional model (--labels)")
+        return read_prompts(config.prompts) if text else None
+
+    @staticmethod
+    def make_labels(config: SampleConfig, denoiser: Denoiser, prompts: list[str] | None = None) -> torch.Tensor:
+        if prompts is not None:
+            return torch.arange(config.num_samples) % len(prompts)
         if config.labels is None:
             return balanced_labels(config.num_samples, denoiser.num_classes)
         classes = torch.tensor(config.labels)
@@ -110,6 +134,14 @@ class SamplingJob:
         except ConfigError as err:
             raise ConfigError(f"--labels: {err}") from None
         return classes[torch.arange(config.num_samples) % len(classes)]
+
+    def conditions(self, indices: torch.Tensor) -> torch.Tensor:
+        """The conditions of samples ``indices``: their labels, or their captions' embeddings (encoded here, so
+        each process encodes only the captions of its own shards)."""
+        labels = self.labels[indices]
+        if self.prompts is None:
+            return labels
+        return self.denoiser.encode([self.prompts[int(i)] for i in labels])
 
     def run(self, fabric: lightning.Fabric, start: float) -> None:
         """Shard ``k`` goes to rank ``k % W`` (finished shards skipped); rank 0 then writes the final files."""
@@ -130,7 +162,7 @@ class SamplingJob:
         mine = todo[rank::world]
         for k in tqdm(mine, desc=f"{setting_name(cfg.guidance)} shards", disable=rank != 0):
             indices = torch.tensor(ranges[k])
-            samples = generate(self.denoiser, self.guidance, self.labels[indices], indices, sampler=cfg.sampler,
+            samples = generate(self.denoiser, self.guidance, self.conditions(indices), indices, sampler=cfg.sampler,
                                steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size, device=fabric.device,
                                sampler_kwargs=cfg.sampler_kwargs, precision=cfg.precision)
             writer.write_shard(self.output, k, indices, samples, self.labels[indices])
@@ -167,6 +199,8 @@ class SamplingJob:
         else:
             samples = samples.astype(np.float32)
         writer.write_samples(self.output, samples, labels)
+        if self.prompts is not None:
+            writer.write_prompts(self.output, [self.prompts[int(i)] for i in labels])
         if isinstance(self.evaluator, ToyEvaluator):
             save_figure(scatter_figure({setting: (samples, labels)}, self.evaluator.distribution),
                         self.output / "samples.png")
@@ -176,7 +210,7 @@ class SamplingJob:
             samples, labels = read_samples(self.output / writer.SAMPLES_FILE)
         metrics = None if self.evaluator is None else self.evaluator(samples, labels)
         meta = {
-            "checkpoint": str(cfg.checkpoint), "checkpoint_sha256": self.fingerprint["checkpoint_sha256"],
+            "checkpoint": str(cfg.model_path), "checkpoint_sha256": self.fingerprint["checkpoint_sha256"],
             "config": cfg.as_dict(), "setting": setting, "seed": cfg.seed,
             "sample_seed": "sample i: torch.Generator seeded by sha256(f'{seed}:{i}')[:8] (little-endian, 63 bits)",
             "first_sample_seed": sample_seed(cfg.seed, 0),

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lightning_reg.data.prompts import read_prompts
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.reg import REG_MODES
 from lightning_reg.sources import ModelSpec
@@ -47,14 +48,19 @@ class SampleConfig:
 
     Args:
         checkpoint: the model's file: a ConditionalDiffusion checkpoint (.ckpt), or a public DiT checkpoint (.pt)
-            with --model.
-        format: the checkpoint format (lightning_reg.sources: lightning, dit, ...); null: dit with --model,
-            else lightning.
+            with --model (or a diffusers pipeline folder, as --pipeline).
+        format: the checkpoint format (lightning_reg.sources: lightning, dit, diffusers); null: diffusers for a
+            pipeline folder, dit with --model, else lightning.
         model: a public DiT checkpoint's model, e.g. DiT-XL/2 (VP linear 1000, eps, learned sigma).
         image_size: with --model: the image size the DiT checkpoint serves (256: 32x32 latents).
         num_heads: a DiT width outside the paper's sizes: its attention heads (they do not show in the weights).
         vae: sample in this AutoencoderKL's latent space and decode at the end: a local folder or a cached hub
             name (stabilityai/sd-vae-ft-ema); required with --model.
+        pipeline: a diffusers text-to-image pipeline (SD 1.x/2.x): a local folder (save_pretrained, with
+            model_index.json) or a hub name in the local Hugging Face cache; never downloaded. Needs --prompts.
+        prompts: a text file, one caption a line: sample i takes caption i (cycled: i % the number of captions).
+        negative_prompt: with --pipeline: the reference prompt of guidance (default the empty prompt).
+        gradient_checkpointing: with --pipeline: the UNet recomputes its blocks in REG's backward (less memory).
         precision: fp32, or bf16 / fp16: autocast (the REG authors' DiT patch: fp16 autocast).
         compile: torch.compile the backbone.
         ema: sample the EMA weights (false: the raw weights).
@@ -83,6 +89,10 @@ class SampleConfig:
     image_size: int | None = None
     num_heads: int | None = None
     vae: str | None = None
+    pipeline: str | None = None
+    prompts: str | None = None
+    negative_prompt: str = ""
+    gradient_checkpointing: bool = False
     precision: str = "fp32"
     compile: bool = False
     ema: bool = True
@@ -115,6 +125,12 @@ class SampleConfig:
             raise ConfigError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.labels is not None and not self.labels:
             raise ConfigError("--labels must name at least one class (or be null for class-balanced labels)")
+        if self.pipeline is not None and (self.checkpoint is not None or self.format not in (None, "diffusers")):
+            raise ConfigError("--pipeline is the model: leave --checkpoint and --format unset with it")
+        if self.prompts is not None and self.labels is not None:
+            raise ConfigError("--labels are class ids; a text-to-image run takes its conditions from --prompts")
+        if self.prompts is not None:
+            read_prompts(self.prompts)  # a bad file is refused before any model is read
         if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
             raise ConfigError(f"unknown --distribution {self.distribution!r}; choose one of {sorted(DISTRIBUTIONS)} "
                               "or null")
@@ -126,8 +142,16 @@ class SampleConfig:
     @property
     def model_spec(self) -> ModelSpec:
         """What ``sources.load_model`` loads."""
+        text = {"negative_prompt": self.negative_prompt, "gradient_checkpointing": self.gradient_checkpointing}
+        if self.pipeline is not None:
+            return ModelSpec(self.pipeline, "diffusers", field="--pipeline", vae=self.vae, **text)
         return ModelSpec(self.checkpoint, self.format, self.model, self.image_size, self.num_heads, self.vae,
-                         self.ema)
+                         self.ema, **text)
+
+    @property
+    def model_path(self) -> str | None:
+        """The model's file or folder (``--checkpoint``, or ``--pipeline``)."""
+        return self.pipeline if self.pipeline is not None else self.checkpoint
 
     def with_setting(self, guidance: dict, output: str) -> SampleConfig:
         """This config as one ``sample.py`` run: ``guidance`` into ``output`` (a sweep's setting)."""

@@ -23,7 +23,7 @@ import lightning
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.methods import make_guidance
 from lightning_reg.guidance.reg import REG_MODES
-from lightning_reg.io.files import read_json, write_json
+from lightning_reg.io.files import file_sha256, read_json, write_json
 from lightning_reg.metrics.evaluate import evaluate_samples, read_samples
 from lightning_reg.metrics.fronts import METRIC_GOALS, default_front, save_fronts, summary, write_table
 from lightning_reg.sampling import writer
@@ -34,7 +34,8 @@ from lightning_reg.sampling.engine import setting_name
 SWEEP_FILE, ROW_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "row.json", "sweep.csv", "fronts.png"
 # options that do not change a sweep's results (where and how fast it runs), left out of its fingerprint
 NOT_FINGERPRINTED = ("output", "overwrite", "max_settings", "max_shards", "trainer", "batch_size", "compile",
-                     "checkpoint", "sample_options", "front", "methods", "reg", "convention", "guidance")
+                     "checkpoint", "pipeline", "prompts", "sample_options", "front", "methods", "reg", "convention",
+                     "guidance")
 # (the grid and the shared guidance parameters are in the fingerprint as its settings)
 
 
@@ -116,6 +117,7 @@ class Sweep:
         fingerprint["settings"] = list(settings.values())
         model = LoadedModel.load(config)
         fingerprint["checkpoint_sha256"] = model.checkpoint_sha256
+        fingerprint["prompts_sha256"] = file_sha256(config.prompts) if config.prompts is not None else None
         check_sweep_output(output, fingerprint)
         name, guidance = next(iter(settings.items()))
         first_job = SamplingJob.build(config.with_setting(guidance, str(output / name)), model)
@@ -179,7 +181,7 @@ class Sweep:
         """``sweep.csv`` and ``fronts.png`` of the finished settings, and the summary of the best rows."""
         rows = [read_json(self.output / n / ROW_FILE) for n in self.settings if (self.output / n / ROW_FILE).is_file()]
         write_table(self.output / TABLE_FILE, rows)
-        title = (f"{Path(self.config.checkpoint).name}: {self.config.num_samples} samples per setting, "
+        title = (f"{Path(self.config.model_path).name}: {self.config.num_samples} samples per setting, "
                  f"{self.config.sampler} {self.config.steps} steps")
         save_fronts(self.output / FIGURE_FILE, rows, *self.front, title=title)
         print(f"{len(rows)} of {len(self.settings)} settings in {self.output / TABLE_FILE} and "

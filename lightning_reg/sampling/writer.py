@@ -5,7 +5,8 @@ Layout::
     run.json                 fingerprint of the arguments that decide the samples (resume check)
     shard_00000.npz ...      indices, samples, labels of samples [k S, (k + 1) S)   (S = shard size)
     samples.npz              arr_0: samples (float32 toy data, uint8 NHWC images, as the ADM evaluator reads
-                             them), labels: their classes; in index order
+                             them), labels: their classes (text-to-image: their captions' lines); in index order
+    prompts.txt              text-to-image only: sample i's caption on line i
     images/000000.png ...    image data only, plus images/grid.png
     meta.json                checkpoint sha256, resolved config, seeds, versions, wall time, world size
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ from torch import Tensor
 from lightning_reg.errors import ConfigError
 from lightning_reg.io.files import atomic_write, read_json, write_json
 
-RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR = "run.json", "samples.npz", "meta.json", "images"
+RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR, PROMPTS_FILE = "run.json", "samples.npz", "meta.json", "images", \
+    "prompts.txt"
 SHARD_GLOB = "shard_*.npz"
 
 
@@ -42,7 +45,7 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
 
 def _run_files(folder: Path) -> list[Path]:
     """What a sampling run leaves in ``folder`` (other files are never touched)."""
-    names = [RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR]
+    names = [RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR, PROMPTS_FILE]
     return sorted(folder.glob(SHARD_GLOB)) + [folder / n for n in names if (folder / n).exists()]
 
 
@@ -116,5 +119,18 @@ def write_images(folder, images_nhwc: np.ndarray, grid: np.ndarray) -> None:
 
 
 def write_samples(folder, samples: np.ndarray, labels: np.ndarray) -> None:
-    """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``."""
-    atomic_write(Path(folder) / SAMPLES_FILE, lambda f: np.savez(f, arr_0=samples, labels=labels))
+    """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``,
+    as ``np.savez`` lays it out but with fixed zip timestamps, so the same samples give the same bytes (sha256)."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+            for name, array in (("arr_0", samples), ("labels", labels)):
+                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                                  force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+
+    atomic_write(Path(folder) / SAMPLES_FILE, write)
+
+
+def write_prompts(folder, prompts: list[str]) -> None:
+    """``prompts.txt`` beside ``samples.npz``: sample ``i``'s caption on line ``i`` (what CLIP score compares)."""
+    atomic_write(Path(folder) / PROMPTS_FILE, lambda f: f.write("".join(p + "\n" for p in prompts).encode()))
