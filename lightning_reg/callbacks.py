@@ -66,13 +66,15 @@ class SamplingCallback(L.Callback):
             Inception-v3, whose weights must be in the torch hub cache or at ``inception_weights``).
         feature_extractor: in place of ``feature_network``, a module mapping uint8 NCHW images to features
             (IS: logits), for use from Python.
+        prompts: a text-to-image model's captions: sample ``i`` takes ``prompts[i % len(prompts)]`` (in place
+            of class-balanced labels).
     """
 
     def __init__(self, name: str = "sample", every_n_val_epochs: int = 1, num_samples: int = 1000, settings: list[dict] | None = None,
                  sampler: str = "ddpm", steps: int = 25, seed: int = 0, batch_size: int = 1000,
                  sampler_kwargs: dict | None = None, metrics: list[str] | None = None,
                  feature_network: str | None = None, inception_weights: str | None = None,
-                 feature_extractor: nn.Module | None = None):
+                 feature_extractor: nn.Module | None = None, prompts: list[str] | None = None):
         for field, value in (("every_n_val_epochs", every_n_val_epochs), ("num_samples", num_samples),
                              ("steps", steps), ("batch_size", batch_size)):
             if value < 1:
@@ -98,12 +100,15 @@ class SamplingCallback(L.Callback):
         self.inception_weights = inception_weights
         self.image_metrics: ImageMetrics | None = None  # image data: built in setup, on rank 0
         self.toy_evaluator: ToyEvaluator | None = None  # toy data: built in setup
+        if prompts is not None and (not prompts or not all(isinstance(p, str) and p.strip() for p in prompts)):
+            raise ConfigError(f"SamplingCallback prompts must be a non-empty list of captions, got {prompts!r}")
+        self.prompts = prompts
         self.val_runs = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Resolve ``metrics`` for the data and build the image metrics (loading Inception) before training."""
         distribution = getattr(trainer.datamodule, "distribution", None)
-        data_shape, requested = pl_module.denoiser.data_shape, self.requested_metrics
+        data_shape, requested = pl_module.denoiser.sample_shape, self.requested_metrics  # images, also for latents
         if distribution is not None:  # the toy evaluator of sample.py and the sweep
             self.toy_evaluator = ToyEvaluator(distribution, self.seed, requested)
             self.metrics = self.toy_evaluator.names
@@ -174,12 +179,17 @@ class SamplingCallback(L.Callback):
         """``({setting: samples (N, ...)}, labels (N,))`` on every rank; rank ``r`` generates indices ``r::W``."""
         denoiser = pl_module.ema_denoiser()
         n, world = self.num_samples, trainer.world_size
-        labels = balanced_labels(n, denoiser.num_classes)
         indices = rank_indices(n, trainer.global_rank, world)
+        if self.prompts is None:
+            labels = balanced_labels(n, denoiser.num_classes)
+            conditions = labels[indices]
+        else:  # caption indices; the captions' embeddings are the conditions
+            labels = torch.arange(n) % len(self.prompts)
+            conditions = denoiser.encode([self.prompts[int(i)] for i in labels[indices]])
         samples = {}
         for name, guidance in tqdm(self.guidances.items(), desc="sampling settings", leave=False,
                                    disable=not trainer.is_global_zero):
-            local = generate(denoiser, guidance, labels[indices], indices, sampler=self.sampler, steps=self.steps,
+            local = generate(denoiser, guidance, conditions, indices, sampler=self.sampler, steps=self.steps,
                              seed=self.seed, batch_size=self.batch_size, device=pl_module.device,
                              sampler_kwargs=self.sampler_kwargs, progress=trainer.is_global_zero)
             samples[name] = gather_by_index(local.to(pl_module.device), n, world, pl_module.all_gather).cpu()

@@ -3,6 +3,10 @@
 Label dropout (Ho & Salimans 2022) replaces a label by the null id ``num_classes`` with probability
 ``label_dropout`` so the same network also learns the unconditional prediction CFG needs. An EMA
 copy of the weights (``torch.optim.swa_utils.AveragedModel``) is used for validation and sampling.
+
+A text-to-image model (``ConditionalDiffusion.for_text``) trains its UNet on (image, caption) batches: the
+images are encoded by its VAE, the captions by its text encoder (both frozen), and caption dropout replaces an
+embedding by the empty prompt's (``Denoiser.null_condition``), the text version of label dropout.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef, learned_variance_vlb
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
+from lightning_reg.diffusion.text import TextDenoiser
 from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.io.files import read_torch, require_keys, state_dict_mismatch, unwrap_state_dict
 
@@ -105,18 +110,38 @@ class ConditionalDiffusion(L.LightningModule):
         for name, param in self.net.named_parameters():
             param.requires_grad_(not any(under(name, p) for p in prefixes))
 
+    @classmethod
+    def for_text(cls, text: TextDenoiser, **kwargs) -> "ConditionalDiffusion":
+        """Fine-tuning of a text-to-image ``text`` denoiser's UNet (``diffusion.text``; its VAE and text encoder
+        stay frozen). The UNet's weights train even where sampling froze them for gradient checkpointing."""
+        text.net.requires_grad_(True)
+        module = cls(text.net, text.schedule, text.prediction.kind, **kwargs)
+        module.denoiser = text
+        return module
+
     @property
     def num_classes(self) -> int:
         return self.net.num_classes
 
     def ema_denoiser(self) -> Denoiser:
         """The denoiser on the EMA weights (what validation and sampling use)."""
+        if isinstance(self.denoiser, TextDenoiser):
+            return self.denoiser.with_net(self.ema.module)
         return Denoiser(self.ema.module, self.schedule, self.denoiser.prediction)
 
     def drop_labels(self, y: Tensor) -> Tensor:
-        """Replace each label by the null id with probability ``label_dropout``."""
-        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+        """Replace each condition (a label, or a prompt embedding) by the null one with probability
+        ``label_dropout``."""
+        drop = torch.rand(y.shape[:1], device=y.device) < self.hparams.label_dropout
+        return torch.where(drop.view(-1, *[1] * (y.ndim - 1)), self.denoiser.null_condition(y), y)
+
+    def model_inputs(self, batch) -> tuple[Tensor, Tensor]:
+        """``(x0, y)`` of a batch; a text model's ``(images, captions)`` become (its VAE's latents, the captions'
+        embeddings)."""
+        x0, y = batch
+        if isinstance(self.denoiser, TextDenoiser):
+            return self.denoiser.codec.encode(x0), self.denoiser.encode(list(y))
+        return x0, y
 
     def diffusion_loss(self, net: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
         """Unweighted MSE between ``net``'s output and the prediction target at a random time.
@@ -138,7 +163,7 @@ class ConditionalDiffusion(L.LightningModule):
         return mse + learned_variance_vlb(self.schedule, x0, x_t, t, x0_hat, v).mean()
 
     def training_step(self, batch, batch_idx):
-        x0, y = batch
+        x0, y = self.model_inputs(batch)
         self.denoiser.check_labels(y, allow_null=True)
         loss = self.diffusion_loss(self.net, x0, self.drop_labels(y))
         self.log("train/loss", loss, prog_bar=True)
@@ -157,7 +182,7 @@ class ConditionalDiffusion(L.LightningModule):
         self.ema.update_parameters(self.net)
 
     def validation_step(self, batch, batch_idx):
-        x0, y = batch
+        x0, y = self.model_inputs(batch)
         loss = self.diffusion_loss(self.ema.module, x0, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 

@@ -131,6 +131,11 @@ class TextDenoiser(LatentDenoiser):
     def null_condition(self, y: Tensor) -> Tensor:
         return self.null_embedding.to(y).expand_as(y)
 
+    def with_net(self, net: PromptUNet) -> "TextDenoiser":
+        """This denoiser over another copy of its UNet (the EMA weights of fine-tuning), sharing the rest."""
+        return TextDenoiser(net, self.schedule, self.prediction, self.codec, self.null_embedding,
+                            self.prompt_encoder).train(self.training)
+
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """The conditions ``(B, L, D)`` of ``prompts``, on this denoiser's device."""
         if self.prompt_encoder is None:
