@@ -4,7 +4,8 @@ Every option (``SampleConfig``) can come from ``--config sample.yaml`` or a flag
 ``train.py``). Bad input ends in one ``error: ...`` line and exit status 2, before anything is written.
 
 The checkpoint is read by its source (``lightning_reg.sources``: a ``ConditionalDiffusion`` ``.ckpt``, or with
-``--model DiT-XL/2`` a public DiT ``.pt``); ``--vae`` samples in the VAE's latent space and decodes at the end.
+``--model DiT-XL/2`` a public DiT ``.pt``, or ``--pipeline`` a diffusers folder with ``--prompts``, a caption file);
+``--vae`` samples in the VAE's latent space and decodes at the end.
 ``meta.json`` records throughput (images/s), peak memory and the metrics of ``--distribution`` / ``--evaluation``.
 """
 
