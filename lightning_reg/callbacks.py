@@ -51,6 +51,14 @@ class SamplingCallback(L.Callback):
     ``<log_dir>/<name>s/step_<global_step>.png``; loggers that take images (TensorBoard's ``add_image``,
     ``log_image``) get it as ``<name>/grid`` (toy data) or one grid per setting, ``<name>/<setting>/grid``.
 
+    Under DDP (one process or many, one node or many; ``docs/distributed.md``) every call that talks to the
+    process group runs on every rank, in the same order: ``trainer.log_dir`` (a broadcast), the all-gather
+    of the samples (rank ``r`` generates indices ``r::W``), the broadcast of rank 0's metrics and their
+    ``self.log(sync_dist=True)`` (every rank logs the same values, so a ``ModelCheckpoint`` or
+    ``EarlyStopping`` monitoring them agrees across ranks). Rank 0 alone computes the metrics, whose
+    torchmetrics objects are built with ``sync_on_compute=False`` so ``compute()`` never waits for the other
+    ranks, and writes the figures and files; nothing it does alone talks to the process group.
+
     Args:
         name: the prefix of the logged keys and of the figure folder (default ``sample``: ``sample/...``,
             ``samples/``); give each callback its own when a run holds several (e.g. a small ``watch`` one at
@@ -66,6 +74,8 @@ class SamplingCallback(L.Callback):
             Inception-v3, whose weights must be in the torch hub cache or at ``inception_weights``).
         feature_extractor: in place of ``feature_network``, a module mapping uint8 NCHW images to features
             (IS: logits), for use from Python.
+        save_samples: also save the gathered samples of each setting (and their labels) as
+            ``<log_dir>/<name>s/step_<global_step>.npz``, one array per setting name.
         prompts: a text-to-image model's captions: sample ``i`` takes ``prompts[i % len(prompts)]`` (in place
             of class-balanced labels).
     """
@@ -74,7 +84,8 @@ class SamplingCallback(L.Callback):
                  sampler: str = "ddpm", steps: int = 25, seed: int = 0, batch_size: int = 1000,
                  sampler_kwargs: dict | None = None, metrics: list[str] | None = None,
                  feature_network: str | None = None, inception_weights: str | None = None,
-                 feature_extractor: nn.Module | None = None, prompts: list[str] | None = None):
+                 feature_extractor: nn.Module | None = None, save_samples: bool = False,
+                 prompts: list[str] | None = None):
         for field, value in (("every_n_val_epochs", every_n_val_epochs), ("num_samples", num_samples),
                              ("steps", steps), ("batch_size", batch_size)):
             if value < 1:
@@ -98,6 +109,7 @@ class SamplingCallback(L.Callback):
             raise ConfigError("SamplingCallback takes feature_network (a path) or feature_extractor (a module), not both")
         self.feature_network = feature_network if feature_network is not None else feature_extractor
         self.inception_weights = inception_weights
+        self.save_samples = save_samples
         self.image_metrics: ImageMetrics | None = None  # image data: built in setup, on rank 0
         self.toy_evaluator: ToyEvaluator | None = None  # toy data: built in setup
         if prompts is not None and (not prompts or not all(isinstance(p, str) and p.strip() for p in prompts)):
@@ -148,21 +160,36 @@ class SamplingCallback(L.Callback):
         self.val_runs += 1
         if self.val_runs % self.every_n_val_epochs:
             return
+        # Every rank, in this order: trainer.log_dir (a broadcast), the gather of the samples, the broadcast of
+        # the metrics and their logging (see the class docstring).
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / f"{self.name}s"
         samples, labels = self.sample(trainer, pl_module)
-        if not trainer.is_global_zero:
-            return
-        distribution = getattr(trainer.datamodule, "distribution", None)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / f"{self.name}s" / f"step_{trainer.global_step}.png"
-        results = {name: self.evaluate(trainer, pl_module, x, labels) for name, x in samples.items()}
+        results = None
+        if trainer.is_global_zero:
+            results = {name: self.evaluate(trainer, pl_module, x, labels) for name, x in samples.items()}
+        results = trainer.strategy.broadcast(results, src=0)
         for name, metrics in results.items():
             for metric, value in metrics.items():
-                pl_module.log(f"{self.name}/{name}/{metric}", value, rank_zero_only=True)
+                pl_module.log(f"{self.name}/{name}/{metric}", value, sync_dist=True)  # equal on every rank
+        if trainer.is_global_zero:
+            self.write_outputs(trainer, folder, samples, labels, results)
+
+    def write_outputs(self, trainer: L.Trainer, folder: Path, samples: dict[str, torch.Tensor], labels: torch.Tensor,
+                      results: dict[str, dict[str, float]]) -> None:
+        """Rank 0: the metrics table, the figure (and ``save_samples``' arrays) under ``folder``, and the images
+        for loggers that take them."""
+        step, distribution = trainer.global_step, getattr(trainer.datamodule, "distribution", None)
+        path = folder / f"step_{step}.png"
         if any(results.values()):
-            tqdm.write(f"\nstep {trainer.global_step}: {self.num_samples} samples per setting, {self.sampler} "
+            tqdm.write(f"\nstep {step}: {self.num_samples} samples per setting, {self.sampler} "
                        f"{self.steps} steps\n{metrics_table(results)}")
+        if self.save_samples:
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(folder / f"step_{step}.npz", labels=labels.numpy(),
+                     **{name: x.numpy() for name, x in samples.items()})
         if distribution is not None:
             fig = scatter_figure({name: (x.numpy(), labels.numpy()) for name, x in samples.items()}, distribution,
-                                 title=f"step {trainer.global_step}")
+                                 title=f"step {step}")
             save_figure(fig, path)
             image = self.figure_array(fig) if self.logger_takes_images(trainer) else None
             if image is not None:

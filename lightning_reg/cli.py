@@ -9,14 +9,36 @@ from argparse import ArgumentError
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_reg import distributed
 from lightning_reg.data.images import ImageDataModule
-from lightning_reg.errors import ConfigError, fail, parse_error_message
+from lightning_reg.distributed import fail
+from lightning_reg.errors import ConfigError, parse_error_message
 from lightning_reg.io.files import state_dict_mismatch
 from lightning_reg.module import ConditionalDiffusion, read_checkpoint
 
 
+class AgreeOnChecks(L.Callback):
+    """Processes started together (torchrun, SLURM, several nodes) check ``--ckpt_path`` each, and agree on the
+    outcome once the process group has started (``distributed.agree``: every rank exits 2 if any failed)."""
+
+    def __init__(self, error: str | None):
+        self.error = error
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            distributed.agree(self.error)
+
+
 class TrainCLI(LightningCLI):
+    check_error: str | None = None  # this rank's failed --ckpt_path check, reported by AgreeOnChecks
+
+    def before_validate(self) -> None:
+        self.trainer.callbacks.insert(0, AgreeOnChecks(self.check_error))
+
     def before_fit(self) -> None:
+        self.before_validate()  # the same agreement
+        if self.check_error is not None:
+            return
         model, data = self.model, self.datamodule
         for field in ("num_classes", "data_shape"):
             want, got = getattr(model.net, field), getattr(data, field, None)
@@ -37,7 +59,13 @@ class TrainCLI(LightningCLI):
         (a traceback) and before the trainer writes the run's folder."""
         super().parse_arguments(parser, args)
         path = self.resume_path()
-        if path is not None:
+        if path is None:
+            return
+        subcommand = self.config.get("subcommand")
+        num_nodes = self.config[subcommand].get("trainer", {}).get("num_nodes", 1) if subcommand else 1
+        if distributed.started_together(num_nodes or 1):  # a file one node lacks: every rank must hear of it
+            self.check_error = distributed.check(lambda: read_checkpoint(path, "--ckpt_path"))[1]
+        else:
             read_checkpoint(path, "--ckpt_path")
 
     def resume_path(self) -> str | None:
@@ -48,10 +76,11 @@ class TrainCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank
         if trainer.is_global_zero:
             cb = trainer.checkpoint_callback
             ckpt = cb and (cb.last_model_path or cb.best_model_path)
-            print(f"\ncheckpoint: {ckpt or '(none saved)'}\nlogs:       {trainer.log_dir}")
+            print(f"\ncheckpoint: {ckpt or '(none saved)'}\nlogs:       {log_dir}")
 
 
 # ``--ckpt_path`` values that Lightning resolves itself (``last`` starts afresh when there is none).
@@ -76,6 +105,7 @@ def main(args=None, model_class: type[L.LightningModule] = ConditionalDiffusion)
     """Run the CLI over ``model_class`` (also the digits classifier's); bad flags, config keys and values end
     in one ``error: ...`` line and exit code 2."""
     quiet_lightning()
+    distributed.handle_exit()
     try:
         TrainCLI(model_class, L.LightningDataModule, subclass_mode_data=True, args=args,
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})

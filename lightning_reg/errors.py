@@ -1,6 +1,5 @@
-"""One exception type for bad user input, and the one way entry points report it: ``error: ...``, exit 2."""
+"""One exception type for bad user input, so entry points can print one clear line for it (``distributed.fail``)."""
 
-import sys
 from argparse import ArgumentError
 
 
@@ -31,9 +30,3 @@ def parse_error_message(err: ArgumentError) -> str:
     """jsonargparse's (often multi-line) parse error as one line that keeps the key and the problem."""
     lines = (line.strip().lstrip("- ") for line in str(err).splitlines())
     return " ".join(line for line in lines if line and not line.startswith(_UNION_NOISE))
-
-
-def fail(message: str) -> None:
-    """End a command-line run on bad input: ``error: <message>`` on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)

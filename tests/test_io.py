@@ -115,3 +115,19 @@ def test_registered_sources_and_their_data():
         {"name": "vp", "num_timesteps": 1000, "betas": "linear"}, "eps", True)
     with pytest.raises(ConfigError, match=r"unknown --format 'pkl'; choose one of \[.*'dit', 'lightning'"):
         load_model(ModelSpec("x.pkl", format="pkl"))
+
+
+@pytest.mark.parametrize("kind", ["code", "truncated", "foreign"])
+def test_inception_weights_are_vetted_before_torch_fidelity_loads_them(good_files, tmp_path, kind):
+    """torch-fidelity loads its weights file without ``weights_only``: both Inception readers vet it first."""
+    from lightning_reg.metrics.adm import InceptionFeatures
+    from lightning_reg.metrics.images import ImageMetrics
+
+    marker = tmp_path / "code_ran"
+    path = torch_files(tmp_path, good_files["lightning"], marker)[kind]
+    for build in (lambda: ImageMetrics(["fid"], (3, 16, 16), inception_weights=str(path)),
+                  lambda: InceptionFeatures(path)):
+        with pytest.raises(ConfigError) as err:
+            build()
+        assert str(path) in str(err.value) and "Inception-v3" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).parents[1] / "lightning_reg"
 # lowest first; a unit (a subpackage or a top-level module) may import its own layer and the layers below
 LAYERS = [
     ("errors",),
-    ("io",),
+    ("io", "distributed"),
     ("models", "diffusion"),
     ("data", "oracle", "guidance"),
     ("metrics", "module"),

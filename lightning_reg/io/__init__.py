@@ -4,11 +4,13 @@ It imports nothing of the project but ``errors``; model formats built on these r
 ``lightning_reg.sources``.
 """
 
-from lightning_reg.io.files import (atomic_write, file_sha256, load_weights, quiet_loading, read_json, read_npz_images, read_torch,
+from lightning_reg.io.files import (atomic_write, check_torch_weights, file_sha256, load_weights, quiet_loading, read_json,
+                                    read_npz_images, read_torch,
                                     refuse, require_file, require_keys, state_dict_mismatch, to_uint8_nhwc,
                                     tree_sha256, unwrap_state_dict, write_json)
 from lightning_reg.io.vae import load_autoencoder
 
-__all__ = ["atomic_write", "file_sha256", "load_autoencoder", "load_weights", "quiet_loading", "read_json", "read_npz_images",
+__all__ = ["atomic_write", "check_torch_weights", "file_sha256", "load_autoencoder", "load_weights", "quiet_loading",
+           "read_json", "read_npz_images",
            "read_torch", "refuse", "require_file", "require_keys", "state_dict_mismatch", "to_uint8_nhwc",
            "tree_sha256", "unwrap_state_dict", "write_json"]

@@ -7,7 +7,8 @@ Every reader answers bad input with one ``ConfigError`` line in one vocabulary::
     <field> <path> holds pickled objects other than tensors and plain data, ...: refused, so it is not a <what> (...)
 
 ``read_torch`` is the only ``torch.load`` of the project: ``weights_only=True`` (tensors and plain data,
-so loading runs no code) on a ``torch.save`` zip archive, memory-mapped. ``unwrap_state_dict`` finds the
+so loading runs no code) on a ``torch.save`` zip archive, memory-mapped; ``check_torch_weights`` vets a file
+that a library will load itself. ``unwrap_state_dict`` finds the
 weights inside a checkpoint and ``load_weights`` loads them strictly, naming what differs
 (``state_dict_mismatch``). Writers go through ``atomic_write``: a file under its final name is complete.
 """
@@ -71,6 +72,13 @@ def read_torch(path, field: str, what: str = "PyTorch checkpoint", safe_globals:
     except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
         raise refuse(path, field, what, f"it cannot be read as a torch weights file: {type(err).__name__}: "
                                         f"{one_line(err, 150)}") from None
+
+
+def check_torch_weights(path, field: str, what: str, hint: str = "") -> Path:
+    """``path``, once ``read_torch`` found nothing in it but tensors and plain data: for libraries that load the
+    file themselves without ``weights_only`` (torch-fidelity's Inception-v3), which then cannot run code from it."""
+    read_torch(path, field, what, hint=hint)
+    return Path(path)
 
 
 def require_keys(checkpoint, keys: Sequence[str], path, field: str, what: str) -> Mapping:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_reg.errors import ConfigError, fail, one_line, parse_error_message
+from lightning_reg.distributed import fail
+from lightning_reg.errors import ConfigError, one_line, parse_error_message
 from lightning_reg.io.files import atomic_write, read_npz_images, to_uint8_nhwc, write_json
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 

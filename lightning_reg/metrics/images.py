@@ -27,11 +27,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from lightning_reg.errors import ConfigError, check_names
-from lightning_reg.io.files import require_file
+from lightning_reg.io.files import check_torch_weights
 from lightning_reg.metrics.classifier import FeatureNetwork
 
 IMAGE_METRICS = ("fid", "is", "kid", "accuracy")
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
+INCEPTION_WHAT = "torch weights file of Inception-v3"
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; lowered to the number of images when there are fewer
 _BATCH = 100
 
@@ -49,8 +50,8 @@ def _inception(inception_weights: str, output: str) -> nn.Module:
     """torch-fidelity's Inception-v3 from the file ``inception_weights``: pool features (``"2048"``) or IS logits."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    require_file(inception_weights, "inception_weights", f"it must be torch-fidelity's {INCEPTION_WEIGHTS} "
-                                                         "(pt_inception-2015-12-05)")
+    check_torch_weights(inception_weights, "inception_weights", INCEPTION_WHAT,
+                        f"it must be torch-fidelity's {INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
     return NoTrainInceptionV3("inception-v3-compat", [output], feature_extractor_weights_path=inception_weights)
 
 
@@ -74,6 +75,9 @@ def _build(name: str, feature_extractor: nn.Module | None, image_shape: tuple[in
         feature_extractor = _inception(inception_weights, "logits_unbiased" if name == "is" else "2048")
         image_shape = (3, 299, 299)  # Inception resizes its input to 299 x 299
     custom = {} if feature_extractor is None else {"feature": feature_extractor}
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+    if not custom and os.path.isfile(cached):  # torch.hub loads the cached file without weights_only
+        check_torch_weights(cached, "the torch hub cache's Inception weights", INCEPTION_WHAT)
     try:
         with warnings.catch_warnings():  # IS and KID warn that they buffer all features: intended here
             warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")

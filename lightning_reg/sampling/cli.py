@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lightning_reg import distributed
 from lightning_reg.data.prompts import read_prompts
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.text import TextDenoiser, resolve_pipeline_folder
-from lightning_reg.errors import ConfigError, fail, one_line, parse_error_message
+from lightning_reg.distributed import fail
+from lightning_reg.errors import ConfigError, one_line, parse_error_message
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
 from lightning_reg.io.files import file_sha256, to_uint8_nhwc, tree_sha256, write_json
@@ -246,27 +248,35 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"  # bytes on macOS, KiB on Linux
 
 
-def make_fabric(accelerator: str, devices: int) -> lightning.Fabric:
+def make_fabric(accelerator: str, devices: int, num_nodes: int = 1) -> lightning.Fabric:
     try:
-        return lightning.Fabric(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto")
+        return lightning.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                                strategy="ddp" if devices * num_nodes > 1 else "auto")
     except Exception as err:  # noqa: BLE001 - Lightning raises several types for an unusable accelerator
-        raise ConfigError(f"--trainer.accelerator {accelerator} with --trainer.devices {devices} is unusable here: "
-                          f"{one_line(err, None)}") from None
+        raise ConfigError(f"--trainer.accelerator {accelerator} with --trainer.devices {devices} and "
+                          f"--trainer.num_nodes {num_nodes} is unusable here: {one_line(err, None)}") from None
 
 
 def launch(args: list[str] | None, build_parser, config_class, build_job):
     """Parse ``args`` into ``config_class`` and ``build_job(config)`` (bad input: one ``error:`` line, exit 2,
-    nothing written), then start the processes of ``trainer.devices``; returns ``(job, fabric)``. Shared by
-    ``sample.py`` and ``sweep.py``."""
+    nothing written), then start the processes of ``trainer.devices`` x ``trainer.num_nodes``; returns
+    ``(job, fabric)``. Shared by ``sample.py`` and ``sweep.py``. A process that starts alone (the first of a
+    one-node run) checks before starting the others; processes started together (torchrun, SLURM, several
+    nodes) check, then agree (``lightning_reg.distributed``)."""
     try:
         config = config_from(build_parser().parse_args(args), config_class)
-        job = build_job(config)
-        fabric = make_fabric(config.trainer.accelerator, config.trainer.devices)
+        trainer = config.trainer
+        fabric = make_fabric(trainer.accelerator, trainer.devices, trainer.num_nodes)
+        together = fabric.world_size > 1 and distributed.started_together(trainer.num_nodes)
+        job, error = distributed.check(lambda: build_job(config)) if together else (build_job(config), None)
     except ArgumentError as err:
         fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
     except ConfigError as err:
         fail(str(err))
     fabric.launch()
+    if fabric.world_size > 1:
+        distributed.agree(error)
+        distributed.handle_exit()
     return job, fabric
 
 

@@ -29,10 +29,12 @@ class Trainer:
     Args:
         accelerator: cpu, gpu, cuda, mps or auto.
         devices: processes (DDP across them when > 1).
+        num_nodes: machines, each running ``devices`` processes (torchrun or SLURM; docs/distributed.md).
     """
 
     accelerator: str = "cpu"
     devices: int = 1
+    num_nodes: int = 1
 
 
 def _positive(name: str, value, optional: bool = False) -> None:
@@ -118,6 +120,7 @@ class SampleConfig:
         for name in ("steps", "num_samples", "batch_size", "shard_size"):
             _positive(name, getattr(self, name))
         _positive("trainer.devices", self.trainer.devices)
+        _positive("trainer.num_nodes", self.trainer.num_nodes)
         _positive("max_shards", self.max_shards, optional=True)
         if self.output is None:
             raise ConfigError(f"--output is required: the folder for the {self.kind}")

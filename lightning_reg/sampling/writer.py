@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.io.files import atomic_write, read_json, write_json
 
 RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR, PROMPTS_FILE = "run.json", "samples.npz", "meta.json", "images", \
@@ -96,8 +96,13 @@ def read_shards(folder, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
     """``(samples, labels)`` of shards ``0 .. num_shards - 1``, checked to be in index order."""
     parts = []
     for k in range(num_shards):
-        with np.load(shard_path(folder, k)) as shard:
-            parts.append((shard["indices"], shard["samples"], shard["labels"]))
+        path = shard_path(folder, k)
+        try:
+            with np.load(path) as shard:
+                parts.append((shard["indices"], shard["samples"], shard["labels"]))
+        except Exception as err:  # noqa: BLE001 - a truncated or overwritten file
+            raise ConfigError(f"shard {path} is unreadable ({type(err).__name__}: {one_line(err, 200)}); delete "
+                              "it and run the same command again to regenerate it") from None
     indices = np.concatenate([p[0] for p in parts])
     if not np.array_equal(indices, np.arange(len(indices))):
         raise RuntimeError(f"shards in {folder} do not cover the indices 0..{len(indices) - 1} in order")
@@ -118,17 +123,20 @@ def write_images(folder, images_nhwc: np.ndarray, grid: np.ndarray) -> None:
     write_png(out / "grid.png", grid)
 
 
-def write_samples(folder, samples: np.ndarray, labels: np.ndarray) -> None:
-    """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``,
-    as ``np.savez`` lays it out but with fixed zip timestamps, so the same samples give the same bytes (sha256)."""
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
-            for name, array in (("arr_0", samples), ("labels", labels)):
-                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
-                                  force_zip64=True) as entry:
-                    np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+def save_npz(file, **arrays: np.ndarray) -> None:
+    """``np.savez`` with a fixed time stamp on each member, so equal arrays give a byte-identical file
+    (``np.savez`` stamps the time of writing)."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                              force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
-    atomic_write(Path(folder) / SAMPLES_FILE, write)
+
+def write_samples(folder, samples: np.ndarray, labels: np.ndarray) -> None:
+    """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``;
+    the same samples always give the same bytes."""
+    atomic_write(Path(folder) / SAMPLES_FILE, lambda f: save_npz(f, arr_0=samples, labels=labels))
 
 
 def write_prompts(folder, prompts: list[str]) -> None:
