@@ -1,137 +1,166 @@
-"""Cost of one guided denoiser call: conditional, CFG, CFG+REG (paper), CFG+REG (vjp).
+"""Cost of one guided sampling step: CFG in both branch layouts, REG paper, vjp and each cheaper REG mode.
 
-Per backbone (the toy MLP on 2D points, a small DiT on 32x32x4 latents, the UNet of the 16x16 digits
-config) this times one call of
-``GuidedDenoiser`` at a mid time under ``torch.no_grad()`` (as the samplers run it): the median of
-``--repeats`` rounds after warm-up, the four methods interleaved in every round; a ratio to CFG is
-the median over rounds of the ratio within a round, so that load drifting on a shared machine cancels.
-Both wall-clock and process CPU time are reported: on a loaded CPU machine the CPU time (best with
-``--threads 1``, which leaves no idle-spinning worker threads) is the stable measure of compute.
-Memory: on CUDA the peak allocated above the resting state (``torch.cuda.max_memory_allocated``);
-on CPU, where torch has no allocator statistics, the bytes the autograd graph holds (tensors saved
-for backward, deduplicated, parameters excluded, counted with ``torch.autograd.graph.saved_tensors_hooks``):
-that is the memory REG adds over a no-grad forward, and zero for the no-grad methods.
+Per backbone (the toy MLP on 2D points, the digits UNet of ``configs/mnist.yaml``, optionally DiT-XL/2 with
+random weights) and per batch size, this times one ``GuidedDenoiser`` step under ``torch.no_grad()`` (as
+the samplers run it) at the mid time of a 20-step DDIM chain:
 
-    python benchmarks/guidance_cost.py [--device cpu|cuda] [--batch 4096] [--image-batch 16] [--patch 4]
-                                       [--unet-batch 128] [--repeats 10] [--warmup 2] [--threads N]
+* ``cfg (2B)`` / ``cfg (B+B)``: CFG with ``branch_layout`` ``batched`` / ``split``;
+* ``reg paper``, ``reg vjp``: the autograd forms;
+* ``reuse k``: a chain of k steps (one autograd factor, k - 1 reused), timed together and divided by k;
+* ``graph_free (3B)`` / ``graph_free (B+B+B)``: the finite-difference factor in either layout;
+* ``window``: not timed, derived per step as ``share * paper + (1 - share) * cfg`` with the share of the 20
+  DDIM steps inside the default ``reg_window``.
+
+Medians of ``--repeats`` rounds after warm-up, all methods interleaved in every round; ratios are to the CFG
+layout the library picks on this device (``branch_layout: auto``), the median over rounds of the ratio within
+a round (``common.py``). Memory per step: ``common.memory`` (CUDA peak allocated; CPU peak resident set above
+resting, and the autograd graph's saved bytes), over the whole k-step chain for ``reuse``.
+
+    python benchmarks/guidance_cost.py [--device cpu|cuda] [--mlp-batches 2000 8192] [--unet-batches 125 250 500]
+                                       [--dit-batches 4] [--precision fp32|bf16] [--repeats 5] [--warmup 1]
+                                       [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
-from functools import partial
 
 import torch
-from common import cuda_peak_bytes, interleaved_times, medians
-from torch import nn
+from common import interleaved_times, medians, memory
 
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
-from lightning_reg.models.dit import DiT
+from lightning_reg.guidance.reg import DEFAULT_WINDOW
+from lightning_reg.models.dit import DIT_CONFIGS, DiT
 from lightning_reg.models.mlp import ToyMLP
 from lightning_reg.models.unet import UNet
+from lightning_reg.sampling.engine import autocast
 
+CHAIN_STEPS = 20  # the digits and DiT configs' DDIM steps: where the step time and window share are read
+# name -> (guidance parameters, chain steps per timed call)
 METHODS = {
-    "conditional": dict(method="conditional"),
-    "cfg": dict(method="cfg", scale=1.0),
-    "cfg+reg(paper)": dict(method="cfg", scale=1.0, reg="paper"),
-    "cfg+reg(vjp)": dict(method="cfg", scale=1.0, reg="vjp"),
+    "conditional": (dict(method="conditional"), 1),
+    "cfg (2B)": (dict(method="cfg", scale=1.0, branch_layout="batched"), 1),
+    "cfg (B+B)": (dict(method="cfg", scale=1.0, branch_layout="split"), 1),
+    "reg paper": (dict(method="cfg", scale=1.0, reg="paper"), 1),
+    "reg vjp": (dict(method="cfg", scale=1.0, reg="vjp"), 1),
+    "reuse 2": (dict(method="cfg", scale=1.0, reg="reuse", reg_every=2), 2),
+    "reuse 4": (dict(method="cfg", scale=1.0, reg="reuse", reg_every=4), 4),
+    "graph_free (3B)": (dict(method="cfg", scale=1.0, reg="graph_free", branch_layout="batched"), 1),
+    "graph_free (B+B+B)": (dict(method="cfg", scale=1.0, reg="graph_free", branch_layout="split"), 1),
 }
 
 
-def backbones(batch: int, image_batch: int, patch: int, unet_batch: int):
-    """``(name, net, batch)``; the zero-initialised layers (DiT's adaLN and output, the UNet's output
-    convolution) get small random weights, so the backward pass does real work."""
-    dit = DiT(num_classes=10, input_size=32, in_channels=4, patch_size=patch, hidden_size=256, depth=6, num_heads=4,
-              learn_sigma=False)
-    unet = UNet(num_classes=10, image_size=16, channels=1, base_channels=32, channel_mult=(1, 2),
-                attention_resolutions=(8,))
+def unet() -> UNet:
+    """``configs/mnist.yaml``'s UNet (no attention)."""
+    return UNet(num_classes=10, image_size=16, channels=1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=())
+
+
+def public_dit(name: str = "DiT-XL/2") -> DiT:
+    """A public DiT architecture (``DIT_CONFIGS``) on 32x32x4 latents (256x256 images), learned sigma, 1,000 classes."""
+    return DiT(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **DIT_CONFIGS[name])
+
+
+def denoiser(net: torch.nn.Module, device: torch.device) -> Denoiser:
+    """``net`` as a VP linear-1000 eps denoiser; zero-initialised layers (DiT's adaLN and output, the UNet's last
+    convolution) get N(0, 0.02) weights so the backward pass does real work."""
     with torch.no_grad():
-        for p in (*dit.parameters(), *unet.parameters()):
+        for p in net.parameters():
             if not p.any():
                 p.normal_(0, 0.02)
-    return [("toy MLP, 2D", ToyMLP(num_classes=2, dim=2), batch),
-            (f"DiT 32x32x4 /{patch}, w256 d6", dit, image_batch),
-            ("UNet 16x16x1, b32 (1,2) attn 8", unet, unet_batch)]
+    return Denoiser(net, VPSchedule(1000), Prediction("eps")).to(device).eval()
 
 
-@contextmanager
-def saved_tensor_bytes(model: nn.Module, total: list[int]):
-    """Adds to ``total[0]`` the bytes of distinct non-parameter storages saved for backward."""
-    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen = set()
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in exclude and ptr not in seen:
-            seen.add(ptr)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
+def window_share(steps: int = CHAIN_STEPS) -> float:
+    """The share of a ``steps``-step DDIM chain's steps whose progress lies in the default ``reg_window``."""
+    schedule = VPSchedule(1000)
+    progress = [schedule.progress(t) for t in schedule.sampling_times(steps)[:-1]]
+    return sum(DEFAULT_WINDOW[0] <= p <= DEFAULT_WINDOW[1] for p in progress) / len(progress)
 
 
-def peak_memory(call, model: nn.Module, device: torch.device) -> int:
-    """Bytes: CUDA peak allocated above the resting state; CPU autograd saved-tensor bytes."""
-    if device.type == "cuda":
-        return cuda_peak_bytes(call, device)
-    total = [0]
-    with saved_tensor_bytes(model, total):
-        call()
-    return total[0]
+def cfg_reference(device: torch.device) -> str:
+    """The CFG row ratios refer to: the layout ``branch_layout: auto`` picks on ``device``."""
+    return "cfg (B+B)" if device.type == "cpu" else "cfg (2B)"
 
 
-def measure(net: nn.Module, batch: int, device: torch.device, repeats: int, warmup: int) -> dict[str, dict]:
-    """Per method, for one call at the mid time t = 500 of 1000: median ``wall`` and ``cpu`` seconds,
-    the medians over rounds of their ratios to CFG within a round, and ``memory`` bytes."""
-    model = Denoiser(net, VPSchedule(1000), Prediction("eps")).to(device).eval()
+def measure(model: Denoiser, batch: int, device: torch.device, repeats: int, warmup: int, precision: str = "fp32",
+            **guidance) -> dict[str, dict]:
+    """Per method: median ``wall`` and ``cpu`` seconds per chain step, their ratios to the device's CFG layout,
+    and ``memory`` (``common.memory``); plus the derived ``window`` row."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.data_shape, generator=g).to(device)
     y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
-    t = torch.tensor(500.0)
-    guided = {name: GuidedDenoiser(model, make_guidance(**params), y) for name, params in METHODS.items()}
-    calls = {name: torch.no_grad()(partial(call, x, t)) for name, call in guided.items()}
-    result = medians(interleaved_times(calls, repeats, warmup, device), reference="cfg")
+    times = model.schedule.sampling_times(CHAIN_STEPS)
+    mid = CHAIN_STEPS // 2
+
+    def run(params: dict, steps: int):
+        chain = GuidedDenoiser(model, make_guidance(**params, **guidance), y)  # a fresh chain: reuse recomputes
+        with torch.no_grad(), autocast(device, precision):
+            for t in times[mid:mid + steps]:
+                chain(x, t)
+
+    calls = {name: (lambda p=params, k=steps: run(p, k)) for name, (params, steps) in METHODS.items()}
+    timed = interleaved_times(calls, repeats, warmup, device)
+    for name, (_, steps) in METHODS.items():
+        timed[name] = {clock: [v / steps for v in seconds] for clock, seconds in timed[name].items()}
+    reference = cfg_reference(device)
+    result = medians(timed, reference)
     for name, call in calls.items():
-        result[name]["memory"] = peak_memory(call, model, device)
+        result[name].update(memory(call, model, device))
+    share, paper, cfg = window_share(), result["reg paper"], result[reference]
+    result[f"window {list(DEFAULT_WINDOW)} (derived)"] = {
+        key: share * paper[key] + (1 - share) * cfg[key] for key in ("wall", "cpu", "wall_ratio", "cpu_ratio")
+    } | {"peak": paper["peak"], **({"saved": paper["saved"]} if "saved" in paper else {})}
     return result
 
 
 def table(rows: list[tuple[str, int, dict]], device: torch.device) -> str:
-    memory = ("peak alloc. above resting, MiB" if device.type == "cuda"
-              else "autograd saved tensors, MiB")
-    lines = [f"| backbone | batch | method | wall ms | wall / CFG | CPU ms | CPU / CFG | {memory} |",
-             "|---|---|---|---|---|---|---|---|"]
+    cpu = device.type == "cpu"
+    head = ("| backbone | batch | method | wall ms | wall / CFG | CPU ms | CPU / CFG | "
+            + ("peak RSS above resting, MiB | autograd saved, MiB |" if cpu else "peak alloc. above resting, MiB |"))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for backbone, batch, result in rows:
         for name, r in result.items():
-            lines.append(f"| {backbone} | {batch} | {name} | {1e3 * r['wall']:.1f} | {r['wall_ratio']:.2f} | "
-                         f"{1e3 * r['cpu']:.1f} | {r['cpu_ratio']:.2f} | {r['memory'] / 2 ** 20:.1f} |")
+            line = (f"| {backbone} | {batch} | {name} | {1e3 * r['wall']:.1f} | {r['wall_ratio']:.2f} | "
+                    f"{1e3 * r['cpu']:.1f} | {r['cpu_ratio']:.2f} | {r['peak'] / 2 ** 20:.1f} |")
+            lines.append(line + (f" {r['saved'] / 2 ** 20:.1f} |" if cpu else ""))
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--batch", type=int, default=4096, help="toy MLP batch")
-    parser.add_argument("--image-batch", type=int, default=16, help="DiT batch")
-    parser.add_argument("--patch", type=int, default=4, help="DiT patch size (2: 256 tokens, 4: 64)")
-    parser.add_argument("--unet-batch", type=int, default=128, help="UNet batch (the digits config's sampling batch)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--mlp-batches", type=int, nargs="*", default=[2000, 8192], help="toy MLP batches")
+    parser.add_argument("--unet-batches", type=int, nargs="*", default=[125, 250, 500],
+                        help="digits UNet batches (configs/mnist.yaml samples in batches of 500)")
+    parser.add_argument("--dit-batches", type=int, nargs="*", default=[],
+                        help="DiT-XL/2 batches (random weights; about 3 s per image forward on one CPU thread)")
+    parser.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast, as sample.py)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = [(name, batch, measure(net, batch, device, args.repeats, args.warmup))
-            for name, net, batch in backbones(args.batch, args.image_batch, args.patch, args.unet_batch)]
+    backbones = [("toy MLP, 2D", lambda: ToyMLP(num_classes=2, dim=2), args.mlp_batches, {}),
+                 ("digits UNet 16x16, b32 (1,2)", unet, args.unet_batches, {}),
+                 ("DiT-XL/2, 32x32x4", public_dit, args.dit_batches, {"guidance_channels": [0, 1, 2]})]
+    rows = []
+    for name, build, batches, guidance in backbones:
+        if batches:
+            model = denoiser(build(), device)
+            for batch in batches:
+                rows.append((name, batch, measure(model, batch, device, args.repeats, args.warmup, args.precision,
+                                                  **guidance)))
+                print(f"measured {name} at batch {batch}", flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"guided denoiser, one call at t = 500/1000, median of {args.repeats} ({where}, torch {torch.__version__})")
+    print(f"one guided step of a {CHAIN_STEPS}-step DDIM chain at its mid time, {args.precision}, median of "
+          f"{args.repeats} ({where}, torch {torch.__version__}); window share {window_share():.2f}")
     print(table(rows, device))
 
 

@@ -26,7 +26,7 @@ def run_dir(tmp_path, one_thread):
 
 def evaluate(run_dir, *extra):
     main(["--samples", str(run_dir / "samples.npz"), "--reference", str(run_dir / "reference.npz"),
-          "--feature_network", str(run_dir / "clf.ckpt"), *extra])
+          "--feature_network", str(run_dir / "clf.ckpt"), "--reference_cache", str(run_dir / "cache"), *extra])
 
 
 def test_writes_a_json_row_and_appends_csv_rows(run_dir):
@@ -43,6 +43,7 @@ def test_writes_a_json_row_and_appends_csv_rows(run_dir):
     assert len(rows) == 2 and rows[0] == rows[1] and rows[0]["setting"] == "cfg_w1_paper"
     assert float(rows[0]["fid"]) == pytest.approx(row["fid"], rel=1e-5)
     assert float(rows[0]["accuracy"]) == pytest.approx(row["accuracy"])
+    assert len(list((run_dir / "cache").glob("*.pt"))) == 1  # one reference, one network: one cached pass
 
 
 @pytest.mark.parametrize("problem, args, message", [

@@ -249,17 +249,21 @@ def test_x0_net_ignoring_x_has_zero_rectification(xy, reg):
     torch.testing.assert_close(out, BIAS[y], **TOL)
 
 
-@pytest.mark.parametrize("reg, inside_calls, backwards", [
-    ("none", [(10, False)], 0),
-    ("paper", [(5, False), (5, True)], 1),
-    ("vjp", [(5, False), (5, True)], 1),
+@pytest.mark.parametrize("reg, layout, inside_calls, backwards", [
+    ("none", "batched", [(10, False)], 0),
+    ("none", "split", [(5, False), (5, False)], 0),
+    ("none", "auto", [(5, False), (5, False)], 0),  # the CPU's layout
+    ("paper", "batched", [(5, False), (5, True)], 1),
+    ("vjp", "batched", [(5, False), (5, True)], 1),
 ])
-def test_interval_cost(xy, reg, inside_calls, backwards):
-    """Outside the interval: one forward of B; inside: 2B batched (CFG) or B + B and one backward (REG)."""
+def test_interval_cost(xy, reg, layout, inside_calls, backwards):
+    """Outside the interval: one forward of B; inside: 2B batched or B + B split (CFG), B + B and one backward
+    (REG)."""
     x, y = xy
     net = Counting(LinearEps(A, BIAS))
     model = Denoiser(net, VPSchedule(1000), Prediction("eps"))
-    guided = GuidedDenoiser(model, make_guidance("interval", scale=1.0, t_lo=205, t_hi=502, reg=reg), y)
+    guided = GuidedDenoiser(model, make_guidance("interval", scale=1.0, t_lo=205, t_hi=502, reg=reg,
+                                                 branch_layout=layout), y)
     with torch.no_grad():
         guided(x, torch.tensor(700.0))
         guided(x, torch.tensor(100.0))

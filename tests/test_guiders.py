@@ -180,7 +180,7 @@ def test_zero_init_counts_steps_of_each_chain(xy):
     x, y = xy
     net = Counting(LinearEps(A, BIAS))
     model = Denoiser(net, EDMSchedule(), Prediction("edm"))
-    denoiser = GuidedDenoiser(model, make_guidance("cfg_zero_star", scale=1.0, zero_init_steps=2), y)
+    denoiser = GuidedDenoiser(model, make_guidance("cfg_zero_star", scale=1.0, zero_init_steps=2, branch_layout="batched"), y)
     for sigma in (80.0, 40.0, 40.0):  # step 0, step 1 (Heun corrector), step 1 again
         torch.testing.assert_close(denoiser(x, torch.tensor(sigma)), x / (1 + sigma), **TOL)
     assert net.calls == []

@@ -293,3 +293,103 @@ def test_image_grid_layout():
     assert grid.shape == (3 * 4, 3 * 5, 3) and grid.dtype == np.uint8
     assert grid[0, 0, 0] == 1 and grid[0, 5, 0] == 2 and grid[4, 0, 0] == 4 and grid[8, 0, 0] == 7
     assert (grid[8:, 5:] == 0).all()  # two blank tiles pad the last row
+
+
+# ---------------------------------------------------------------- one feature pass per evaluation
+
+
+class CountingNetwork(nn.Module):
+    """Wraps a feature network; counts the images each forward sees (both readouts of a ``FeatureNetwork``)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network, self.images = network, []
+        for attr in ("num_classes", "image_shape", "num_features"):
+            if hasattr(network, attr):
+                setattr(self, attr, getattr(network, attr))
+
+    def forward(self, images):
+        self.images.append(len(images))
+        return self.network(images)
+
+
+def _per_metric(names, network, real, fake, labels=None, subset_size=None):
+    """The metrics as computed before the single pass: one torchmetrics object per metric, each with its
+    own copy of the feature readout, each running the network over the images itself."""
+    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    classifier = isinstance(network, FeatureNetwork)
+    features = network.features if classifier else network
+    logits = network.logits if classifier else network
+    real, fake = real.permute(0, 3, 1, 2), fake.permute(0, 3, 1, 2)
+    out = {}
+    for name in names:
+        if name == "accuracy":
+            out[name] = MulticlassAccuracy(network.num_classes, average="micro")(logits(fake), labels).item()
+            continue
+        metric = {"fid": lambda: FrechetInceptionDistance(features, input_img_size=tuple(real.shape[1:])),
+                  "kid": lambda: KernelInceptionDistance(features, subset_size=subset_size),
+                  "is": lambda: InceptionScore(logits)}[name]()
+        for batch in real.split(100) if name != "is" else []:
+            metric.update(batch, real=True)
+        for batch in fake.split(100):
+            metric.update(batch, **({"real": False} if name != "is" else {}))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            value = metric.compute()
+        if isinstance(value, tuple):
+            out[name], out[f"{name}_std"] = value[0].item(), value[1].item()
+        else:
+            out[name] = value.item()
+    return out
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_one_pass_gives_the_per_metric_numbers_and_runs_the_network_once(classifier, one_thread):
+    if classifier:
+        images, labels = _sklearn_digits(450)
+        network, names, shape = _digit_network(), ["fid", "kid", "is", "accuracy"], (1, 8, 8)
+    else:
+        images, labels = _random_images(450, 21), None
+        network, names, shape = PooledProjection(), ["fid", "kid", "is"], (3, 16, 16)
+    real, fake = images[:250], images[250:]
+    expected = _per_metric(names, network, real, fake, None if labels is None else labels[250:], subset_size=200)
+    counting = CountingNetwork(network) if not classifier else network
+    if classifier:  # count the classifier's forwards: both readouts share it
+        inner = network.features.classifier
+        calls = []
+        inner.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    evaluate = ImageMetrics(names, shape, counting)
+    evaluate.set_real(real)
+    result = evaluate(fake, None if labels is None else labels[250:])
+    assert result.keys() == expected.keys()
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    seen = calls if classifier else counting.images
+    assert seen == [100, 100, 50, 100, 100]  # the reference once, the samples once, in batches of 100
+
+
+def test_reference_features_are_cached_on_disk_by_content(tmp_path, one_thread):
+    real, fake = _random_images(300, 22), _random_images(200, 23)
+    network = CountingNetwork(PooledProjection())
+    first = ImageMetrics(["fid", "kid"], (3, 16, 16), network, reference_cache=tmp_path)
+    first.set_real(real)
+    assert len(network.images) == 3 and len(list(tmp_path.glob("*.pt"))) == 1
+    expected = first(fake)
+    network.images.clear()
+    second = ImageMetrics(["fid", "kid"], (3, 16, 16), network, reference_cache=tmp_path)
+    second.set_real(real)
+    assert network.images == []  # read from the cache
+    assert second(fake) == expected
+    changed = real.clone()
+    changed[0, 0, 0, 0] ^= 1  # other images: another key, computed afresh
+    network.images.clear()
+    second.set_real(changed)
+    assert len(network.images) == 3 and len(list(tmp_path.glob("*.pt"))) == 2
+    other_network = PooledProjection()
+    other_network.weight.mul_(2)
+    ImageMetrics(["fid"], (3, 16, 16), other_network, reference_cache=tmp_path).set_real(real)
+    assert len(list(tmp_path.glob("*.pt"))) == 3  # another network: another key

@@ -125,11 +125,11 @@ def test_reg_calls_the_unet_once_with_a_graph_and_never_the_vae_or_text_encoder(
         for name in calls]
     try:
         with torch.no_grad():  # as the samplers run it
-            GuidedDenoiser(denoiser, make_guidance("cfg", scale=2.0, reg=reg), cond)(torch.randn(2, *LATENT), 401.0)
+            GuidedDenoiser(denoiser, make_guidance("cfg", scale=2.0, reg=reg, branch_layout="batched"), cond)(torch.randn(2, *LATENT), 401.0)
     finally:
         for hook in hooks:
             hook.remove()
-    # CFG: one batched no-grad call of 2B; REG: the unconditional call without a graph, the conditional with one
+    # CFG (batched layout): one no-grad call of 2B; REG: the unconditional call without a graph, the conditional with one
     assert calls["unet"] == ([(False, 4)] if reg == "none" else [(False, 2), (True, 2)])
     assert calls["vae"] == [] and calls["text_encoder"] == []
 

@@ -19,9 +19,10 @@ from torch import Tensor
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import eps_from_x0, x0_from_eps
 from lightning_reg.errors import ConfigError
-from lightning_reg.guidance.reg import REG_MODES, rectified_guidance
+from lightning_reg.guidance.reg import DEFAULT_EVERY, DEFAULT_WINDOW, Rectifier
 
 CONVENTIONS = ("w", "w2")
+BRANCH_LAYOUTS = ("auto", "batched", "split")
 # the output space of guidance rescale: what eps-networks and flow networks output
 OUTPUT_SPACES = {"vp": "eps", "edm": "eps", "flow": "velocity"}
 
@@ -99,13 +100,21 @@ class Guidance:
     Args:
         scale: guidance strength, read in ``convention`` (``w``: ``eps_c + w d``; ``w2``: ``eps_u + w2 d``).
         convention: ``w`` or ``w2``.
-        reg: ``none``, ``paper`` (REG, the default form when on) or ``vjp`` (exact first order).
+        reg: ``none``, ``paper`` (REG, the default form when on), ``vjp`` (exact first order), or a cheaper
+            form of ``paper``: ``reuse``, ``window``, ``graph_free`` (``reg.py``, docs/guidance.md).
+        reg_every: ``reuse``'s k: the factor is computed every k guided calls and reused in between.
+        reg_window: ``window``'s ``[start, stop]`` of sampling progress where REG is on.
+        branch_layout: how the conditional and reference branches run: ``batched`` (one forward of 2B),
+            ``split`` (two of B) or ``auto`` (``split`` on the CPU, ``batched`` elsewhere; see ``layout``).
         guidance_channels: guide only these channels (dim 1), the others keep the conditional
             prediction; DiT's checkpoints used ``[0, 1, 2]``. ``None``: all channels.
         start, stop: guide only while sampling progress ``p`` (0 at the noisy start, 1 at the clean end)
             lies in ``[start, stop]`` (diffusers' guiders' ``start``/``stop``); the conditional prediction outside.
         guidance_rescale: ``phi`` of Lin et al. (2023, §3.4): the guided output's per-sample std is matched
             to the conditional one's, blended by ``phi`` (0: off).
+        reference: a separate reference ``Denoiser`` given the *same* labels (autoguidance, Karras et al.
+            2024: a smaller or earlier model); ``None``: the null label through the model (CFG).
+            ``reference_checkpoint`` names its file (``sample.py`` loads it into ``reference``).
     """
 
     name = "guidance"
@@ -113,11 +122,15 @@ class Guidance:
 
     def __init__(self, scale: float = 1.0, convention: str = "w", reg: str = "none",
                  guidance_channels: Sequence[int] | None = None, start: float = 0.0, stop: float = 1.0,
-                 guidance_rescale: float = 0.0):
+                 guidance_rescale: float = 0.0, reg_every: int = DEFAULT_EVERY,
+                 reg_window: Sequence[float] = DEFAULT_WINDOW, branch_layout: str = "auto",
+                 reference: Denoiser | None = None, reference_checkpoint: str | None = None):
         if convention not in CONVENTIONS:
             raise ConfigError(f"unknown weight convention {convention!r}; choose 'w' or 'w2'")
-        if reg not in REG_MODES:
-            raise ConfigError(f"unknown REG mode {reg!r}; choose one of {list(REG_MODES)}")
+        self.rectifier = Rectifier(reg, reg_every, reg_window)
+        if branch_layout not in BRANCH_LAYOUTS:
+            raise ConfigError(f"unknown branch_layout {branch_layout!r}; choose one of {list(BRANCH_LAYOUTS)}")
+        self.branch_layout = branch_layout
         scale = check_finite(f"{self.name} scale", scale)
         self.w = self.to_w(scale, convention, "scale")
         self.convention, self.reg = convention, reg
@@ -131,6 +144,7 @@ class Guidance:
         self.start = check_finite(f"{self.name} start", start, 0.0, 1.0)
         self.stop = check_finite(f"{self.name} stop", stop, self.start, 1.0)
         self.guidance_rescale = check_finite(f"{self.name} guidance_rescale", guidance_rescale, 0.0, 1.0)
+        self.reference, self.reference_checkpoint = reference, reference_checkpoint
 
     @staticmethod
     def to_w(value: float, convention: str, field: str) -> float:
@@ -163,6 +177,18 @@ class Guidance:
         if self.guidance_rescale and math.prod(model.data_shape) < 2:
             raise ConfigError(f"guidance_rescale needs samples of at least 2 values (a std), the model's "
                               f"data_shape is {model.data_shape}")
+        ref = self.reference
+        if ref is None:
+            if self.reference_checkpoint:
+                raise ConfigError(f"reference_checkpoint={self.reference_checkpoint!r} is set but was not loaded; "
+                                  "pass reference=Denoiser(...) or sample through sample.py")
+            return
+        if ref.num_classes != model.num_classes or ref.data_shape != model.data_shape:
+            raise ConfigError(
+                f"{self.name} reference has num_classes={ref.num_classes}, data_shape={ref.data_shape}; "
+                f"the model has num_classes={model.num_classes}, data_shape={model.data_shape}")
+        if ref.schedule != model.schedule:
+            raise ConfigError(f"{self.name} reference was trained with another noise schedule")
 
     def _masked(self, g: Tensor) -> Tensor:
         """``g`` on ``guidance_channels`` (dim 1), zero elsewhere; all of ``g`` when unset."""
@@ -187,13 +213,35 @@ class Guidance:
         return self._masked(self._rescaled(x0_c, self.guidance_term(x0_c, x0_ref, w, step), step))
 
     def reference_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """The reference prediction: the model's null condition through the same model (CFG)."""
+        """The reference prediction: ``reference`` given the same labels, else the model's null condition through
+        the model (CFG)."""
+        if self.reference is not None:
+            return self.reference(x, t, y)
         return model(x, t, model.null_condition(y))
 
-    def conditional_and_reference(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor):
-        """Both predictions in one batched forward of 2B, as DiT does."""
-        x0 = model(torch.cat([x, x]), t, torch.cat([y, model.null_condition(y)]))
-        return x0.chunk(2)
+    def conditional_and_reference(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor,
+                                  x_cond: Tensor | None = None):
+        """The conditional prediction at ``x_cond`` (default ``x``; k stacked batches: kB rows) and the reference
+        at ``x``: ``reference`` given the same labels, or else the model's null condition through the model, its
+        (k + 1)B rows in one forward (``batched``, as DiT does for CFG) or one forward of B each (``split``), by
+        ``branch_layout``."""
+        x_cond = x if x_cond is None else x_cond
+        y_cond = torch.cat([y] * (len(x_cond) // len(x)))  # labels or (B, L, D) prompt embeddings alike
+        if self.reference is not None:
+            return model(x_cond, t, y_cond), self.reference(x, t, y)
+        rows, labels = torch.cat([x_cond, x]), torch.cat([y_cond, model.null_condition(y)])
+        if self.layout(x) == "batched":
+            x0 = model(rows, t, labels)
+        else:
+            x0 = torch.cat([model(r, t, l) for r, l in zip(rows.split(len(x)), labels.split(len(x)))])
+        return x0[:len(x_cond)], x0[len(x_cond):]
+
+    def layout(self, x: Tensor) -> str:
+        """``branch_layout``; ``auto``: ``split`` on the CPU (faster there at every batch measured,
+        benchmarks/README.md), ``batched`` elsewhere."""
+        if self.branch_layout != "auto":
+            return self.branch_layout
+        return "split" if x.device.type == "cpu" else "batched"
 
     def guided_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor, state: ChainState) -> Tensor:
         """``x0_c + g``, with ``g`` rectified by REG when it is on; ``x0_c`` where ``w(t) = 0`` or ``p`` is
@@ -206,14 +254,10 @@ class Guidance:
         if w == 0:
             return model(x, t, y)
         step = GuidanceStep(model, x, t, state)
-        if self.reg == "none":
-            x0_c, x0_ref = self.conditional_and_reference(model, x, t, y)
-            return x0_c + self._term(x0_c, x0_ref, w, step)
-        with torch.no_grad():
-            x0_ref = self.reference_x0(model, x, t, y)
-        x0_c, rectified = rectified_guidance(model, x, t, y, step.a,
-                                             lambda x0_c: self._term(x0_c, x0_ref, w, step), self.reg)
-        return x0_c + self._masked(rectified)
+        if self.rectifier.active(model.schedule.progress(t)):
+            return self.rectifier.guided_x0(self, model, x, t, y, w, step)
+        x0_c, x0_ref = self.conditional_and_reference(model, x, t, y)
+        return x0_c + self._term(x0_c, x0_ref, w, step)
 
     def __repr__(self):
         fields = {k: v for k, v in vars(self).items() if k != "reference"}

@@ -1,4 +1,4 @@
-"""Guidance methods (docs/theory.md §3), one small class each; every one takes ``reg: none|paper|vjp``."""
+"""Guidance methods (docs/theory.md §3), one small class each; every one takes every REG mode (``reg.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.base import Guidance, GuidanceStep, check_finite, sample_dims
 
@@ -85,40 +84,18 @@ class CosineCFG(Guidance):
 
 
 class Autoguidance(Guidance):
-    """Autoguidance (Karras et al. 2024): the reference is a weaker model given the *same* labels.
-
-    ``reference`` is a ``Denoiser`` (a smaller or earlier model); ``sample.py`` loads it from
-    ``reference_checkpoint``.
-    """
+    """Autoguidance (Karras et al. 2024): CFG's rule with a weaker model given the *same* labels as the
+    reference (``reference``, a smaller or earlier ``Denoiser``; ``sample.py`` loads it from
+    ``reference_checkpoint``). Every other method takes a ``reference`` the same way."""
 
     name = "autoguidance"
     needs_reference_model = True
 
-    def __init__(self, scale: float = 1.0, reference: Denoiser | None = None,
-                 reference_checkpoint: str | None = None, **kwargs):
-        super().__init__(scale, **kwargs)
-        self.reference, self.reference_checkpoint = reference, reference_checkpoint
-
     def bind(self, model):
+        if self.reference is None and not self.reference_checkpoint:
+            raise ConfigError("autoguidance needs a reference model: set reference_checkpoint (a weaker or "
+                              "earlier checkpoint of the same task)")
         super().bind(model)
-        ref = self.reference
-        if ref is None:
-            hint = (f"reference_checkpoint={self.reference_checkpoint!r} is set but was not loaded; pass "
-                    "reference=Denoiser(...) or sample through sample.py" if self.reference_checkpoint else
-                    "set reference_checkpoint (a weaker or earlier checkpoint of the same task)")
-            raise ConfigError(f"autoguidance needs a reference model: {hint}")
-        if ref.num_classes != model.num_classes or ref.data_shape != model.data_shape:
-            raise ConfigError(
-                f"autoguidance reference has num_classes={ref.num_classes}, data_shape={ref.data_shape}; "
-                f"the model has num_classes={model.num_classes}, data_shape={model.data_shape}")
-        if ref.schedule != model.schedule:
-            raise ConfigError("autoguidance reference was trained with another noise schedule")
-
-    def reference_x0(self, model, x, t, y):
-        return self.reference(x, t, y)
-
-    def conditional_and_reference(self, model, x, t, y):
-        return model(x, t, y), self.reference(x, t, y)
 
 
 class APG(Guidance):

@@ -70,7 +70,12 @@ class _Readout(nn.Module):
         self.classifier, self.output = classifier, output
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.classifier(images.float() / 127.5 - 1.0)[self.output]  # [0, 255] -> [-1, 1] as in training
+        return self.classifier(from_uint8(images))[self.output]
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    """uint8 images in [0, 255] -> [-1, 1], as the classifier was trained."""
+    return images.float() / 127.5 - 1.0
 
 
 class FeatureNetwork(nn.Module):
@@ -82,8 +87,12 @@ class FeatureNetwork(nn.Module):
         classifier = classifier.eval().requires_grad_(False)
         self.features, self.logits = _Readout(classifier, 0), _Readout(classifier, 1)
         self.image_shape = classifier.data_shape
-        self.num_classes = classifier.num_classes
+        self.num_classes, self.num_features = classifier.num_classes, classifier.num_features
         self.eval()
+
+    def readouts(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(features, logits)`` of uint8 NCHW ``images`` in one forward."""
+        return self.features.classifier(from_uint8(images))
 
     def train(self, mode: bool = True) -> "FeatureNetwork":
         return super().train(False)  # never leaves eval mode (dropout off)

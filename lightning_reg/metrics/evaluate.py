@@ -36,10 +36,11 @@ INCEPTION = "inception"
 
 def build_image_evaluator(metrics=("fid", "is"), image_shape: tuple[int, int, int] = (3, 32, 32),
                           feature_network=None, inception_weights: str | None = None,
-                          num_classes: int | None = None, device="cpu") -> ImageMetrics:
+                          num_classes: int | None = None, device="cpu", reference_cache=None) -> ImageMetrics:
     """``ImageMetrics`` over ``metrics`` (from ``IMAGE_METRICS``: fid, is, kid, accuracy) for images of
     ``image_shape`` (C, H, W). A classifier ``feature_network`` must match ``image_shape`` and, when given,
-    ``num_classes`` (the model's classes); ``accuracy`` needs a classifier. Bad input: one ConfigError line."""
+    ``num_classes`` (the model's classes); ``accuracy`` needs a classifier. ``reference_cache``: a folder for the
+    reference's features (``ImageMetrics.real_features``). Bad input: one ConfigError line."""
     from lightning_reg.metrics.classifier import FeatureNetwork, load_feature_network
 
     network = feature_network
@@ -50,7 +51,7 @@ def build_image_evaluator(metrics=("fid", "is"), image_shape: tuple[int, int, in
     elif network is not None and not isinstance(network, nn.Module):
         raise ConfigError(f"feature_network must be 'inception', a classifier checkpoint path or a module, "
                           f"got {type(network).__name__}")
-    return ImageMetrics(metrics, image_shape, network, device, inception_weights)
+    return ImageMetrics(metrics, image_shape, network, device, inception_weights, reference_cache)
 
 
 class CLIPScoreEvaluator:
@@ -235,6 +236,9 @@ def build_parser():
     p.add_argument("--prompts", type=str | None, default=None,
                    help="with --clip: sample.py's --prompts file (sample i's caption: line labels[i], or line i "
                         "without labels); default: prompts.txt beside --samples (one caption per sample)")
+    p.add_argument("--reference_cache", type=str | None, default="data/feature_cache",
+                   help="folder of cached reference features, keyed by the sha256 of the network and the "
+                        "reference images (null: no cache)")
     p.add_argument("--seed", type=int, default=0, help="of the reference subset")
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--output", type=str | None, default=None,
@@ -273,7 +277,7 @@ def run(cfg) -> dict:
                                         cfg.device)
     else:
         evaluator = build_image_evaluator(metrics, image_shape, cfg.feature_network, cfg.inception_weights,
-                                          meta.get("num_classes"), cfg.device)
+                                          meta.get("num_classes"), cfg.device, cfg.reference_cache)
     reference = None
     if not cfg.adm and {"fid", "kid"} & set(evaluator.names):
         if cfg.reference is None:

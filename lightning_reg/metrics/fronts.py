@@ -24,7 +24,7 @@ import numpy as np
 from lightning_reg.io.files import atomic_write
 
 GOALS = ("min", "max")
-REG_STYLES = {"none": "-", "paper": "--", "vjp": ":"}
+REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--"}
 LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params")
 COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 METRIC_GOALS = {"energy_distance": "min", "sliced_wasserstein": "min", "log_likelihood": "max", "on_shape": "max",

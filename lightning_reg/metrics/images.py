@@ -6,6 +6,8 @@ run time here). A ``FeatureNetwork`` (the project's digits classifier, ``metrics
 for it offline: its penultimate features for FID and KID, its logits for IS and for ``accuracy`` (the
 share of samples it assigns to the label they were sampled for). Any other ``nn.Module`` mapping uint8
 NCHW images to (N, D) features can stand in too (IS reads its outputs as logits; no accuracy).
+Every metric reads one pass of the network over each image set (``ImageMetrics.features``); the
+reference's features can be cached on disk (``reference_cache``, docs/image_metrics.md).
 
 Returned keys: ``fid``; ``is`` and ``is_std`` (over 10 splits); ``kid`` and ``kid_std`` (over subsets);
 ``accuracy``.
@@ -13,8 +15,11 @@ Returned keys: ``fid``; ``is`` and ``is_std`` (over 10 splits); ``kid`` and ``ki
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import torch
 from einops import rearrange
@@ -46,94 +51,138 @@ def _images(images, name: str) -> Tensor:
     return rearrange(images, "n h w c -> n c h w")
 
 
-def _inception(inception_weights: str, output: str) -> nn.Module:
-    """torch-fidelity's Inception-v3 from the file ``inception_weights``: pool features (``"2048"``) or IS logits."""
-    from torchmetrics.image.fid import NoTrainInceptionV3
+class Inception(nn.Module):
+    """torch-fidelity's Inception-v3 (``pt_inception-2015-12-05``, from ``inception_weights`` or the torch hub
+    cache): uint8 NCHW images -> ``(pool features (N, 2048), IS logits (N, 1008))`` in one forward."""
 
-    check_torch_weights(inception_weights, "inception_weights", INCEPTION_WHAT,
-                        f"it must be torch-fidelity's {INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
-    return NoTrainInceptionV3("inception-v3-compat", [output], feature_extractor_weights_path=inception_weights)
+    def __init__(self, inception_weights: str | None = None):
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        super().__init__()
+        # torch-fidelity loads the file (or the torch hub cache's copy) itself, without weights_only: vet it first
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+        if inception_weights is not None:
+            check_torch_weights(inception_weights, "inception_weights", INCEPTION_WHAT,
+                                f"it must be torch-fidelity's {INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
+        elif os.path.isfile(cached):
+            check_torch_weights(cached, "the torch hub cache's Inception weights", INCEPTION_WHAT)
+        try:
+            self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=inception_weights)
+        except OSError as err:  # urllib's URLError included: the weights are not cached and cannot be fetched
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+            raise ConfigError(f"the FID Inception weights (torch-fidelity's pt_inception-2015-12-05) must be in the "
+                              f"torch hub cache: copy them to {path} (or pass inception_weights=<file>, or a "
+                              f"classifier feature network); fetching them failed: {err}") from err
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features, logits = self.net._torch_fidelity_forward(images)
+        return features.reshape(len(images), -1), logits
 
 
-def _build(name: str, feature_extractor: nn.Module | None, image_shape: tuple[int, ...],
-           inception_weights: str | None = None) -> Metric:
-    """The torchmetrics metric ``name`` on ``feature_extractor`` if given, else on Inception-v3.
+class Precomputed(nn.Module):
+    """The identity on features already extracted: the torchmetrics metrics' ``feature=`` (``num_features`` wide)."""
 
-    A ``FeatureNetwork`` gives its features to FID and KID and its logits to IS and accuracy. Real features
-    survive ``reset()`` (they are computed once), and ``compute()`` never synchronises across processes:
-    one process evaluates what it is given.
-    """
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def readouts(network: nn.Module) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """uint8 NCHW images -> ``(features, logits)`` in one forward of ``network``: a ``FeatureNetwork`` gives its
+    penultimate features and logits, ``Inception`` its pool features and IS logits, any other module one
+    output used as both."""
+    if isinstance(network, (FeatureNetwork, Inception)):
+        return network.readouts if isinstance(network, FeatureNetwork) else network
+    return lambda images: (network(images),) * 2
+
+
+def _build(name: str, num_features: int, num_classes: int | None) -> Metric:
+    """The torchmetrics metric ``name`` over precomputed features (FID, KID), logits (IS) or logits and labels
+    (accuracy). Real features survive ``reset()`` (they are computed once), and ``compute()`` never
+    synchronises across processes: one process evaluates what it is given."""
     common = {"sync_on_compute": False}
     if name == "accuracy":
-        if not isinstance(feature_extractor, FeatureNetwork):
-            raise ConfigError("metric accuracy needs a classifier as the feature network (a checkpoint of "
-                              "`python train_classifier.py fit`), not Inception or a plain module")
-        return MulticlassAccuracy(feature_extractor.num_classes, average="micro", **common)
-    if isinstance(feature_extractor, FeatureNetwork):
-        feature_extractor = feature_extractor.logits if name == "is" else feature_extractor.features
-    elif feature_extractor is None and inception_weights is not None:
-        feature_extractor = _inception(inception_weights, "logits_unbiased" if name == "is" else "2048")
-        image_shape = (3, 299, 299)  # Inception resizes its input to 299 x 299
-    custom = {} if feature_extractor is None else {"feature": feature_extractor}
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
-    if not custom and os.path.isfile(cached):  # torch.hub loads the cached file without weights_only
-        check_torch_weights(cached, "the torch hub cache's Inception weights", INCEPTION_WHAT)
-    try:
-        with warnings.catch_warnings():  # IS and KID warn that they buffer all features: intended here
-            warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
-            if name == "fid":
-                return FrechetInceptionDistance(**custom, **({"input_img_size": image_shape} if custom else {}),
-                                                reset_real_features=False, **common)
-            if name == "is":
-                return InceptionScore(**custom, **common)
-            return KernelInceptionDistance(**custom, subset_size=KID_SUBSET_SIZE, reset_real_features=False, **common)
-    except OSError as err:  # urllib's URLError included: the weights are not cached and cannot be fetched
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
-        raise ConfigError(f"the FID Inception weights (torch-fidelity's pt_inception-2015-12-05) must be in the "
-                          f"torch hub cache: copy them to {path} (or pass inception_weights=<file>, or a "
-                          f"classifier feature network); fetching them failed: {err}") from err
+        return MulticlassAccuracy(num_classes, average="micro", **common)
+    with warnings.catch_warnings():  # IS and KID warn that they buffer all features: intended here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        if name == "fid":
+            return FrechetInceptionDistance(Precomputed(num_features), reset_real_features=False, **common)
+        if name == "is":
+            return InceptionScore(Precomputed(num_features), **common)
+        return KernelInceptionDistance(Precomputed(num_features), subset_size=KID_SUBSET_SIZE,
+                                       reset_real_features=False, **common)
+
+
+def network_fingerprint(network: nn.Module) -> str:
+    """sha256 of a network's class and its parameters and buffers (names, shapes, bytes): the reference cache key."""
+    digest = hashlib.sha256(type(network).__qualname__.encode())
+    for key, value in network.state_dict().items():
+        digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class ImageMetrics:
     """FID / IS / KID / accuracy of generated images against one fixed set of real images (IS and accuracy
     use the generated ones only; accuracy also their labels).
 
-    The metrics (and the Inception weights) are built at construction, so a missing file fails before any
-    work; the real images' features are extracted once (``set_real``) and reused by every call.
-    Deterministic: the random IS splits and KID subsets are drawn from a fixed seed. Grayscale images are
-    repeated to 3 channels for Inception.
+    One pass of the feature network per image set: each batch goes through it once, and FID, KID (features),
+    IS and accuracy (logits) all read that pass. The network (and the Inception weights) are loaded at
+    construction, so a missing file fails before any work; the real images' features are extracted once
+    (``set_real``, from ``reference_cache`` when the same images were seen by the same network before) and
+    reused by every call. Deterministic: the random IS splits and KID subsets are drawn from a fixed seed.
+    Grayscale images are repeated to 3 channels for Inception.
     """
 
     def __init__(self, metrics=("fid", "is"), image_shape: tuple[int, int, int] = (3, 32, 32),
-                 feature_extractor: nn.Module | None = None, device="cpu", inception_weights: str | None = None):
+                 feature_extractor: nn.Module | None = None, device="cpu", inception_weights: str | None = None,
+                 reference_cache: str | os.PathLike | None = None):
         self.names = check_names(metrics, IMAGE_METRICS, "metrics")
         self.image_shape = tuple(image_shape)
         if isinstance(feature_extractor, FeatureNetwork):
             feature_extractor.check_compatible(self.image_shape)
-        self.feature_extractor = feature_extractor
-        self.metrics = {name: _build(name, feature_extractor, self.image_shape, inception_weights)
-                        for name in self.names}
-        self.num_real = None
+        elif "accuracy" in self.names:
+            raise ConfigError("metric accuracy needs a classifier as the feature network (a checkpoint of "
+                              "`python train_classifier.py fit`), not Inception or a plain module")
+        self.network = Inception(inception_weights) if feature_extractor is None else feature_extractor
+        self.readouts = readouts(self.network)
+        self.reference_cache = None if reference_cache is None else Path(reference_cache)
         self.to(device)
+        num_features = self._num_features()
+        num_classes = getattr(feature_extractor, "num_classes", None)
+        self.metrics = {name: _build(name, num_features, num_classes).to(self.device) for name in self.names}
+        self.num_real = None
+
+    def _num_features(self) -> int:
+        """The width of the features: the network's ``num_features`` (2048 for Inception), else read off one image."""
+        if isinstance(self.network, Inception):
+            return 2048
+        if isinstance(self.network, FeatureNetwork):
+            return self.network.num_features
+        if hasattr(self.network, "num_features"):
+            return int(self.network.num_features)
+        with torch.no_grad():
+            return self.readouts(torch.zeros(1, *self.image_shape, dtype=torch.uint8, device=self.device))[0].shape[-1]
 
     def to(self, device) -> "ImageMetrics":
         self.device = torch.device(device)
-        self.metrics = {name: metric.to(self.device) for name, metric in self.metrics.items()}
-        if self.feature_extractor is not None:  # accuracy reads its logits outside any torchmetrics module
-            self.feature_extractor.to(self.device)
+        self.network.to(self.device)
+        if hasattr(self, "metrics"):
+            self.metrics = {name: metric.to(self.device) for name, metric in self.metrics.items()}
         return self
 
-    def _update(self, name: str, images: Tensor, desc: str, labels: Tensor | None = None, **flag) -> None:
-        metric = self.metrics[name]
-        gray_inception = self.feature_extractor is None and images.shape[1] == 1
-        batches = images.split(_BATCH)
-        label_batches = labels.split(_BATCH) if name == "accuracy" else [None] * len(batches)
-        for batch, batch_labels in zip(tqdm(batches, desc=desc, leave=False), label_batches):
+    def features(self, images: Tensor, desc: str) -> tuple[Tensor, Tensor]:
+        """``(features, logits)`` of uint8 NCHW ``images``: one forward of the network per batch of 100."""
+        gray_inception = isinstance(self.network, Inception) and images.shape[1] == 1
+        parts = []
+        for batch in tqdm(images.split(_BATCH), desc=desc, leave=False):
             batch = batch.to(self.device)
-            if name == "accuracy":
-                metric.update(self.feature_extractor.logits(batch), batch_labels.to(self.device))
-            else:
-                metric.update(batch.expand(-1, 3, -1, -1) if gray_inception else batch, **flag)
+            parts.append(self.readouts(batch.expand(-1, 3, -1, -1) if gray_inception else batch))
+        return tuple(torch.cat(p) for p in zip(*parts))
 
     def _check_shape(self, images: Tensor, name: str) -> None:
         if tuple(images.shape[1:]) != self.image_shape:
@@ -144,24 +193,44 @@ class ImageMetrics:
         if labels is None:
             raise ConfigError("metric accuracy needs the labels the samples were drawn for")
         labels = torch.as_tensor(labels).long()
-        num_classes = self.feature_extractor.num_classes
+        num_classes = self.network.num_classes
         if labels.shape != (n,) or (n and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes):
             raise ConfigError(f"accuracy needs one label in [0, {num_classes}) per sample (the feature network's "
                               f"classes), got shape {tuple(labels.shape)} for {n} samples"
                               + (f" and values {int(labels.min())}..{int(labels.max())}" if labels.numel() else ""))
         return labels
 
+    def real_features(self, real: Tensor) -> Tensor:
+        """The features of the real images, read from / written to ``reference_cache`` under the sha256 of the
+        network and the images (``<hash>.pt``), so one reference costs one pass per network, ever."""
+        if self.reference_cache is None:
+            return self.features(real, "reference")[0]
+        digest = hashlib.sha256(network_fingerprint(self.network).encode())
+        digest.update(f"{tuple(real.shape)}".encode())
+        digest.update(real.contiguous().numpy().tobytes())
+        path = self.reference_cache / f"{digest.hexdigest()}.pt"
+        if path.is_file():
+            return torch.load(path, map_location=self.device, weights_only=True)
+        features = self.features(real, "reference")[0]
+        self.reference_cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(features.cpu(), tmp)
+        os.replace(tmp, path)
+        return features
+
     @torch.no_grad()
     def set_real(self, real_uint8_nhwc) -> None:
         """Extract the reference features of the real images (FID and KID)."""
         real = _images(real_uint8_nhwc, "real images")
         self._check_shape(real, "real images")
-        for name, metric in self.metrics.items():
-            if name in ("fid", "kid"):
-                metric.reset_real_features = True  # drop an earlier reference
-                metric.reset()
-                metric.reset_real_features = False
-                self._update(name, real, f"{name} real", real=True)
+        distances = [name for name in self.metrics if name in ("fid", "kid")]
+        features = self.real_features(real).to(self.device) if distances else None
+        for name in distances:
+            metric = self.metrics[name]
+            metric.reset_real_features = True  # drop an earlier reference
+            metric.reset()
+            metric.reset_real_features = False
+            metric.update(features, real=True)
         self.num_real = len(real)
 
     @torch.no_grad()
@@ -173,9 +242,11 @@ class ImageMetrics:
         if self.num_real is None and {"fid", "kid"} & set(self.names):
             raise RuntimeError("ImageMetrics: call set_real(real_images) before computing FID or KID")
         labels = self._labels(labels, len(fake)) if "accuracy" in self.names else None
+        features, logits = self.features(fake, "samples")
+        inputs = {"fid": (features,), "kid": (features,), "is": (logits,), "accuracy": (logits, labels)}
         out = {}
         for name, metric in self.metrics.items():
-            self._update(name, fake, name, labels, **({"real": False} if name in ("fid", "kid") else {}))
+            metric.update(*(t.to(self.device) for t in inputs[name]), **({"real": False} if name in ("fid", "kid") else {}))
             if name == "kid":  # a subset cannot be larger than either set
                 metric.subset_size = min(KID_SUBSET_SIZE, len(fake), self.num_real)
             with torch.random.fork_rng(devices=[]):  # IS splits and KID subsets are drawn with the global RNG

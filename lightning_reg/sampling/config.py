@@ -15,7 +15,6 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lightning_reg.data.prompts import read_prompts
 from lightning_reg.errors import ConfigError
-from lightning_reg.guidance.reg import REG_MODES
 from lightning_reg.sources import ModelSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -176,7 +175,7 @@ class SweepConfig(SampleConfig):
         num_samples: samples per setting.
         methods: one entry per method: {method: interval, weights: [0.5, 1, 2], t_lo: 100, t_hi: 600}; keys other
             than method and weights are fixed parameters of make_guidance.
-        reg: REG modes, from none, paper, vjp.
+        reg: REG modes, from none, paper, vjp, reuse, window, graph_free (guidance/reg.py).
         convention: the weights' convention: w (eps_c + w d) or w2 (eps_u + w2 d, w2 = w + 1).
         front: [x, y] metrics of the figure; default energy_distance vs on_shape (2D toy) or log_likelihood
             (1D toy), fid vs accuracy (or is) for images.
@@ -188,7 +187,7 @@ class SweepConfig(SampleConfig):
     guidance: dict = field(default_factory=dict)
     num_samples: int = 2000
     methods: list[dict] = field(default_factory=list)
-    reg: list[str] = field(default_factory=lambda: list(REG_MODES))
+    reg: list[str] = field(default_factory=lambda: ["none", "paper", "vjp"])
     convention: str = "w"
     front: list[str] | None = None
     max_settings: int | None = None

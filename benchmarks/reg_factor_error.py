@@ -1,0 +1,101 @@
+"""How close each cheap REG mode's factor is to the autograd one, and how large REG's correction is, per step.
+
+Along a CFG + REG (paper) DDIM chain of ``--steps`` steps (class-balanced labels, weight ``--w``), at every
+step this computes the paper factor ``f = a_t grad_x(1^T x0_c)`` by autograd and CFG's term ``g`` and reports,
+per step (medians over the batch of per-sample norms over all non-batch dimensions):
+
+* ``correction``: REG's correction relative to the guidance term, ``||(f - 1) ⊙ g|| / ||g||`` (where REG
+  matters; ``window`` keeps the steps where it is large);
+* ``graph_free``: the finite-difference factor's error on the correction, ``||(f_fd - f) ⊙ g|| / ||(f - 1) ⊙ g||``
+  (0: exact; 1: as wrong as no rectification), in float32 and with the network under bf16 autocast;
+* ``reuse eps`` / ``reuse x0``: the same error for the previous step's factor carried to this step in eps-space
+  (``1 - s_t r``) or x0-space (``a_t f / a_t'``): what ``reuse 2`` uses on every other step.
+
+    python benchmarks/reg_factor_error.py --checkpoint checkpoints/runs/mnist/version_0/checkpoints/last.ckpt
+    python benchmarks/reg_factor_error.py --dit DiT-S/8          # random weights (J is not symmetric there)
+                                          [--batch 100] [--steps 20] [--w 1] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from guidance_cost import denoiser, public_dit
+
+from lightning_reg.diffusion.samplers import ddim
+from lightning_reg.guidance import ChainState, GuidanceStep, make_guidance
+from lightning_reg.guidance.reg import finite_difference_factor, paper_factor, reused_factor
+from lightning_reg.sampling.engine import autocast
+from lightning_reg.sources import load_denoiser
+
+COLUMNS = ("correction", "graph_free", "graph_free bf16", "reuse eps", "reuse x0")
+
+
+def norms(v: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(v.flatten(1).double(), dim=1)
+
+
+def errors_along_chain(model, batch: int, steps: int, w: float, seed: int = 0) -> list[dict]:
+    """One row per step of ``COLUMNS`` (medians over the batch), along the REG (paper) chain."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, *model.data_shape, generator=g)
+    y = torch.arange(batch) % model.num_classes
+    guidance, state, rows, previous = make_guidance("cfg", scale=w), ChainState(), [], None
+
+    def rectified(x, t):
+        nonlocal previous
+        state.visit(t)
+        step = GuidanceStep(model, x, t, state)
+        with torch.no_grad():
+            x0_ref = model(x, t, torch.full_like(y, model.null_label))
+        x0_c, f = paper_factor(model, x, t, y, step.a)
+        g_term = guidance._term(x0_c, x0_ref, w, step)
+        correction = norms((f - 1) * g_term)
+        row = {"t": float(t), "progress": model.schedule.progress(t), "correction": correction / norms(g_term)}
+        with torch.no_grad():
+            for name, precision in (("graph_free", "fp32"), ("graph_free bf16", "bf16")):
+                with autocast("cpu", precision):
+                    f_fd = finite_difference_factor(guidance, model, x, t, y, step)[2].float()
+                row[name] = norms((f_fd - f) * g_term) / correction
+            for space in ("eps", "x0"):
+                row[f"reuse {space}"] = (norms((reused_factor(*previous, step.a, step.s, space) - f) * g_term)
+                                         / correction) if previous else torch.full_like(correction, float("nan"))
+        previous = (f, step.a, step.s)
+        rows.append({k: v if isinstance(v, float) else float(v.median()) for k, v in row.items()})
+        return x0_c + f * g_term
+
+    ddim(rectified, noise, model.schedule, steps)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| step | t | progress | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (3 + len(COLUMNS))]
+    for i, r in enumerate(rows):
+        lines.append(f"| {i} | {r['t']:.4g} | {r['progress']:.2f} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |")
+    lines.append("| median | | | " + " | ".join(
+        f"{statistics.median(r[c] for r in rows if r[c] == r[c]):.3f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a trained ConditionalDiffusion checkpoint (EMA weights)")
+    source.add_argument("--dit", help="a DIT_CONFIGS name with random weights, e.g. DiT-S/8")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--w", type=float, default=1.0, help="CFG weight, eps_c + w (eps_c - eps_u)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = (load_denoiser(args.checkpoint, ema=True) if args.checkpoint
+             else denoiser(public_dit(args.dit), torch.device("cpu")))
+    print(f"{args.checkpoint or args.dit + ' (random weights)'}: batch {args.batch}, DDIM {args.steps}, w = {args.w}")
+    print(table(errors_along_chain(model, args.batch, args.steps, args.w)))
+
+
+if __name__ == "__main__":
+    main()
