@@ -152,3 +152,34 @@ def test_bad_input_one_line_and_nothing_written(main, reference, message, vae, t
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_sweep_of_an_edm2_pair_reads_each_file_once_and_equals_sample_py(vae, tmp_path, monkeypatch):
+    """``sweep.py`` over the CFG pair (the guiding file in the shared ``--guidance``), REG none / paper / vjp at
+    EDM2's ``g`` (w2) 1 and 2, image metrics on a classifier: each snapshot is read once for all settings, and a
+    setting's samples are those of the same ``sample.py`` run."""
+    import lightning_reg.models.edm2 as edm2
+    from lightning_reg.metrics.fronts import read_table
+    from lightning_reg.sampling.sweep import main as sweep_main
+    from test_classifier import classifier_checkpoint
+
+    clf = classifier_checkpoint(tmp_path / "clf.ckpt", image_size=64, channels=3, num_classes=10)
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
+    reads = []
+    read = edm2.read_edm2_pickle
+    monkeypatch.setattr(edm2, "read_edm2_pickle", lambda p: (reads.append(Path(p).name), read(p))[1])
+    out = tmp_path / "sweep"
+    sweep_main(["--format", "edm2", "--checkpoint", str(MAIN), "--vae", str(vae),
+                "--guidance", f"{{reference_checkpoint: {UNCOND}}}", "--sampler", "edm_heun", "--steps", "4",
+                "--methods", "[{method: cfg, weights: [1, 2]}]", "--convention", "w2", "--reg", "[none, paper, vjp]",
+                "--num_samples", "3", "--shard_size", "3", "--batch_size", "3", "--labels", "[7, 2, 9]",
+                "--seed", "3", "--evaluation", f"{{metrics: [kid, accuracy], reference: {tmp_path / 'ref.npz'}, "
+                                               f"feature_network: {clf}}}", "--front", "[kid, accuracy]",
+                "--output", str(out)])
+    rows = read_table(out / "sweep.csv")
+    assert [r["setting"] for r in rows] == [f"cfg_w2x{g}_{reg}" for reg in ("none", "paper", "vjp") for g in (1, 2)]
+    assert [float(r["w"]) for r in rows] == [0.0, 1.0] * 3 and all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert sorted(reads) == [MAIN.name, UNCOND.name]
+    run(MAIN, tmp_path / "single", guidance(UNCOND, "vjp"), "--vae", str(vae))
+    with np.load(out / "cfg_w2x2_vjp" / "samples.npz") as swept, np.load(tmp_path / "single" / "samples.npz") as one:
+        np.testing.assert_array_equal(swept["arr_0"], one["arr_0"])
