@@ -183,3 +183,56 @@ def test_sweep_of_an_edm2_pair_reads_each_file_once_and_equals_sample_py(vae, tm
     run(MAIN, tmp_path / "single", guidance(UNCOND, "vjp"), "--vae", str(vae))
     with np.load(out / "cfg_w2x2_vjp" / "samples.npz") as swept, np.load(tmp_path / "single" / "samples.npz") as one:
         np.testing.assert_array_equal(swept["arr_0"], one["arr_0"])
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+PRESETS = {  # preset: (main file, guiding file, EDM2's g, CFG with an unconditional net)
+    "img512_s_guid_fid": ("edm2-img512-s-2147483-0.025.pkl", "edm2-img512-xs-uncond-2147483-0.025.pkl", 1.40, True),
+    "img512_s_autog_fid": ("edm2-img512-s-2147483-0.070.pkl", "edm2-img512-xs-0134217-0.125.pkl", 2.10, False),
+    "img512_xxl_autog_fid": ("edm2-img512-xxl-0939524-0.075.pkl", "edm2-img512-m-0268435-0.155.pkl", 2.05, False),
+    "img64_s_autog_fid": ("edm2-img64-s-1073741-0.045.pkl", "edm2-img64-xs-0134217-0.110.pkl", 1.70, False),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_shipped_edm2_configs_parse_and_name_the_paper_rows(preset):
+    """Each row's sample config (and every ``--guidance`` variant in its header) and its sweep config: format
+    edm2, the preset's files, EDM2's g in the w2 convention, REG none / paper / vjp, 32 Heun steps."""
+    import yaml
+
+    from lightning_reg.sampling.cli import build_parser as sample_parser
+    from lightning_reg.sampling.sweep import build_parser as sweep_parser
+
+    main, guide, g, uncond = PRESETS[preset]
+    path = CONFIGS / f"sample_edm2_{preset}.yaml"
+    cfg = sample_parser().parse_args(["--config", str(path)])
+    assert (cfg.format, Path(cfg.checkpoint).name, cfg.sampler, cfg.steps) == ("edm2", main, "edm_heun", 32)
+    assert (cfg.vae == "stabilityai/sd-vae-ft-mse") == preset.startswith("img512")
+    variants = [cfg.guidance] + [yaml.safe_load(v) for v in re.findall(r"--guidance '(.*)'", path.read_text())]
+    assert {v["reg"] for v in variants} == {"none", "paper", "vjp"}
+    for v in variants:
+        assert Path(v["reference_checkpoint"]).name == guide and v["scale"] == pytest.approx(g)
+        make_guidance(**v)
+    assert [v["convention"] for v in variants].count("w") == 1  # the REG authors' reading, documented
+    sweep = sweep_parser().parse_args(["--config", str(CONFIGS / f"sweep_edm2_{preset}.yaml")])
+    assert (sweep.format, Path(sweep.checkpoint).name, sweep.convention, list(sweep.reg), list(sweep.front)) == (
+        "edm2", main, "w2", ["none", "paper", "vjp"], ["fid", "is"])
+    assert Path(sweep.guidance["reference_checkpoint"]).name == guide
+    assert [m["method"] for m in sweep.methods] == (["cfg", "interval"] if uncond else ["cfg"])
+    assert all(1.0 in m["weights"] and g in m["weights"] for m in sweep.methods)
+    assert "w2" in path.read_text() and "REG authors' EDM2 patch" in path.read_text()
+
+
+@pytest.mark.parametrize("script", ["sample", "sweep"])
+def test_an_edm2_config_with_its_files_missing_is_one_line(script, tmp_path, capsys):
+    from lightning_reg.sampling.sweep import main as sweep_main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        {"sample": sample_main, "sweep": sweep_main}[script](
+            ["--config", str(CONFIGS / f"{script}_edm2_img512_s_guid_fid.yaml"), "--trainer.accelerator", "cpu",
+             "--output", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --checkpoint") and "\n" not in err and "edm2-img512-s-2147483-0.025.pkl" in err, err
+    assert not out.exists()
