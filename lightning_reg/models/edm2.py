@@ -109,6 +109,9 @@ class MPConv(nn.Module):
 
     def forward(self, x: Tensor, gain: Tensor | float = 1.0) -> Tensor:
         w = self.weight.to(at_least_float32(self.weight.dtype))
+        if self.training and torch.is_grad_enabled():  # forced weight normalisation (paper §3): unit-RMS rows
+            with torch.no_grad():
+                self.weight.copy_(normalize(w))
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
         return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
@@ -247,7 +250,10 @@ class EDM2Precond(nn.Module):
     """The official ``Precond``: ``unet`` plus the uncertainty head ``logvar_fourier``/``logvar_linear``
     (the training loss's ``u(sigma)``, paper eq. 8). As a backbone it returns ``F`` (module docstring).
     ``use_fp16`` is kept as recorded (the public code's float16 activations on CUDA); here reduced precision
-    comes from autocast."""
+    comes from autocast. It trains no null label (``trains_null_label``: ``ConditionalDiffusion`` refuses
+    label dropout for it)."""
+
+    trains_null_label = False
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
