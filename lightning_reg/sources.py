@@ -130,6 +130,8 @@ class LightningSource(ModelSource):
         except ConfigError as err:
             if str(spec.checkpoint).endswith(".pt") and spec.format is None:
                 raise ConfigError(f"{err} (a public DiT checkpoint needs --model, e.g. DiT-XL/2)") from None
+            if str(spec.checkpoint).endswith((".pkl", ".safetensors")) and spec.format is None:
+                raise ConfigError(f"{err} (an EDM2 snapshot needs --format edm2)") from None
             raise
 
     def denoiser(self, spec: ModelSpec, contents: dict) -> Denoiser:

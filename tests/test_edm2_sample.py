@@ -236,3 +236,12 @@ def test_an_edm2_config_with_its_files_missing_is_one_line(script, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --checkpoint") and "\n" not in err and "edm2-img512-s-2147483-0.025.pkl" in err, err
     assert not out.exists()
+
+
+def test_an_edm2_file_without_its_format_names_the_flag(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        sample_main(["--checkpoint", str(MAIN), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.endswith("(an EDM2 snapshot needs --format edm2)") and "\n" not in err, err
+    assert not out.exists()
