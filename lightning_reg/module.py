@@ -21,10 +21,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef, learned_variance_vlb
 from lightning_reg.diffusion.predictions import Prediction
-from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
+from lightning_reg.diffusion.schedules import EDMSchedule, NoiseSchedule, VPSchedule
 from lightning_reg.diffusion.text import TextDenoiser
 from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.io.files import read_torch, require_keys, state_dict_mismatch, unwrap_state_dict
+from lightning_reg.models.edm2 import load_edm2
 
 CHECKPOINT_WHAT = "PyTorch checkpoint of a ConditionalDiffusion"
 EMA_PREFIX = "ema.module."  # the EMA weights of ``net`` in a checkpoint's state dict
@@ -42,17 +43,25 @@ class ConditionalDiffusion(L.LightningModule):
             trained and the EMA weights (not saved as a hyperparameter: the run's own checkpoints
             stand alone). It may have fewer classes (see ``init_weights_from``).
         freeze: parameter-name prefixes of ``net`` kept fixed during training (e.g. ``[blocks]``).
+        uncertainty: weight the loss by the backbone's learned uncertainty ``u = net.logvar(t)`` (EDM2 paper
+            eq. 8: ``mse / exp(u) + u``); an EDM2 snapshot starts with ``from_edm2`` (docs/edm2.md).
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule | None = None, prediction: str = "eps",
                  label_dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 100, ema_decay: float = 0.999, init_from: str | None = None,
-                 freeze: list[str] | None = None):
+                 freeze: list[str] | None = None, uncertainty: bool = False):
         super().__init__()
         if not 0.0 <= label_dropout < 1.0:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        if label_dropout and not getattr(net, "trains_null_label", True):
+            raise ConfigError(f"model.label_dropout={label_dropout}: {type(net).__name__} has no null label (EDM2 "
+                              "guides with a separate unconditional network); set it to 0")
+        if uncertainty and not callable(getattr(net, "logvar", None)):
+            raise ConfigError(f"model.uncertainty needs a backbone with a logvar(t) head (EDM2Precond), not "
+                              f"{type(net).__name__}")
         if lr <= 0 or warmup_steps < 0:
             raise ConfigError("lr must be positive and warmup_steps non-negative")
         with warnings.catch_warnings():
@@ -74,13 +83,29 @@ class ConditionalDiffusion(L.LightningModule):
             self.init_weights_from(init_from)
         self.freeze_parameters(freeze or [])
 
+    @classmethod
+    def from_edm2(cls, path: str, **kwargs) -> "ConditionalDiffusion":
+        """An EDM2 snapshot (``.pkl`` or ``.safetensors``, ``load_edm2``) to fine-tune: its network with float32
+        trainable weights, EDM's loss under the snapshot's ``P_mean`` / ``P_std`` / ``sigma_data``, the logvar
+        uncertainty weighting, no label dropout; ``kwargs`` override any argument (docs/edm2.md)."""
+        net, snapshot = load_edm2(path)
+        loss = snapshot.loss_kwargs
+        schedule = EDMSchedule(p_mean=loss.get("P_mean", -1.2), p_std=loss.get("P_std", 1.2),
+                               sigma_data=loss.get("sigma_data", net.sigma_data))
+        net = net.to(torch.float32).requires_grad_(True).train()  # master weights of the optimiser
+        return cls(net, schedule, **{"prediction": "edm", "label_dropout": 0.0, "uncertainty": True, **kwargs})
+
     def init_weights_from(self, path: str) -> None:
-        """Start ``net`` and its EMA from the EMA weights of the checkpoint at ``path`` (fine-tuning).
+        """Start ``net`` and its EMA from the EMA weights of the checkpoint at ``path`` (fine-tuning), or from
+        an EDM2 snapshot's weights (``.pkl`` / ``.safetensors``, cast to ``net``'s dtype).
 
         A checkpoint with fewer classes (same backbone otherwise) is widened: the label-embedding rows of
         its classes are kept, and every new row (the new classes and the null label, last) starts as its
         null row, so a new class starts from the unconditional model it was fine-tuned from.
         """
+        if str(path).endswith((".pkl", ".safetensors")):
+            self.load_net_weights(load_edm2(path)[1].state_dict, path)
+            return
         checkpoint = read_checkpoint(path, "model.init_from")
         source = unwrap_state_dict(checkpoint["state_dict"], path, "model.init_from", under=(), prefix=EMA_PREFIX)
         target = self.net.state_dict()
@@ -90,7 +115,11 @@ class ConditionalDiffusion(L.LightningModule):
             widened = old[-1].expand_as(new).clone()
             widened[: old.shape[0] - 1] = old[:-1]
             source[key] = widened
-        mismatch = state_dict_mismatch(target, source)
+        self.load_net_weights(source, path)
+
+    def load_net_weights(self, source: dict, path: str) -> None:
+        """``source`` into ``net`` (strictly, cast to its dtypes) and its EMA."""
+        mismatch = state_dict_mismatch(self.net.state_dict(), source)
         if mismatch:
             raise ConfigError(f"model.init_from {path} holds another architecture than model.net: {mismatch}")
         self.net.load_state_dict(source)
@@ -156,7 +185,11 @@ class ConditionalDiffusion(L.LightningModule):
         prediction = self.denoiser.prediction
         out = net(prediction.input_scale(a, s) * x_t, self.schedule.net_time(t).to(x0.dtype), y)
         out, v = out.chunk(2, dim=1) if self.denoiser.learn_sigma else (out, None)
-        mse = (out - prediction.target(x0, eps, a, s)).pow(2).mean()
+        err = (out - prediction.target(x0, eps, a, s)).pow(2)
+        if self.hparams.get("uncertainty"):  # EDM2 paper eq. 8: the learned u(sigma) per sample
+            u = net.logvar(t).to(err.dtype).reshape(-1, *[1] * (err.ndim - 1))
+            err = err / u.exp() + u
+        mse = err.mean()
         if v is None:
             return mse
         x0_hat = prediction.to_x0(out.detach(), x_t, a, s)

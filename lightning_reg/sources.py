@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
+from lightning_reg.diffusion.latent import ChannelLatentCodec, LatentCodec, LatentDenoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import make_schedule
 from lightning_reg.diffusion.text import TextToImage, is_pipeline, load_text_to_image
 from lightning_reg.errors import ConfigError
 from lightning_reg.io.files import read_torch
 from lightning_reg.io.vae import load_autoencoder
+from lightning_reg.io.edm2_pickle import EDM2Snapshot
 from lightning_reg.models.dit import load_dit_checkpoint, read_state_dict
+from lightning_reg.models.edm2 import EDM2Denoiser, EDM2Precond, load_edm2, snapshot_metadata
 from lightning_reg.module import CHECKPOINT_WHAT, module_from_checkpoint, read_checkpoint
 
 
@@ -69,6 +71,7 @@ class ModelSource:
     schedule: ClassVar[dict | None] = None  # make_schedule(**schedule)
     prediction: ClassVar[str | None] = None
     needs_vae: ClassVar[bool] = False
+    own_decoder: ClassVar[bool] = False  # builds its own decoder (``load_model`` attaches no ``spec.vae``)
     options: ClassVar[tuple[str, ...]] = ()  # which of ModelSpec's model, image_size, num_heads it takes
 
     def claims(self, spec: ModelSpec) -> bool:
@@ -96,6 +99,16 @@ class ModelSource:
 
     def denoiser(self, spec: ModelSpec, contents: Any) -> Denoiser:
         raise NotImplementedError
+
+    def with_reference(self, spec: ModelSpec, denoiser: Denoiser, path: str,
+                       field: str) -> tuple[Denoiser, Denoiser | None, dict | None]:
+        """The guiding file ``path`` as ``(denoiser, reference, meta)``: by default a ``ConditionalDiffusion``
+        checkpoint given the same labels (autoguidance's ``reference``)."""
+        return denoiser, load_denoiser(path, spec.ema, field), None
+
+    def meta(self, contents: Any) -> dict | None:
+        """What ``meta.json`` records of the file beyond its sha256 (``None``: nothing)."""
+        return None
 
     def implied_denoiser(self, net) -> Denoiser:
         """``net`` under the format's own schedule and prediction."""
@@ -151,6 +164,8 @@ class LightningSource(ModelSource):
         except ConfigError as err:
             if str(spec.checkpoint).endswith(".pt") and spec.format is None:
                 raise ConfigError(f"{err} (a public DiT checkpoint needs --model, e.g. DiT-XL/2)") from None
+            if str(spec.checkpoint).endswith((".pkl", ".safetensors")) and spec.format is None:
+                raise ConfigError(f"{err} (an EDM2 snapshot needs --format edm2)") from None
             raise
 
     def denoiser(self, spec: ModelSpec, contents: dict) -> Denoiser:
@@ -184,6 +199,62 @@ class DiTSource(ModelSource):
         return self.implied_denoiser(net)
 
 
+@register_source
+class EDM2Source(ModelSource):
+    """An official EDM2 snapshot (``edm2-*.pkl``, read without running its code) or its ``convert_edm2``
+    safetensors file (docs/edm2.md). Its guiding file is its reference condition: an unconditional network
+    (``label_dim = 0``) answers the null condition (CFG); a conditional one is the reference given the same
+    labels (autoguidance). img512 latents decode through the SD VAE with the snapshot's per-channel scale and
+    bias (``spec.vae``, default ``stabilityai/sd-vae-ft-mse``, never downloaded); img64 networks work on pixels."""
+
+    name, what = "edm2", "EDM2 snapshot (.pkl or .safetensors)"
+    own_decoder = True
+    vae = "stabilityai/sd-vae-ft-mse"
+    latent_encoder, pixel_encoder = "StabilityVAEEncoder", "StandardRGBEncoder"
+
+    def read(self, spec: ModelSpec) -> tuple[EDM2Precond, EDM2Snapshot]:
+        try:
+            return load_edm2(spec.checkpoint)
+        except ConfigError as err:
+            raise ConfigError(f"{spec.field}: {err}") from None
+
+    def codec(self, spec: ModelSpec, snapshot: EDM2Snapshot) -> LatentCodec | None:
+        if snapshot.encoder == self.latent_encoder:
+            return ChannelLatentCodec(load_autoencoder(spec.vae or self.vae), snapshot.latent_scale,
+                                      snapshot.latent_bias)
+        if snapshot.encoder not in (self.pixel_encoder, None):
+            raise ConfigError(f"{spec.field}: the snapshot's encoder {snapshot.encoder!r} is unknown; EDM2 files "
+                              f"have {self.latent_encoder} (img512) or {self.pixel_encoder} (img64)")
+        if spec.vae is not None:
+            raise ConfigError(f"--vae {spec.vae}: {spec.checkpoint} is a pixel-space EDM2 network "
+                              f"({self.pixel_encoder}); give no --vae")
+        return None
+
+    def denoiser(self, spec: ModelSpec, contents: tuple[EDM2Precond, EDM2Snapshot]) -> EDM2Denoiser:
+        net, snapshot = contents
+        if not net.label_dim:
+            raise ConfigError(f"{spec.field} {spec.checkpoint}: the main EDM2 network is unconditional "
+                              "(label_dim=0); give a conditional network as --checkpoint and the unconditional "
+                              "one as --guidance.reference_checkpoint (CFG)")
+        return EDM2Denoiser(net, codec=self.codec(spec, snapshot))
+
+    def with_reference(self, spec: ModelSpec, denoiser: EDM2Denoiser, path: str,
+                       field: str) -> tuple[Denoiser, Denoiser | None, dict]:
+        net, snapshot = self.read(ModelSpec(path, self.name, field=field))
+        if net.label_dim:
+            kind, reference = "autoguidance", EDM2Denoiser(net)
+        else:
+            kind, reference = "cfg_unconditional", None
+            try:
+                denoiser = EDM2Denoiser(denoiser.net, unconditional=net, codec=denoiser.codec)
+            except ConfigError as err:
+                raise ConfigError(f"{field} {path}: {err}") from None
+        return denoiser, reference, {"kind": kind, **self.meta((net, snapshot))}
+
+    def meta(self, contents: tuple[EDM2Precond, EDM2Snapshot]) -> dict:
+        return snapshot_metadata(contents[1])
+
+
 def source_of(spec: ModelSpec) -> ModelSource:
     """The source ``spec.format`` names, or the first that claims the spec."""
     if spec.format is not None:
@@ -193,20 +264,46 @@ def source_of(spec: ModelSpec) -> ModelSource:
     return next((s for s in SOURCES.values() if s.claims(spec)), SOURCES["lightning"])
 
 
-def load_model(spec: ModelSpec) -> Denoiser:
+@dataclass
+class LoadedModels:
+    """``load_models``' result: the denoiser, the guiding file's reference (``None`` without one, or when the
+    reference lives in the denoiser's null condition) and the source's ``meta``."""
+
+    denoiser: Denoiser
+    reference: Denoiser | None = None
+    meta: dict | None = None
+
+
+def load_models(spec: ModelSpec, reference: str | None = None,
+                reference_field: str = "--guidance.reference_checkpoint") -> LoadedModels:
     """The denoiser of ``spec`` (eval mode, CPU): its source reads the file once and builds it; over the VAE's
-    latents when ``spec.vae`` is set (checked against ``spec.image_size``). Bad input: one ConfigError line."""
+    latents when ``spec.vae`` is set (checked against ``spec.image_size``); with the guiding file ``reference``
+    attached as that source implements the reference condition. Bad input: one ConfigError line."""
     source = source_of(spec)
     source.check(spec)
-    denoiser = source.denoiser(spec, source.read(spec))
-    if spec.vae is None:
-        return denoiser.eval()
-    latent = LatentDenoiser.over(denoiser, LatentCodec(load_autoencoder(spec.vae)))
-    if spec.image_size is not None and latent.image_shape[1] != spec.image_size:
-        raise ConfigError(f"--image_size {spec.image_size}: the model's {denoiser.data_shape[1]}x"
-                          f"{denoiser.data_shape[2]} latents decode to {latent.image_shape[1]}x"
-                          f"{latent.image_shape[2]} images with this VAE")
-    return latent.eval()
+    contents = source.read(spec)
+    denoiser = source.denoiser(spec, contents)
+    if spec.vae is not None and not source.own_decoder:
+        denoiser = LatentDenoiser.over(denoiser, LatentCodec(load_autoencoder(spec.vae)))
+        if spec.image_size is not None and denoiser.image_shape[1] != spec.image_size:
+            raise ConfigError(f"--image_size {spec.image_size}: the model's {denoiser.data_shape[1]}x"
+                              f"{denoiser.data_shape[2]} latents decode to {denoiser.image_shape[1]}x"
+                              f"{denoiser.image_shape[2]} images with this VAE")
+    loaded = LoadedModels(denoiser, None, source.meta(contents))
+    if reference is not None:
+        loaded.denoiser, loaded.reference, reference_meta = source.with_reference(spec, denoiser, reference,
+                                                                                  reference_field)
+        if reference_meta is not None:
+            loaded.meta = {**(loaded.meta or {}), "reference": reference_meta}
+    loaded.denoiser.eval()
+    if loaded.reference is not None:
+        loaded.reference.eval()
+    return loaded
+
+
+def load_model(spec: ModelSpec) -> Denoiser:
+    """``load_models(spec).denoiser``: the model alone."""
+    return load_models(spec).denoiser
 
 
 def load_denoiser(path, ema: bool = True, field: str = "--checkpoint") -> Denoiser:
@@ -216,5 +313,5 @@ def load_denoiser(path, ema: bool = True, field: str = "--checkpoint") -> Denois
     return load_model(ModelSpec(str(path), format="lightning", ema=ema, field=field))
 
 
-__all__ = ["DiTSource", "DiffusersSource", "LightningSource", "ModelSource", "ModelSpec", "SOURCES", "load_denoiser", "load_model",
-           "register_source", "source_of"]
+__all__ = ["DiTSource", "DiffusersSource", "EDM2Source", "LightningSource", "LoadedModels", "ModelSource", "ModelSpec",
+           "SOURCES", "load_denoiser", "load_model", "load_models", "register_source", "source_of"]

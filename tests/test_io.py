@@ -113,7 +113,7 @@ def test_registered_sources_and_their_data():
     dit = SOURCES["dit"]
     assert (dit.schedule, dit.prediction, dit.needs_vae) == (
         {"name": "vp", "num_timesteps": 1000, "betas": "linear"}, "eps", True)
-    with pytest.raises(ConfigError, match=r"unknown --format 'pkl'; choose one of \[.*'dit', 'lightning'"):
+    with pytest.raises(ConfigError, match=r"unknown --format 'pkl'; choose one of \[.*'dit', 'edm2', 'lightning'"):
         load_model(ModelSpec("x.pkl", format="pkl"))
 
 

@@ -75,6 +75,11 @@ class Denoiser(nn.Module):
         return self.variance_interpolation if self.learn_sigma else None
 
     @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of the sampling chain's state: the parameters' (float32 for a parameter-free net)."""
+        return next(self.parameters(), torch.empty(0)).dtype
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """The shape of one finished sample (``decode``'s output): ``data_shape`` here, images for latents."""
         return self.data_shape

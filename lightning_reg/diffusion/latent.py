@@ -55,6 +55,31 @@ class LatentCodec(nn.Module):
         return self.vae.decode(latents / self.scale_factor).sample
 
 
+class ChannelLatentCodec(LatentCodec):
+    """The VAE with a per-channel affine map, EDM2's ``StabilityVAEEncoder`` (docs/edm2.md): the chain's latents
+    are ``z = raw * scale + bias`` (``scale``, ``bias``: one value per latent channel), and that VAE reads and
+    writes images in [0, 1] (here, as everywhere in the project, images are in [-1, 1] outside the codec)."""
+
+    def __init__(self, vae: nn.Module, scale, bias):
+        super().__init__(vae, scale_factor=1.0)
+        shape = (1, -1, 1, 1)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(shape))
+        self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32).reshape(shape))
+        if self.scale.numel() != self.latent_channels or self.bias.numel() != self.latent_channels:
+            raise ConfigError(f"the latent scale/bias have {self.scale.numel()}/{self.bias.numel()} channels but "
+                              f"the VAE's latents have {self.latent_channels}")
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        images = ((images + 1) / 2).to(next(self.vae.parameters()).dtype)
+        return self.vae.encode(images).latent_dist.sample(generator).float() * self.scale + self.bias
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        raw = (latents.float() - self.bias) / self.scale
+        return self.vae.decode(raw.to(next(self.vae.parameters()).dtype)).sample * 2 - 1
+
+
 class LatentDenoiser(Denoiser):
     """A ``Denoiser`` whose ``data_shape`` is the latent shape; ``decode`` maps its samples to images.
 

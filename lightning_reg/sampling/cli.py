@@ -39,7 +39,7 @@ from lightning_reg.metrics.toy import ToyEvaluator
 from lightning_reg.sampling import writer
 from lightning_reg.sampling.config import SampleConfig, build_parser as config_parser, config_from
 from lightning_reg.sampling.engine import balanced_labels, generate, sample_seed, setting_name
-from lightning_reg.sources import load_denoiser, load_model
+from lightning_reg.sources import load_models
 
 GRID_IMAGES = 64
 
@@ -50,16 +50,23 @@ def build_parser():
 
 @dataclass
 class LoadedModel:
-    """A model read once (its source reads the file once), with the sha256 of that file for fingerprints."""
+    """A model and its guiding file read once (each source reads its file once), with the files' sha256 for
+    fingerprints and what the source records of them (``source_meta``)."""
 
     denoiser: Denoiser
     checkpoint_sha256: str
+    reference: Denoiser | None = None
+    reference_sha256: str | None = None
+    source_meta: dict | None = None
 
     @classmethod
     def load(cls, config: SampleConfig) -> "LoadedModel":
-        denoiser = load_model(config.model_spec)
-        path = resolve_pipeline_folder(config.model_path) if isinstance(denoiser, TextDenoiser) else config.model_path
-        return cls(denoiser, tree_sha256(path))
+        ref_path = config.guidance.get("reference_checkpoint")
+        loaded = load_models(config.model_spec, ref_path)
+        path = (resolve_pipeline_folder(config.model_path) if isinstance(loaded.denoiser, TextDenoiser)
+                else config.model_path)
+        return cls(loaded.denoiser, tree_sha256(path), loaded.reference,
+                   file_sha256(ref_path) if ref_path is not None else None, loaded.meta)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class SamplingJob:
     fingerprint: dict
     evaluator: object | None  # metrics.evaluate.build_evaluator: toy metrics, image metrics or None
     prompts: list[str] | None = None  # the captions of --prompts
+    source_meta: dict | None = None  # what the model's source records of its files (EDM2: the snapshots)
 
     @classmethod
     def build(cls, config: SampleConfig, model: LoadedModel, evaluator=None) -> "SamplingJob":
@@ -81,9 +89,8 @@ class SamplingJob:
         one one-step sample to catch what only the chain sees; the output folder checked."""
         denoiser = model.denoiser
         params = dict(config.guidance)
-        ref_path = params.get("reference_checkpoint")
-        if ref_path is not None:
-            params["reference"] = load_denoiser(ref_path, config.ema, "--guidance.reference_checkpoint")
+        if params.pop("reference_checkpoint", None) is not None and model.reference is not None:
+            params["reference"] = model.reference  # else the reference is the denoiser's null condition
         guidance = make_guidance(**params)
         guidance.bind(denoiser)
         prompts = cls.read_prompts(config, denoiser)
@@ -91,7 +98,7 @@ class SamplingJob:
         if evaluator is None:
             evaluator = build_evaluator(config.distribution, config.evaluation, denoiser.num_classes,
                                         denoiser.data_shape, denoiser.sample_shape, config.seed, prompts)
-        job = cls(config, denoiser, guidance, labels, Path(config.output), {}, evaluator, prompts)
+        job = cls(config, denoiser, guidance, labels, Path(config.output), {}, evaluator, prompts, model.source_meta)
         try:  # sampler vs schedule, sampler options
             generate(denoiser, guidance, job.conditions(torch.tensor([0])), [0], sampler=config.sampler, steps=1,
                      seed=config.seed, batch_size=1, sampler_kwargs=config.sampler_kwargs, precision=config.precision)
@@ -102,7 +109,7 @@ class SamplingJob:
             "checkpoint_sha256": model.checkpoint_sha256, "ema": config.ema, "model": config.model,
             "vae": config.vae, "precision": config.precision,
             "guidance": {k: v for k, v in config.guidance.items() if k != "reference_checkpoint"},
-            "reference_sha256": file_sha256(ref_path) if ref_path is not None else None,
+            "reference_sha256": model.reference_sha256,
             "sampler": config.sampler, "sampler_kwargs": config.sampler_kwargs, "steps": config.steps,
             "seed": config.seed, "num_samples": config.num_samples, "shard_size": config.shard_size,
             "labels": config.labels or "balanced"}
@@ -214,6 +221,7 @@ class SamplingJob:
         metrics = None if self.evaluator is None else self.evaluator(samples, labels)
         meta = {
             "checkpoint": str(cfg.model_path), "checkpoint_sha256": self.fingerprint["checkpoint_sha256"],
+            "reference_sha256": self.fingerprint["reference_sha256"], "source": self.source_meta,
             "config": cfg.as_dict(), "setting": setting, "seed": cfg.seed,
             "sample_seed": "sample i: torch.Generator seeded by sha256(f'{seed}:{i}')[:8] (little-endian, 63 bits)",
             "first_sample_seed": sample_seed(cfg.seed, 0),

@@ -48,15 +48,16 @@ class SampleConfig:
     """Guided samples from a trained checkpoint (``sample.py``, ``docs/sampling.md``).
 
     Args:
-        checkpoint: the model's file: a ConditionalDiffusion checkpoint (.ckpt), or a public DiT checkpoint (.pt)
-            with --model (or a diffusers pipeline folder, as --pipeline).
-        format: the checkpoint format (lightning_reg.sources: lightning, dit, diffusers); null: diffusers for a
-            pipeline folder, dit with --model, else lightning.
+        checkpoint: the model's file: a ConditionalDiffusion checkpoint (.ckpt), a public DiT checkpoint (.pt)
+            with --model, an EDM2 snapshot (edm2-*.pkl or its .safetensors) with --format edm2 (or a diffusers
+            pipeline folder, as --pipeline).
+        format: the checkpoint format (lightning_reg.sources: lightning, dit, edm2, diffusers); null: diffusers
+            for a pipeline folder, dit with --model, else lightning.
         model: a public DiT checkpoint's model, e.g. DiT-XL/2 (VP linear 1000, eps, learned sigma).
         image_size: with --model: the image size the DiT checkpoint serves (256: 32x32 latents).
         num_heads: a DiT width outside the paper's sizes: its attention heads (they do not show in the weights).
         vae: sample in this AutoencoderKL's latent space and decode at the end: a local folder or a cached hub
-            name (stabilityai/sd-vae-ft-ema); required with --model.
+            name (stabilityai/sd-vae-ft-ema); required with --model; EDM2 img512: default stabilityai/sd-vae-ft-mse.
         pipeline: a diffusers text-to-image pipeline (SD 1.x/2.x): a local folder (save_pretrained, with
             model_index.json) or a hub name in the local Hugging Face cache; never downloaded. Needs --prompts.
         prompts: a text file, one caption a line: sample i takes caption i (cycled: i % the number of captions).
@@ -66,7 +67,7 @@ class SampleConfig:
         compile: torch.compile the backbone.
         ema: sample the EMA weights (false: the raw weights).
         guidance: make_guidance(**guidance), e.g. {method: cfg, scale: 1.0, reg: paper}; autoguidance takes
-            reference_checkpoint.
+            reference_checkpoint (EDM2: the guiding file, an unconditional net for CFG or a weaker one).
         sampler: ddpm, ddim, edm_heun or flow_euler.
         sampler_kwargs: extra sampler options, e.g. {eta: 0.5}.
         steps: sampling steps.

@@ -131,7 +131,7 @@ def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler
     variance = {"learned_variance": denoiser.learned_variance} if denoiser.learn_sigma else {}
     sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}), **variance)
     denoiser.check_labels(labels)
-    dtype = next(denoiser.parameters(), torch.empty(0)).dtype
+    dtype = denoiser.state_dtype
     out = []
     with tqdm(total=len(labels), desc=f"sampling {sampler}", unit="sample", disable=not progress) as bar:
         for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
