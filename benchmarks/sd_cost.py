@@ -7,9 +7,10 @@ latents (512x512 images) and random prompt embeddings of 77 x 768; one ``GuidedD
 SD's scaled-linear schedule under ``torch.no_grad()`` as the samplers run it. CFG is one no-grad call of 2B;
 REG is the unconditional call of B without a graph, the conditional call of B with one and the backward to
 the latents (``docs/text_to_image.md``). The methods run interleaved in every round (``common.py``); ratios to
-CFG are medians over rounds of the ratio within a round. Memory: on CUDA the peak allocated above the resting
-state; on CPU the bytes of the tensors the autograd graph saves between forward and backward (parameters
-excluded; with checkpointing, the recomputation in backward holds one block's activations more at a time).
+CFG are medians over rounds of the ratio within a round. Memory (``common.memory``): on CUDA the peak allocated
+above the resting state; on CPU the peak resident set above resting and the bytes of the tensors the autograd
+graph saves between forward and backward (parameters excluded; with checkpointing, the recomputation in backward
+holds one block's activations more at a time).
 
     python benchmarks/sd_cost.py [--batches 1 2 4] [--repeats 1] [--warmup 0] [--threads N]
                                  [--device cpu|cuda] [--dtype fp32|fp16|bf16]
@@ -21,8 +22,8 @@ import argparse
 from functools import partial
 
 import torch
-from common import interleaved_times, medians
-from guidance_cost import peak_memory, table
+from common import interleaved_times, medians, memory
+from guidance_cost import table
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.predictions import Prediction
@@ -73,17 +74,11 @@ def measure(model: TextDenoiser, batch: int, device: torch.device, repeats: int,
     x = torch.randn(batch, *model.data_shape, generator=g).to(device, dtype)
     y = torch.randn(batch, *model.condition_shape, generator=g).to(device, dtype)
     t, unet = torch.tensor(500.0), model.net.unet
-    memory: dict[str, int] = {}
-
-    def call(name):
-        guidance, checkpointing = METHODS[name]
-        step = partial(guided_step, GuidedDenoiser(model, make_guidance(**guidance), y), unet, checkpointing, x, t)
-        memory[name] = peak_memory(step, model, device)
-
-    result = medians(interleaved_times({name: partial(call, name) for name in METHODS}, repeats, warmup, device),
-                     reference="cfg")
-    for name in METHODS:
-        result[name]["memory"] = memory[name]
+    steps = {name: partial(guided_step, GuidedDenoiser(model, make_guidance(**guidance), y), unet, checkpointing,
+                           x, t) for name, (guidance, checkpointing) in METHODS.items()}
+    result = medians(interleaved_times(steps, repeats, warmup, device), reference="cfg")
+    for name, step in steps.items():
+        result[name].update(memory(step, model, device))
     return result
 
 
