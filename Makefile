@@ -27,7 +27,7 @@ run: $(STAMP)
 
 # The feature network of the digits metrics (FID/KID features, IS logits, class accuracy), trained once.
 $(CLASSIFIER): configs/mnist_classifier.yaml | $(STAMP)
-	$(PY) -m lightning_reg.metrics.classifier fit --config configs/mnist_classifier.yaml
+	$(PY) train_classifier.py fit --config configs/mnist_classifier.yaml
 
 mnist: $(CLASSIFIER)
 	$(PY) train.py fit --config configs/mnist.yaml
@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/guidance_cost.py $(BENCH_ARGS)
 	$(PY) benchmarks/lightning_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/unet_sizes.py $(BENCH_ARGS)
+	$(PY) benchmarks/sd_cost.py $(BENCH_ARGS)
 	$(PY) benchmarks/edm2_cost.py $(BENCH_ARGS)
 
 clean:

@@ -27,8 +27,8 @@ from guidance_cost import denoiser, public_dit
 from lightning_reg.diffusion.samplers import ddim
 from lightning_reg.guidance import ChainState, GuidanceStep, make_guidance
 from lightning_reg.guidance.reg import finite_difference_factor, paper_factor, reused_factor
-from lightning_reg.module import load_denoiser
 from lightning_reg.sampling.engine import autocast
+from lightning_reg.sources import load_denoiser
 
 COLUMNS = ("correction", "graph_free", "graph_free bf16", "reuse eps", "reuse x0")
 

@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError, check_names
 from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.io.files import to_uint8_nhwc
 from lightning_reg.metrics.evaluate import build_image_evaluator, evaluate_samples, loader_images
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
-from lightning_reg.metrics.toy import TOY_METRICS, toy_metric_names, toy_metrics
+from lightning_reg.metrics.toy import TOY_METRICS, ToyEvaluator
 from lightning_reg.sampling.engine import balanced_labels, gather_by_index, generate, rank_indices, setting_name
-from lightning_reg.sampling.writer import to_uint8_nhwc, write_png
+from lightning_reg.sampling.writer import write_png
 
 DEFAULT_IMAGE_METRICS = ("fid", "is")
 DEFAULT_SETTINGS = ({"method": "cfg", "scale": 1.0, "reg": "none"}, {"method": "cfg", "scale": 1.0, "reg": "paper"},
@@ -75,13 +76,16 @@ class SamplingCallback(L.Callback):
             (IS: logits), for use from Python.
         save_samples: also save the gathered samples of each setting (and their labels) as
             ``<log_dir>/<name>s/step_<global_step>.npz``, one array per setting name.
+        prompts: a text-to-image model's captions: sample ``i`` takes ``prompts[i % len(prompts)]`` (in place
+            of class-balanced labels).
     """
 
     def __init__(self, name: str = "sample", every_n_val_epochs: int = 1, num_samples: int = 1000, settings: list[dict] | None = None,
                  sampler: str = "ddpm", steps: int = 25, seed: int = 0, batch_size: int = 1000,
                  sampler_kwargs: dict | None = None, metrics: list[str] | None = None,
                  feature_network: str | None = None, inception_weights: str | None = None,
-                 feature_extractor: nn.Module | None = None, save_samples: bool = False):
+                 feature_extractor: nn.Module | None = None, save_samples: bool = False,
+                 prompts: list[str] | None = None):
         for field, value in (("every_n_val_epochs", every_n_val_epochs), ("num_samples", num_samples),
                              ("steps", steps), ("batch_size", batch_size)):
             if value < 1:
@@ -107,14 +111,19 @@ class SamplingCallback(L.Callback):
         self.inception_weights = inception_weights
         self.save_samples = save_samples
         self.image_metrics: ImageMetrics | None = None  # image data: built in setup, on rank 0
+        self.toy_evaluator: ToyEvaluator | None = None  # toy data: built in setup
+        if prompts is not None and (not prompts or not all(isinstance(p, str) and p.strip() for p in prompts)):
+            raise ConfigError(f"SamplingCallback prompts must be a non-empty list of captions, got {prompts!r}")
+        self.prompts = prompts
         self.val_runs = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Resolve ``metrics`` for the data and build the image metrics (loading Inception) before training."""
         distribution = getattr(trainer.datamodule, "distribution", None)
-        data_shape, requested = pl_module.denoiser.data_shape, self.requested_metrics
-        if distribution is not None:
-            self.metrics = toy_metric_names(distribution, requested)
+        data_shape, requested = pl_module.denoiser.sample_shape, self.requested_metrics  # images, also for latents
+        if distribution is not None:  # the toy evaluator of sample.py and the sweep
+            self.toy_evaluator = ToyEvaluator(distribution, self.seed, requested)
+            self.metrics = self.toy_evaluator.names
         elif len(data_shape) == 3:
             default = DEFAULT_IMAGE_METRICS + (("accuracy",) if self.classifier_features else ())
             self.metrics = check_names(default if requested is None else requested,
@@ -197,12 +206,17 @@ class SamplingCallback(L.Callback):
         """``({setting: samples (N, ...)}, labels (N,))`` on every rank; rank ``r`` generates indices ``r::W``."""
         denoiser = pl_module.ema_denoiser()
         n, world = self.num_samples, trainer.world_size
-        labels = balanced_labels(n, denoiser.num_classes)
         indices = rank_indices(n, trainer.global_rank, world)
+        if self.prompts is None:
+            labels = balanced_labels(n, denoiser.num_classes)
+            conditions = labels[indices]
+        else:  # caption indices; the captions' embeddings are the conditions
+            labels = torch.arange(n) % len(self.prompts)
+            conditions = denoiser.encode([self.prompts[int(i)] for i in labels[indices]])
         samples = {}
         for name, guidance in tqdm(self.guidances.items(), desc="sampling settings", leave=False,
                                    disable=not trainer.is_global_zero):
-            local = generate(denoiser, guidance, labels[indices], indices, sampler=self.sampler, steps=self.steps,
+            local = generate(denoiser, guidance, conditions, indices, sampler=self.sampler, steps=self.steps,
                              seed=self.seed, batch_size=self.batch_size, device=pl_module.device,
                              sampler_kwargs=self.sampler_kwargs, progress=trainer.is_global_zero)
             samples[name] = gather_by_index(local.to(pl_module.device), n, world, pl_module.all_gather).cpu()
@@ -210,9 +224,8 @@ class SamplingCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """``metrics`` of one setting's samples: exact toy metrics, or image metrics against validation images."""
-        distribution = getattr(trainer.datamodule, "distribution", None)
-        if distribution is not None:
-            return toy_metrics(samples, labels, distribution, seed=self.seed, metrics=self.metrics)
+        if self.toy_evaluator is not None:
+            return self.toy_evaluator(samples, labels)
         if self.image_metrics is None:
             return {}
         self.image_metrics.to(pl_module.device)

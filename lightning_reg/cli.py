@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from argparse import ArgumentError
 
@@ -12,8 +11,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_reg import distributed
 from lightning_reg.data.images import ImageDataModule
-from lightning_reg.errors import ConfigError
-from lightning_reg.module import ConditionalDiffusion, read_checkpoint, state_dict_mismatch
+from lightning_reg.distributed import fail
+from lightning_reg.errors import ConfigError, parse_error_message
+from lightning_reg.io.files import state_dict_mismatch
+from lightning_reg.module import ConditionalDiffusion, read_checkpoint
 
 
 class AgreeOnChecks(L.Callback):
@@ -85,28 +86,11 @@ class TrainCLI(LightningCLI):
 # ``--ckpt_path`` values that Lightning resolves itself (``last`` starts afresh when there is none).
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
-# Lines of jsonargparse's report on a ``class_path`` union that only restate the type, not the problem.
-_UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
-                "Expected a <class 'NoneType'>")
-
-
-def parse_error_message(err: ArgumentError) -> str:
-    """jsonargparse's (often multi-line) parse error as one line that keeps the key and the problem."""
-    lines = (line.strip().lstrip("- ") for line in str(err).splitlines())
-    return " ".join(line for line in lines if line and not line.startswith(_UNION_NOISE))
-
-
 def config_error_behind(err: BaseException) -> ConfigError | None:
     """The ``ConfigError`` that caused ``err`` (jsonargparse wraps errors of nested ``init_args`` classes)."""
     while err is not None and not isinstance(err, ConfigError):
         err = err.__cause__ or err.__context__
     return err
-
-
-def fail(message: str) -> None:
-    """One ``error:`` line (naming the rank in a multi-process run) and exit status 2."""
-    print(f"error: {distributed.rank_prefix()}{message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def quiet_lightning() -> None:
@@ -132,3 +116,11 @@ def main(args=None, model_class: type[L.LightningModule] = ConditionalDiffusion)
         if cause is None:
             raise
         fail(str(cause))
+
+
+def classifier_main(args=None) -> None:
+    """``python train_classifier.py fit --config configs/mnist_classifier.yaml``: this CLI (the model's classes and
+    image shape checked against the data, one-line errors) over the digits classifier of the image metrics."""
+    from lightning_reg.metrics.classifier import ClassifierTraining
+
+    main(args, model_class=ClassifierTraining)

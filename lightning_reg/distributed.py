@@ -49,6 +49,13 @@ def rank_prefix() -> str:
     return f"rank {rank} of {world}: " if world > 1 else ""
 
 
+def fail(message: str) -> None:
+    """End a command-line run on bad input: one ``error:`` line on stderr (naming the rank in a multi-process
+    run) and exit status 2."""
+    print(f"error: {rank_prefix()}{message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def failure_line(err: BaseException) -> str:
     """One line for a failed rank: its exception, or for a collective that lost its peer, that it did."""
     cause = f"{type(err).__name__}: {one_line(err)}"

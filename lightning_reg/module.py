@@ -3,14 +3,15 @@
 Label dropout (Ho & Salimans 2022) replaces a label by the null id ``num_classes`` with probability
 ``label_dropout`` so the same network also learns the unconditional prediction CFG needs. An EMA
 copy of the weights (``torch.optim.swa_utils.AveragedModel``) is used for validation and sampling.
+
+A text-to-image model (``ConditionalDiffusion.for_text``) trains its UNet on (image, caption) batches: the
+images are encoded by its VAE, the captions by its text encoder (both frozen), and caption dropout replaces an
+embedding by the empty prompt's (``Denoiser.null_condition``), the text version of label dropout.
 """
 
 from __future__ import annotations
 
-import pickle
 import warnings
-import zipfile
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -20,8 +21,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef, learned_variance_vlb
 from lightning_reg.diffusion.predictions import Prediction
-from lightning_reg.diffusion.schedules import NoiseSchedule, VPSchedule
+from lightning_reg.diffusion.schedules import EDMSchedule, NoiseSchedule, VPSchedule
+from lightning_reg.diffusion.text import TextDenoiser
 from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.io.files import read_torch, require_keys, state_dict_mismatch, unwrap_state_dict
+from lightning_reg.models.edm2 import load_edm2
+
+CHECKPOINT_WHAT = "PyTorch checkpoint of a ConditionalDiffusion"
+EMA_PREFIX = "ema.module."  # the EMA weights of ``net`` in a checkpoint's state dict
 
 
 class ConditionalDiffusion(L.LightningModule):
@@ -36,17 +43,25 @@ class ConditionalDiffusion(L.LightningModule):
             trained and the EMA weights (not saved as a hyperparameter: the run's own checkpoints
             stand alone). It may have fewer classes (see ``init_weights_from``).
         freeze: parameter-name prefixes of ``net`` kept fixed during training (e.g. ``[blocks]``).
+        uncertainty: weight the loss by the backbone's learned uncertainty ``u = net.logvar(t)`` (EDM2 paper
+            eq. 8: ``mse / exp(u) + u``); an EDM2 snapshot starts with ``from_edm2`` (docs/edm2.md).
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule | None = None, prediction: str = "eps",
                  label_dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 100, ema_decay: float = 0.999, init_from: str | None = None,
-                 freeze: list[str] | None = None):
+                 freeze: list[str] | None = None, uncertainty: bool = False):
         super().__init__()
         if not 0.0 <= label_dropout < 1.0:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        if label_dropout and not getattr(net, "trains_null_label", True):
+            raise ConfigError(f"model.label_dropout={label_dropout}: {type(net).__name__} has no null label (EDM2 "
+                              "guides with a separate unconditional network); set it to 0")
+        if uncertainty and not callable(getattr(net, "logvar", None)):
+            raise ConfigError(f"model.uncertainty needs a backbone with a logvar(t) head (EDM2Precond), not "
+                              f"{type(net).__name__}")
         if lr <= 0 or warmup_steps < 0:
             raise ConfigError("lr must be positive and warmup_steps non-negative")
         with warnings.catch_warnings():
@@ -68,14 +83,31 @@ class ConditionalDiffusion(L.LightningModule):
             self.init_weights_from(init_from)
         self.freeze_parameters(freeze or [])
 
+    @classmethod
+    def from_edm2(cls, path: str, **kwargs) -> "ConditionalDiffusion":
+        """An EDM2 snapshot (``.pkl`` or ``.safetensors``, ``load_edm2``) to fine-tune: its network with float32
+        trainable weights, EDM's loss under the snapshot's ``P_mean`` / ``P_std`` / ``sigma_data``, the logvar
+        uncertainty weighting, no label dropout; ``kwargs`` override any argument (docs/edm2.md)."""
+        net, snapshot = load_edm2(path)
+        loss = snapshot.loss_kwargs
+        schedule = EDMSchedule(p_mean=loss.get("P_mean", -1.2), p_std=loss.get("P_std", 1.2),
+                               sigma_data=loss.get("sigma_data", net.sigma_data))
+        net = net.to(torch.float32).requires_grad_(True).train()  # master weights of the optimiser
+        return cls(net, schedule, **{"prediction": "edm", "label_dropout": 0.0, "uncertainty": True, **kwargs})
+
     def init_weights_from(self, path: str) -> None:
-        """Start ``net`` and its EMA from the EMA weights of the checkpoint at ``path`` (fine-tuning).
+        """Start ``net`` and its EMA from the EMA weights of the checkpoint at ``path`` (fine-tuning), or from
+        an EDM2 snapshot's weights (``.pkl`` / ``.safetensors``, cast to ``net``'s dtype).
 
         A checkpoint with fewer classes (same backbone otherwise) is widened: the label-embedding rows of
         its classes are kept, and every new row (the new classes and the null label, last) starts as its
         null row, so a new class starts from the unconditional model it was fine-tuned from.
         """
-        source = load_denoiser(path, ema=True, field="model.init_from").net.state_dict()
+        if str(path).endswith((".pkl", ".safetensors")):
+            self.load_net_weights(load_edm2(path)[1].state_dict, path)
+            return
+        checkpoint = read_checkpoint(path, "model.init_from")
+        source = unwrap_state_dict(checkpoint["state_dict"], path, "model.init_from", under=(), prefix=EMA_PREFIX)
         target = self.net.state_dict()
         key = next(f"{name}.weight" for name, m in self.net.named_modules() if m is self.net.label_embedding)
         old, new = source.get(key), target[key]
@@ -83,7 +115,11 @@ class ConditionalDiffusion(L.LightningModule):
             widened = old[-1].expand_as(new).clone()
             widened[: old.shape[0] - 1] = old[:-1]
             source[key] = widened
-        mismatch = state_dict_mismatch(target, source)
+        self.load_net_weights(source, path)
+
+    def load_net_weights(self, source: dict, path: str) -> None:
+        """``source`` into ``net`` (strictly, cast to its dtypes) and its EMA."""
+        mismatch = state_dict_mismatch(self.net.state_dict(), source)
         if mismatch:
             raise ConfigError(f"model.init_from {path} holds another architecture than model.net: {mismatch}")
         self.net.load_state_dict(source)
@@ -103,18 +139,38 @@ class ConditionalDiffusion(L.LightningModule):
         for name, param in self.net.named_parameters():
             param.requires_grad_(not any(under(name, p) for p in prefixes))
 
+    @classmethod
+    def for_text(cls, text: TextDenoiser, **kwargs) -> "ConditionalDiffusion":
+        """Fine-tuning of a text-to-image ``text`` denoiser's UNet (``diffusion.text``; its VAE and text encoder
+        stay frozen). The UNet's weights train even where sampling froze them for gradient checkpointing."""
+        text.net.requires_grad_(True)
+        module = cls(text.net, text.schedule, text.prediction.kind, **kwargs)
+        module.denoiser = text
+        return module
+
     @property
     def num_classes(self) -> int:
         return self.net.num_classes
 
     def ema_denoiser(self) -> Denoiser:
         """The denoiser on the EMA weights (what validation and sampling use)."""
+        if isinstance(self.denoiser, TextDenoiser):
+            return self.denoiser.with_net(self.ema.module)
         return Denoiser(self.ema.module, self.schedule, self.denoiser.prediction)
 
     def drop_labels(self, y: Tensor) -> Tensor:
-        """Replace each label by the null id with probability ``label_dropout``."""
-        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+        """Replace each condition (a label, or a prompt embedding) by the null one with probability
+        ``label_dropout``."""
+        drop = torch.rand(y.shape[:1], device=y.device) < self.hparams.label_dropout
+        return torch.where(drop.view(-1, *[1] * (y.ndim - 1)), self.denoiser.null_condition(y), y)
+
+    def model_inputs(self, batch) -> tuple[Tensor, Tensor]:
+        """``(x0, y)`` of a batch; a text model's ``(images, captions)`` become (its VAE's latents, the captions'
+        embeddings)."""
+        x0, y = batch
+        if isinstance(self.denoiser, TextDenoiser):
+            return self.denoiser.codec.encode(x0), self.denoiser.encode(list(y))
+        return x0, y
 
     def diffusion_loss(self, net: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
         """Unweighted MSE between ``net``'s output and the prediction target at a random time.
@@ -129,14 +185,18 @@ class ConditionalDiffusion(L.LightningModule):
         prediction = self.denoiser.prediction
         out = net(prediction.input_scale(a, s) * x_t, self.schedule.net_time(t).to(x0.dtype), y)
         out, v = out.chunk(2, dim=1) if self.denoiser.learn_sigma else (out, None)
-        mse = (out - prediction.target(x0, eps, a, s)).pow(2).mean()
+        err = (out - prediction.target(x0, eps, a, s)).pow(2)
+        if self.hparams.get("uncertainty"):  # EDM2 paper eq. 8: the learned u(sigma) per sample
+            u = net.logvar(t).to(err.dtype).reshape(-1, *[1] * (err.ndim - 1))
+            err = err / u.exp() + u
+        mse = err.mean()
         if v is None:
             return mse
         x0_hat = prediction.to_x0(out.detach(), x_t, a, s)
         return mse + learned_variance_vlb(self.schedule, x0, x_t, t, x0_hat, v).mean()
 
     def training_step(self, batch, batch_idx):
-        x0, y = batch
+        x0, y = self.model_inputs(batch)
         self.denoiser.check_labels(y, allow_null=True)
         loss = self.diffusion_loss(self.net, x0, self.drop_labels(y))
         self.log("train/loss", loss, prog_bar=True)
@@ -155,7 +215,7 @@ class ConditionalDiffusion(L.LightningModule):
         self.ema.update_parameters(self.net)
 
     def validation_step(self, batch, batch_idx):
-        x0, y = batch
+        x0, y = self.model_inputs(batch)
         loss = self.diffusion_loss(self.ema.module, x0, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
@@ -168,48 +228,19 @@ class ConditionalDiffusion(L.LightningModule):
 
 
 def read_checkpoint(path, field: str) -> dict:
-    """The Lightning checkpoint at ``path``, loaded with ``weights_only=True`` (tensors and plain data:
-    loading runs no code) and memory-mapped; a one-line ConfigError for a missing, truncated, foreign
-    or unsafe file."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{field} {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise ConfigError(f"{field} {path} is not a PyTorch checkpoint (not a torch.save zip archive: "
-                          "truncated, or another format)")
+    """The Lightning checkpoint at ``path`` (``io.read_torch``: tensors and plain data only) with its ``state_dict``."""
+    return require_keys(read_torch(path, field, CHECKPOINT_WHAT), ["state_dict"], path, field, "Lightning checkpoint")
+
+
+def module_from_checkpoint(checkpoint: dict, path, field: str) -> ConditionalDiffusion:
+    """The ``ConditionalDiffusion`` of an already read checkpoint (its hyperparameters rebuild the backbone, as
+    ``load_from_checkpoint`` does, without reading the file again), on the CPU; a ConfigError if it is not one."""
+    from lightning.pytorch.core.saving import _load_state  # what load_from_checkpoint runs on the loaded dict
+
+    checkpoint = {**checkpoint, "hyper_parameters": dict(checkpoint.get("hyper_parameters") or {})}
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), one_line(err, 150))
-        raise ConfigError(f"{field} {path} holds pickled objects other than tensors and plain data, which "
-                          f"could run code when loaded; refused ({detail})") from None
-    except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
-        raise ConfigError(f"{field} {path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                          f"{one_line(err, 150)})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{field} {path} is not a Lightning checkpoint (it has no 'state_dict')")
-    return checkpoint
-
-
-def state_dict_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
-    """What differs between two state dicts (missing / unexpected keys, other shapes), or ``""``."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {tuple(found[k].shape)} (needs {tuple(v.shape)})"
-              for k, v in expected.items() if k in found and found[k].shape != v.shape]
-    parts = [f"{what}: {', '.join(items[:limit])}{f' (+{len(items) - limit} more)' if len(items) > limit else ''}"
-             for what, items in (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)) if items]
-    return "; ".join(parts)
-
-
-def load_denoiser(path, ema: bool, field: str = "--checkpoint") -> Denoiser:
-    """The checkpoint's EMA (or raw) denoiser, in eval mode on the CPU; a ConfigError saying what is wrong."""
-    if path is None:
-        raise ConfigError(f"{field} is required: the .ckpt file of a trained ConditionalDiffusion")
-    read_checkpoint(path, field)
-    try:
-        model = ConditionalDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
-        reason = one_line(err)
+        return _load_state(ConditionalDiffusion, checkpoint, strict=True)
+    except (TypeError, ValueError, KeyError, RuntimeError, ImportError, AttributeError) as err:
+        # another module's hyperparameters, a backbone that no longer builds, or weights that do not fit
         raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint "
-                          f"({type(err).__name__}: {reason})") from None
-    return (model.ema_denoiser() if ema else model.denoiser).eval()
+                          f"({type(err).__name__}: {one_line(err)})") from None

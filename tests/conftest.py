@@ -28,3 +28,100 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """A CLIP tokenizer over a small local vocabulary (lower-case letters, digits and punctuation, each also
+    as a word end ``</w>``, one merge), nothing downloaded: ``<|startoftext|>`` 0, ``<|endoftext|>`` 1 (also
+    pad), 139 ids in all; ``model_max_length`` 16."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in (*chars, *(c + "</w>" for c in chars), "an"):
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[("a", "n")], model_max_length=16)
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """``hub_cache(folder, "owner/name")``: a Hugging Face cache under ``tmp_path`` (the layout
+    ``huggingface-cli download`` writes) holding ``folder`` as the one snapshot of that hub name; returns the
+    cache folder."""
+    import shutil
+
+    def make(folder, name: str):
+        revision = "0" * 40
+        repo = tmp_path / f"models--{name.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / revision)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        return str(tmp_path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    """``tiny_components(tokenizer, prediction_type="epsilon", seed=0)``: random tiny Stable Diffusion components
+    built from configs, as diffusers' own pipeline tests build them (nothing downloaded)."""
+    return make_tiny_components
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, clip_tokenizer):
+    """A ``StableDiffusionPipeline`` folder (``save_pretrained``) of the epsilon tiny components."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
+    StableDiffusionPipeline(**make_tiny_components(clip_tokenizer), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory, clip_tokenizer):
+    """A random CLIP (width 8, 2 layers, 16x16 images in 8x8 patches) with its processor, saved locally."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+                         vocab_size=1000, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8)
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=clip_tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_components(tokenizer, prediction_type: str = "epsilon", seed: int = 0) -> dict:
+    """SD-like components: a 2-level UNet with cross attention on 8x8x4 latents, a 2-level VAE (16x16 images),
+    a 2-layer CLIP text encoder of width 8, and SD's DDIM scheduler config (scaled-linear betas, steps_offset 1,
+    set_alpha_to_one false)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=8,
+                                                intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+                                                vocab_size=1000, max_position_embeddings=16))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                scheduler=scheduler)

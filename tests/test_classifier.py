@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reg.data.digits import load_digit_arrays
 from lightning_reg.errors import ConfigError
-from lightning_reg.metrics.classifier import ClassifierTraining, FeatureNetwork, load_feature_network, main
+from lightning_reg.cli import classifier_main as main
+from lightning_reg.metrics.classifier import ClassifierTraining, FeatureNetwork, load_feature_network
 from lightning_reg.metrics.evaluate import build_image_evaluator
 
 TINY = {"widths": (8, 16), "num_features": 32}

@@ -20,9 +20,9 @@ from test_sample_cli import ARGS, checkpoint  # noqa: F401 - the session's tiny 
 
 from lightning_reg.data.digits import prepare_digits
 from lightning_reg.guidance.methods import make_guidance
-from lightning_reg.module import load_denoiser
 from lightning_reg.sampling.cli import main as sample_main
 from lightning_reg.sampling.engine import balanced_labels, generate, rank_indices
+from lightning_reg.sources import load_denoiser
 
 ROOT = Path(__file__).parents[1]
 SETTINGS = [{"method": "cfg", "scale": 1.0, "reg": "none"}, {"method": "cfg", "scale": 1.0, "reg": "paper"}]

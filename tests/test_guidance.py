@@ -1,4 +1,4 @@
-"""Guidance methods and REG (REG_NOTES §2-3) against closed forms derived by hand.
+"""Guidance methods and REG (docs/theory.md §2-3) against closed forms derived by hand.
 
 A backbone linear in x, ``eps = A x + b_y``, has the Jacobian ``J = A``, so every formula has a
 closed form in ``A``, ``b`` and the schedule's ``s_t``; nonlinear nets are checked against the same
@@ -138,7 +138,7 @@ def test_paper_and_vjp_differ_for_non_diagonal_jacobian(xy):
 # --- other parameterisations: the general factor a_t * grad(1^T x0_hat_c) ---------------------------
 
 def eps_form_by_hand(eps_c_fn, eps_ref, x, s: float, w: float, reg: str):
-    """REG_NOTES §2 in eps units with autograd: paper ``d ⊙ (1 - s grad(1^T eps_c))``, vjp ``d - s J^T d``."""
+    """docs/theory.md §2 in eps units with autograd: paper ``d ⊙ (1 - s grad(1^T eps_c))``, vjp ``d - s J^T d``."""
     x = x.detach().requires_grad_(True)
     eps_c = eps_c_fn(x)
     d = (eps_c - eps_ref).detach()
@@ -296,7 +296,7 @@ def test_weight_schedules_match_formulas():
 
 @pytest.mark.parametrize("reg", ["none", "paper", "vjp"])
 def test_cosine_reg_rectifies_the_term_w2t_minus_one(xy, reg):
-    """Cosine guidance is ``eps_c + (w2(t) - 1) d`` and REG multiplies exactly that term (REG_NOTES §3)."""
+    """Cosine guidance is ``eps_c + (w2(t) - 1) d`` and REG multiplies exactly that term (docs/theory.md §3)."""
     x, y = xy
     w2_t = 3 * (1 - math.cos(math.pi * 0.16)) / 2
     out = guided_eps(linear_model(), make_guidance("cosine", scale=2.0, power=2.0, reg=reg), x, y, 600)

@@ -1,4 +1,4 @@
-"""APG, CFG-Zero* and guidance rescale (issue 11) against closed forms on the linear backbone.
+"""APG, CFG-Zero* and guidance rescale against closed forms on the linear backbone.
 
 With ``eps = A x + b_y`` (``tests/test_guidance.py``) and ``x0 = (x - s eps) / a``, every prediction is
 known in closed form, and REG's factor is too: ``grad_x(1^T x0_c) = (1 - s A^T 1) / a`` and

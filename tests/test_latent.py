@@ -1,15 +1,15 @@
 """Latent diffusion: the SD-VAE wrapper (a tiny random ``AutoencoderKL``), loading, and REG that never runs
 through the VAE."""
 
-import shutil
-
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser, LatentImages, load_autoencoder
+from lightning_reg.data.latent import LatentImages
+from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
+from lightning_reg.io.vae import load_autoencoder
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.errors import ConfigError
@@ -60,14 +60,9 @@ def test_round_trip_shapes_and_scale(vae_folder, one_thread):
     torch.testing.assert_close(images, codec.vae.decode(z / 0.18215).sample)
 
 
-def test_hub_name_loads_from_the_local_cache_only(vae_folder, tmp_path, one_thread):
+def test_hub_name_loads_from_the_local_cache_only(vae_folder, hub_cache, one_thread):
     """A hub name resolves in a Hugging Face cache (the layout ``huggingface-cli download`` writes)."""
-    revision = "0" * 40
-    repo = tmp_path / "models--someone--tiny-vae"
-    shutil.copytree(vae_folder, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    vae = load_autoencoder("someone/tiny-vae", cache_dir=str(tmp_path))
+    vae = load_autoencoder("someone/tiny-vae", cache_dir=hub_cache(vae_folder, "someone/tiny-vae"))
     for got, want in zip(vae.state_dict().values(), load_autoencoder(str(vae_folder)).state_dict().values()):
         assert torch.equal(got, want)
 
@@ -145,7 +140,7 @@ def test_train_on_latents_then_sample_decoded_images(vae_folder, tmp_path, one_t
     from lightning_reg.sampling.cli import main as sample_main
 
     data = make_synthetic_image_dataset(tmp_path / "data", num_classes=3, n_per_class=4, image_size=32)
-    ckpt = train_tiny_dit(tmp_path, 4, 4, "--data", "lightning_reg.diffusion.latent.LatentImages",
+    ckpt = train_tiny_dit(tmp_path, 4, 4, "--data", "lightning_reg.data.latent.LatentImages",
                           "--data.vae", str(vae_folder), "--data.data", "lightning_reg.data.images.ImageDataModule",
                           "--data.data.name", str(data), "--data.data.image_size", "32", "--data.data.batch_size", "4")
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""The optimal-guidance oracle and the exact mixture denoiser (REG_NOTES §1, §2, §4)."""
+"""The optimal-guidance oracle and the exact mixture denoiser (docs/theory.md §1, §2, §4)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _finite_difference_jacobian(f, x, h=1e-5):
 @pytest.mark.parametrize("distribution", [toy1d_distribution(), toy2d_distribution()], ids=["1d", "2d"])
 def test_no_foresight_estimates_match_the_formulas(distribution):
     """CFG's estimate is ``w (grad log p_t(x|y) - grad log p_t(x))``; REG-vjp is ``(I - s J)^T`` of it and
-    REG-paper ``(J^T 1)``-diagonal form, ``J = d eps_c / dx`` (REG_NOTES §2)."""
+    REG-paper ``(J^T 1)``-diagonal form, ``J = d eps_c / dx`` (docs/theory.md §2)."""
     den, w, t = ExactMixtureDenoiser(distribution, SCHEDULE), 1.5, 300
     a, s = SCHEDULE.alpha_sigma(t)
     x = torch.tensor([[0.3, -0.4], [0.9, 0.1], [-0.2, 0.6]], dtype=torch.float64)[:, :distribution.dim]

@@ -28,6 +28,7 @@ from lightning_reg.module import ConditionalDiffusion
 from lightning_reg.oracle import ExactMixtureDenoiser
 from lightning_reg.sampling import (PerSampleNoise, balanced_labels, gather_by_index, generate, rank_indices,
                                     sample_seed, setting_name)
+from lightning_reg.io.files import atomic_write, to_uint8_nhwc
 from lightning_reg.sampling import writer
 
 
@@ -146,7 +147,7 @@ def test_generate_bad_input(mlp_denoiser):
 def test_shard_ranges_and_uint8_conversion():
     assert writer.shard_ranges(25, 10) == [range(0, 10), range(10, 20), range(20, 25)]
     images = torch.tensor([-1.0, -0.5, 0.0, 1.0, 1.2, -3.0]).reshape(1, 3, 2, 1)  # (N, C, H, W)
-    out = writer.to_uint8_nhwc(images)
+    out = to_uint8_nhwc(images)
     assert out.dtype == np.uint8 and out.shape == (1, 2, 1, 3)
     # channel c, row h = images[0, c, h, 0]: round((x + 1) * 127.5) clipped; 63.75 -> 64, 127.5 -> 128
     assert out[0, :, 0, :].T.tolist() == [[0, 64], [128, 255], [255, 0]]
@@ -158,7 +159,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        writer.atomic_write(tmp_path / "x.npz", broken)
+        atomic_write(tmp_path / "x.npz", broken)
     assert list(tmp_path.iterdir()) == []
     writer.write_shard(tmp_path, 3, torch.arange(2), torch.ones(2, 2), torch.zeros(2, dtype=torch.long))
     assert [p.name for p in tmp_path.iterdir()] == ["shard_00003.npz"]

@@ -131,7 +131,7 @@ def test_edm_preconditioning_is_karras_table_1():
 def test_unknown_schedule_betas_and_prediction_are_refused():
     with pytest.raises(ConfigError, match=r"unknown schedule 'ddpm'.*\['edm', 'flow', 'vp'\]"):
         make_schedule("ddpm")
-    with pytest.raises(ConfigError, match=r"unknown betas schedule 'quadratic'.*'linear' or 'cosine'"):
+    with pytest.raises(ConfigError, match=r"unknown betas schedule 'quadratic'.*'linear', 'scaled_linear' or 'cosine'"):
         make_schedule("vp", betas="quadratic")
     with pytest.raises(ConfigError, match=r"unknown prediction 'noise'"):
         Prediction("noise")
@@ -143,3 +143,39 @@ def test_unknown_schedule_betas_and_prediction_are_refused():
 def test_prediction_that_does_not_fit_the_schedule_is_refused(schedule, kind):
     with pytest.raises(ConfigError, match=rf"prediction '{kind}' does not fit schedule '{schedule.name}'"):
         Denoiser(ToyMLP(num_classes=2), schedule, Prediction(kind))
+
+
+def test_scaled_linear_betas_match_hand_computed_alpha_bar():
+    schedule = VPSchedule(num_timesteps=3, betas="scaled_linear", beta_start=0.01, beta_end=0.09)
+    a, _ = schedule.alpha_sigma(torch.tensor([0.0, 1.0, 2.0]))
+    beta = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64) ** 2  # linspace(sqrt 0.01, sqrt 0.09, 3)^2
+    torch.testing.assert_close(a ** 2, torch.cumprod(1 - beta, 0))
+
+
+@pytest.mark.parametrize("spacing, offset, steps, one", [
+    ("leading", 1, 50, False), ("leading", 1, 7, True), ("leading", 0, 10, False), ("trailing", 0, 10, False),
+    ("trailing", 0, 50, True), ("linspace", 0, 1, True)])
+def test_diffusers_spacings_step_as_its_ddim_scheduler(spacing, offset, steps, one):
+    """``timesteps`` of diffusers' DDIM scheduler, then its last step's target ``t - T // steps`` (clean when
+    negative with set_alpha_to_one, else abar_0 = our index 0); alpha_bar to float32 rounding."""
+    from diffusers import DDIMScheduler
+
+    theirs = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                           timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=one)
+    theirs.set_timesteps(steps)
+    ours = VPSchedule(1000, "scaled_linear", 0.00085, 0.012, spacing=spacing, steps_offset=offset, final_alpha_one=one)
+    times = ours.sampling_times(steps)
+    assert torch.equal(times[:-1].long(), theirs.timesteps)
+    last = int(theirs.timesteps[-1]) - 1000 // steps
+    assert times[-1] == (last if last >= 0 else -1 if one else 0)
+    a, _ = ours.alpha_sigma(times[:-1])
+    torch.testing.assert_close(a ** 2, theirs.alphas_cumprod[theirs.timesteps].double(), rtol=1e-4, atol=1e-6)
+
+
+def test_diffusers_spacing_refuses_times_its_ddim_steps_do_not_follow():
+    with pytest.raises(ConfigError, match="spacing 'linspace' with steps=10 .* not 100 apart"):
+        VPSchedule(1000, spacing="linspace").sampling_times(10)
+    with pytest.raises(ConfigError, match="unknown spacing 'even-ish'"):
+        VPSchedule(spacing="even-ish")
+    with pytest.raises(ConfigError, match="steps_offset must be a non-negative integer"):
+        VPSchedule(spacing="leading", steps_offset=-1)

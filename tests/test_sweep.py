@@ -15,7 +15,7 @@ from lightning_reg.guidance.reg import REG_MODES
 from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
-from lightning_reg.sampling.sweep import read_table
+from lightning_reg.metrics.fronts import read_table
 from test_sample_cli import TRAIN_CONFIG  # the tiny ToyMLP of sample.py's tests
 
 STEPS = 4
@@ -206,3 +206,48 @@ def test_shipped_reg_modes_sweep_parses():
     cfg = build_parser().parse_args(["--config", str(config)])
     assert [(m["method"], list(m["weights"])) for m in cfg.methods] == [("cfg", [1, 3])]
     assert list(cfg.reg) == list(REG_MODES) and cfg.num_samples >= 2000 and cfg.evaluation is not None
+
+
+def test_sweep_of_the_public_dit_layout_opens_its_checkpoint_once_and_writes_its_table(tmp_path, monkeypatch):
+    """Every sample.py option works in a sweep: the public-layout DiT fixture (``--format dit``, a width outside
+    the paper's sizes so ``--num_heads``), a tiny random VAE, guidance on 3 of 4 latent channels for every
+    setting, image metrics on a classifier; the checkpoint is read (and hashed) once for all settings."""
+    import numpy as np
+
+    import lightning_reg.io.files as io_files
+    from test_classifier import classifier_checkpoint
+    from test_latent import tiny_autoencoder
+
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "dit_official_tiny.pt", weights_only=True)
+    dit = tmp_path / "dit.pt"
+    torch.save(fixture["state_dict"], dit)
+    tiny_autoencoder().save_pretrained(tmp_path / "vae")
+    clf = classifier_checkpoint(tmp_path / "clf.ckpt", image_size=64, channels=3, num_classes=10)
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
+    loads, hashes = [], []
+    load, sha = torch.load, io_files.file_sha256
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(Path(f)), load(f, *a, **k))[1])
+    monkeypatch.setattr(io_files, "file_sha256", lambda p, *a: (hashes.append(Path(p)), sha(p, *a))[1])
+    monkeypatch.setattr(sample_cli, "file_sha256", io_files.file_sha256)
+    out = tmp_path / "sweep"
+    sweep_main(["--checkpoint", str(dit), "--format", "dit", "--num_heads", "4", "--vae", str(tmp_path / "vae"),
+                "--guidance", "{guidance_channels: [0, 1, 2]}", "--sampler", "ddpm", "--steps", "2",
+                "--methods", "[{method: cfg, weights: [0, 1.5]}]", "--reg", "[none, paper]",
+                "--num_samples", "6", "--shard_size", "6", "--batch_size", "6",
+                "--evaluation", f"{{metrics: [kid, accuracy], reference: {tmp_path / 'ref.npz'}, "
+                                f"feature_network: {clf}}}", "--front", "[kid, accuracy]", "--output", str(out)])
+    rows = read_table(out / "sweep.csv")
+    assert [r["setting"] for r in rows] == [f"cfg_w{w}_{reg}_guidance_channels[0,1,2]"
+                                            for reg in ("none", "paper") for w in ("0", "1.5")]
+    assert all(0 <= float(r["accuracy"]) <= 1 and math.isfinite(float(r["kid"])) for r in rows)
+    meta = json.loads((out / rows[0]["setting"] / "meta.json").read_text())
+    assert meta["sample_shape"] == [3, 64, 64] and meta["data_shape"] == [4, 8, 8]
+    assert loads.count(dit) == 1 and hashes.count(dit) == 1
+
+
+def test_sweep_of_a_lightning_checkpoint_reads_it_once_for_all_settings(checkpoint, tmp_path, monkeypatch):
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(Path(f)), load(f, *a, **k))[1])
+    sweep_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "sweep"), *SWEEP, "--max_settings", "3"])
+    assert len(list((tmp_path / "sweep").glob("*/row.json"))) == 3 and loads.count(checkpoint) == 1

@@ -50,7 +50,7 @@ def assert_one_error_line(stderr: str, words: list[str]) -> None:
 # ConfigError while jsonargparse instantiates a nested class (which it wraps in its own ValueError).
 @pytest.mark.parametrize("args, words", [
     (["--model.not_a_key", "1"], ["--model.not_a_key"]),
-    (["--model.schedule.init_args.betas", "bogus"], ["betas", "'bogus'", "'linear' or 'cosine'"]),
+    (["--model.schedule.init_args.betas", "bogus"], ["betas", "'bogus'", "'scaled_linear' or 'cosine'"]),
 ], ids=["unknown-key", "nested-config-error"])
 def test_train_script_fails_with_one_line_no_traceback_no_files(workdir, args, words):
     before = files_under(workdir)

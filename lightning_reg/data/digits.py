@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
 from lightning_reg.data.images import ImageDataModule
@@ -152,6 +153,59 @@ class Digits(ImageDataModule):
         if not self.prepared:  # ``num_classes`` may be read before the trainer prepares the data; once is enough
             self.prepare_data()  # (preparing checks an existing folder by loading it)
         return super()._load(split)
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class CaptionedDigits(L.LightningDataModule):
+    """Offline digits as (image, caption) pairs for text-to-image fine-tuning: ``(x in [-1, 1] (C, S, S),
+    caption.format(name=...))``, e.g. "a handwritten digit seven"; validation on the held-out 20% of
+    ``stratified_test_mask`` (the split of ``prepare_digits``), training on the rest, in memory.
+
+    Args:
+        source: ``mnist`` or ``sklearn`` (``load_digit_arrays``; nothing is written).
+        image_size, channels: the images' size (bilinear, antialiased) and channels (the gray value repeated:
+            3 for a Stable Diffusion VAE).
+        caption: the caption of a digit, ``{name}`` its word (``DIGIT_NAMES``).
+        max_samples, max_val_samples: the first digits of each split (a few dozen for a smoke run).
+        batch_size, seed: the loaders' batch size and the training order's seed.
+    """
+
+    def __init__(self, source: str = "sklearn", image_size: int = 16, channels: int = 3,
+                 caption: str = "a handwritten digit {name}", max_samples: int | None = None,
+                 max_val_samples: int | None = None, batch_size: int = 16, seed: int = 0):
+        super().__init__()
+        if "{name}" not in caption:
+            raise ConfigError(f"caption {caption!r} must contain {{name}}, the digit's word")
+        self.source, self.image_size, self.channels, self.caption = source, image_size, channels, caption
+        self.limits, self.batch_size, self.seed = (max_samples, max_val_samples), batch_size, seed
+        self.splits: dict[str, list] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        import torch
+        from torch.nn.functional import interpolate
+
+        images, labels = load_digit_arrays(self.source)
+        held_out = stratified_test_mask(labels)
+        for split, mask, limit in (("train", ~held_out, self.limits[0]), ("val", held_out, self.limits[1])):
+            x = torch.from_numpy(images[mask][:limit]).float()[:, None] / 127.5 - 1
+            x = interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True).clamp(-1, 1)
+            captions = [self.caption.format(name=DIGIT_NAMES[int(c)]) for c in labels[mask][:limit]]
+            self.splits[split] = list(zip(x.repeat(1, self.channels, 1, 1), captions))
+
+    def _loader(self, split: str, shuffle: bool):
+        import torch
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""The paper's toy problems (REG_NOTES §4) as Lightning data modules with known densities.
+"""The paper's toy problems (docs/theory.md §4) as Lightning data modules with known densities.
 
 * ``Toy1D``: one condition, ``p(x|y)`` a mixture with means [0.5, 1.5], stds [0.25, 0.25]; the
   "unconditional" density is a *different* mixture (means [-1, 1], stds [0.5, 0.5]), not the class
@@ -148,3 +148,7 @@ class Toy2D(ToyDataModule):
     def __init__(self, num_train: int = 100_000, num_val: int = 4096, batch_size: int = 512,
                  null_fraction: float = 0.0, seed: int = 0, task: str = "ring_cross"):
         super().__init__(toy2d_distribution(task), num_train, num_val, batch_size, null_fraction, seed)
+
+
+TOY_DISTRIBUTIONS = {"toy1d": toy1d_distribution, "toy2d": toy2d_distribution,
+                     "toy2d_overlap": lambda: toy2d_distribution("overlap")}

@@ -3,9 +3,9 @@
 Learned variance (improved DDPM, Nichol & Dhariwal 2021; DiT): a backbone with ``learn_sigma = True``
 returns ``2C`` channels, the prediction and a variance interpolation ``v`` in [-1, 1]. ``D`` returns
 ``x0_hat`` from the first ``C`` and keeps ``v`` of the conditional rows (label not null) of its last
-call with any, as ``variance_interpolation``: guidance stays a rule on ``x0_hat`` and samplers stay
-functions of ``D(x, t)``; the DDPM sampler reads ``v`` after each call (``learned_variance_of``). As the
-public DiT sampler does, ``v`` comes from the conditional branch, never guided.
+call with any: guidance stays a rule on ``x0_hat`` and samplers stay functions of ``D(x, t)``; the DDPM
+sampler is handed ``learned_variance`` (this denoiser's method) explicitly and asks it after each call.
+As the public DiT sampler does, ``v`` comes from the conditional branch, never guided.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def broadcast_coef(c: Tensor, x: Tensor) -> Tensor:
 class Denoiser(nn.Module):
     """Wraps a backbone ``net(x, t, y)`` (attributes ``num_classes``, ``data_shape``).
 
-    The label ``num_classes`` is the null label that classifier-free guidance uses.
+    The label ``num_classes`` is the null label that classifier-free guidance uses (``null_condition``).
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction):
@@ -62,6 +62,22 @@ class Denoiser(nn.Module):
     @property
     def data_shape(self) -> tuple[int, ...]:
         return tuple(self.net.data_shape)
+
+    def null_condition(self, y: Tensor) -> Tensor:
+        """The condition of the CFG reference prediction for the batch of conditions ``y`` (same batch): here the
+        null label ``num_classes`` of label dropout (docs/theory.md §3). Other conditionings implement their own
+        (an empty-prompt embedding); guidance only ever asks this method."""
+        return torch.full_like(y, self.null_label)
+
+    def learned_variance(self) -> Tensor | None:
+        """``v`` of the conditional rows of the last call (improved DDPM eq. 15's interpolation); ``None`` when
+        the backbone has no learned sigma. ``generate`` hands this method to the sampler."""
+        return self.variance_interpolation if self.learn_sigma else None
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of the sampling chain's state: the parameters' (float32 for a parameter-free net)."""
+        return next(self.parameters(), torch.empty(0)).dtype
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -102,13 +118,6 @@ def learned_log_variance(v: Tensor, beta: Tensor, posterior_variance: Tensor) ->
     """Improved DDPM eq. 15: ``log Sigma = frac log(beta_t) + (1 - frac) log(beta~_t)``, ``frac = (v + 1) / 2``."""
     frac = (v + 1) / 2
     return frac * beta.log() + (1 - frac) * posterior_variance.log()
-
-
-def learned_variance_of(denoiser) -> Tensor | None:
-    """``v`` of the last conditional call of ``denoiser`` (a ``Denoiser`` or a wrapper holding one as
-    ``.model``, such as ``GuidedDenoiser``); ``None`` when its backbone has no learned sigma."""
-    model = denoiser if isinstance(denoiser, Denoiser) else getattr(denoiser, "model", None)
-    return model.variance_interpolation if isinstance(model, Denoiser) and model.learn_sigma else None
 
 
 def learned_variance_vlb(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor,

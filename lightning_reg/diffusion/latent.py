@@ -4,52 +4,21 @@ The chain runs on scaled latents ``z = scale * E(x)`` (``scale = 0.18215`` for `
 and ``-mse``, read from the VAE's own config); images are ``x = D(z / scale)`` in [-1, 1]. The VAE is
 ``diffusers.AutoencoderKL``, frozen and always run under ``no_grad``:
 
-* training / fine-tuning: ``LatentImages`` wraps an image datamodule and encodes each batch on its device;
+* training / fine-tuning: ``data.latent.LatentImages`` wraps an image datamodule and encodes each batch on
+  its device;
 * sampling: ``LatentDenoiser`` is a ``Denoiser`` over the latent space that decodes only after the last
   step, so guidance and REG (``grad_x`` of the backbone) never run through the VAE.
 """
 
 from __future__ import annotations
 
-import re
-import warnings
-from pathlib import Path
-
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule
-from lightning_reg.errors import ConfigError, one_line
-
-HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def load_autoencoder(source: str, field: str = "--vae", cache_dir: str | None = None):
-    """An ``AutoencoderKL`` from a local folder (``save_pretrained``) or a hub name already in the local
-    Hugging Face cache (``cache_dir``, default the standard cache); never downloads. A ConfigError otherwise."""
-    from diffusers import AutoencoderKL
-
-    path = Path(source).expanduser()
-    is_hub_name = not path.exists() and HUB_NAME.match(source) and not source.startswith((".", "/", "~"))
-    if not path.is_dir() and not is_hub_name:
-        problem = "is a file" if path.exists() else "does not exist"
-        raise ConfigError(f"{field} {source} {problem}: give a folder written by AutoencoderKL.save_pretrained "
-                          "or a hub name such as stabilityai/sd-vae-ft-ema")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # huggingface_hub's deprecation notes on its own arguments
-            return AutoencoderKL.from_pretrained(source if is_hub_name else str(path), low_cpu_mem_usage=False,
-                                                 local_files_only=True, cache_dir=cache_dir)
-    except Exception as err:  # noqa: BLE001 - missing files, another model type, corrupt weights ...
-        if is_hub_name:
-            raise ConfigError(f"{field} {source} is neither a folder nor in the local Hugging Face cache, and "
-                              f"nothing is downloaded at run time: run `huggingface-cli download {source}` on a "
-                              "machine with network and copy the cache here, or give a local folder") from None
-        raise ConfigError(f"{field} {source} is not a loadable AutoencoderKL folder ({type(err).__name__}: "
-                          f"{one_line(err, 300)})") from None
+from lightning_reg.errors import ConfigError
 
 
 class LatentCodec(nn.Module):
@@ -86,6 +55,31 @@ class LatentCodec(nn.Module):
         return self.vae.decode(latents / self.scale_factor).sample
 
 
+class ChannelLatentCodec(LatentCodec):
+    """The VAE with a per-channel affine map, EDM2's ``StabilityVAEEncoder`` (docs/edm2.md): the chain's latents
+    are ``z = raw * scale + bias`` (``scale``, ``bias``: one value per latent channel), and that VAE reads and
+    writes images in [0, 1] (here, as everywhere in the project, images are in [-1, 1] outside the codec)."""
+
+    def __init__(self, vae: nn.Module, scale, bias):
+        super().__init__(vae, scale_factor=1.0)
+        shape = (1, -1, 1, 1)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(shape))
+        self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32).reshape(shape))
+        if self.scale.numel() != self.latent_channels or self.bias.numel() != self.latent_channels:
+            raise ConfigError(f"the latent scale/bias have {self.scale.numel()}/{self.bias.numel()} channels but "
+                              f"the VAE's latents have {self.latent_channels}")
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        images = ((images + 1) / 2).to(next(self.vae.parameters()).dtype)
+        return self.vae.encode(images).latent_dist.sample(generator).float() * self.scale + self.bias
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        raw = (latents.float() - self.bias) / self.scale
+        return self.vae.decode(raw.to(next(self.vae.parameters()).dtype)).sample * 2 - 1
+
+
 class LatentDenoiser(Denoiser):
     """A ``Denoiser`` whose ``data_shape`` is the latent shape; ``decode`` maps its samples to images.
 
@@ -114,45 +108,3 @@ class LatentDenoiser(Denoiser):
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.codec.decode(latents).float()
-
-
-class LatentImages(L.LightningDataModule):
-    """An image datamodule's batches ``(x, y)`` with ``x`` replaced by its scaled VAE latent.
-
-    Encoding happens in ``on_after_batch_transfer`` (on the training device, under ``no_grad``), so the
-    model trains on latents without knowing about the VAE; sample with ``sample.py --vae`` (same VAE).
-
-    Args:
-        data: the image datamodule (e.g. ``ImageDataModule``, images in [-1, 1]).
-        vae: a folder written by ``AutoencoderKL.save_pretrained`` or a cached hub name
-            (``stabilityai/sd-vae-ft-ema``).
-    """
-
-    def __init__(self, data: L.LightningDataModule, vae: str = "stabilityai/sd-vae-ft-ema"):
-        super().__init__()
-        self.data = data
-        self.codec = LatentCodec(load_autoencoder(vae, field="data.vae"))
-
-    @property
-    def num_classes(self) -> int:
-        return self.data.num_classes
-
-    @property
-    def data_shape(self) -> tuple[int, int, int]:
-        return self.codec.latent_shape(self.data.data_shape)
-
-    def prepare_data(self) -> None:
-        self.data.prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.data.setup(stage)
-
-    def train_dataloader(self):
-        return self.data.train_dataloader()
-
-    def val_dataloader(self):
-        return self.data.val_dataloader()
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
-        return self.codec.to(x.device).encode(x), y

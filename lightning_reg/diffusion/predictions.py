@@ -3,7 +3,7 @@
 A backbone's raw output ``F`` is turned into the denoised estimate ``x0_hat``; guidance and the
 samplers work on ``x0_hat`` (and ``eps_hat`` derived from it). Because every conversion is affine in
 ``F`` with an ``x``-dependent offset that does not depend on the label, a guidance rule written on
-``x0_hat`` is the same rule on ``eps`` (REG_NOTES §2: the general factor ``a_t * grad(1^T x0_hat_c)``).
+``x0_hat`` is the same rule on ``eps`` (docs/theory.md §2: the general factor ``a_t * grad(1^T x0_hat_c)``).
 
 With ``x_t = a x0 + s eps``:
 

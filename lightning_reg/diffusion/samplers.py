@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_reg.diffusion.denoiser import learned_log_variance, learned_variance_of
+from lightning_reg.diffusion.denoiser import learned_log_variance
 from lightning_reg.diffusion.predictions import eps_from_x0
 from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, NoiseSchedule
 from lightning_reg.errors import ConfigError
@@ -38,7 +38,7 @@ def _check_finite(x: Tensor, step: int, t: Tensor, denoiser) -> None:
 @torch.no_grad()
 def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: int, *, eta: float = 0.0,
          noise_sampler: Callable[[Tensor], Tensor] = torch.randn_like, progress: bool = False,
-         times: Tensor | None = None) -> Tensor:
+         times: Tensor | None = None, learned_variance: Callable[[], Tensor | None] | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) for any ``x_t = a x0 + s eps``; ``eta = 1`` is DDPM ancestral.
 
     ``x_next = a_next x0_hat + sqrt(s_next^2 - c^2) eps_hat + c z`` with the posterior std
@@ -49,7 +49,8 @@ def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: in
     Learned variance (``eta = 1`` and a backbone with ``learn_sigma``, e.g. DiT): the mean stays the
     posterior mean and the noise std becomes ``exp(log Sigma / 2)`` of improved DDPM eq. 15 between the
     step's ``beta = 1 - (a_cur / a_next)^2`` and the posterior variance ``c^2``, with ``v`` of the
-    conditional call (``learned_variance_of``), as the public DiT/ADM ``p_sample`` on respaced betas.
+    conditional call, asked of ``learned_variance()`` after each call (``Denoiser.learned_variance``, handed
+    in by ``generate``; ``None``: the fixed posterior std), as the public DiT/ADM ``p_sample`` on respaced betas.
     """
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"eta must lie in [0, 1], got {eta}")
@@ -62,7 +63,7 @@ def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: in
         c = eta * s_next * (1 - (a_cur * s_next / (a_next * s_cur)) ** 2).clamp(min=0).sqrt()
         x = float(a_next) * x0_hat + float((s_next ** 2 - c ** 2).clamp(min=0).sqrt()) * eps_hat
         if c > 0:
-            v = learned_variance_of(denoiser) if eta == 1 else None
+            v = learned_variance() if eta == 1 and learned_variance is not None else None
             std = float(c) if v is None else (
                 0.5 * learned_log_variance(v.to(x.dtype), 1 - (a_cur / a_next) ** 2, c ** 2)).exp()
             x = x + std * noise_sampler(x)

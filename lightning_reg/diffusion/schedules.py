@@ -1,4 +1,4 @@
-"""Forward noising processes ``x_t = a_t * x_0 + s_t * eps`` (REG_NOTES notation).
+"""Forward noising processes ``x_t = a_t * x_0 + s_t * eps`` (docs/theory.md notation).
 
 Every schedule maps a time value ``t`` to ``(a_t, s_t)``; samplers and guidance only ever see
 those two numbers, so the same code serves discrete VP (DDPM), EDM and rectified flow:
@@ -44,7 +44,8 @@ class NoiseSchedule(ABC):
 
     @abstractmethod
     def sampling_times(self, steps: int) -> Tensor:
-        """``steps + 1`` decreasing times; the last one is clean (``s = 0``)."""
+        """``steps + 1`` decreasing times; the last one is clean (``s = 0``; a VP schedule stepping as SD's
+        schedulers do may end at index 0 instead)."""
 
     @abstractmethod
     def net_time(self, t: Tensor) -> Tensor:
@@ -52,7 +53,7 @@ class NoiseSchedule(ABC):
 
     @abstractmethod
     def progress(self, t: Tensor | float) -> float:
-        """Sampling progress ``p``: 0 at the noisiest time, 1 at the clean end (REG_NOTES §3)."""
+        """Sampling progress ``p``: 0 at the noisiest time, 1 at the clean end (docs/theory.md, notation)."""
 
     def check_steps(self, steps: int) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
@@ -65,28 +66,48 @@ class NoiseSchedule(ABC):
         )
 
 
+# VPSchedule sampling times: DiT/ADM respacing, then diffusers' timestep_spacing values
+SPACINGS = ("even", "leading", "trailing", "linspace")
+
+
 class VPSchedule(NoiseSchedule):
-    """Discrete variance-preserving (DDPM) process with linear or cosine betas over ``T`` steps."""
+    """Discrete variance-preserving (DDPM) process with linear, cosine or scaled-linear betas over ``T`` steps.
+
+    ``scaled_linear`` is latent diffusion's (Rombach et al. 2022; Stable Diffusion 1.x/2.x):
+    ``beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2``.
+
+    Sampling times (``spacing``): ``even`` is DiT/ADM respacing; ``leading``, ``trailing`` and ``linspace``
+    are diffusers' ``timestep_spacing`` with its ``steps_offset``, stepped as diffusers' DDIM steps, from
+    ``t`` to ``t - T // steps``, the last step to the clean end (``final_alpha_one``, diffusers'
+    ``set_alpha_to_one``) or else to index 0 (``abar_0``, what SD's schedulers do).
+    """
 
     name = "vp"
     predictions = ("eps", "x0", "v")
 
     def __init__(self, num_timesteps: int = 1000, betas: str = "linear",
-                 beta_start: float = 1e-4, beta_end: float = 0.02):
+                 beta_start: float = 1e-4, beta_end: float = 0.02, spacing: str = "even",
+                 steps_offset: int = 0, final_alpha_one: bool = True):
         if not isinstance(num_timesteps, int) or num_timesteps <= 0:
             raise ConfigError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
-        if betas == "linear":
+        if betas in ("linear", "scaled_linear"):
             if not 0 < beta_start <= beta_end < 1:
                 raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
-            beta = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+            beta = (torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64) if betas == "linear"
+                    else torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2)
         elif betas == "cosine":  # Nichol & Dhariwal (2021), eq. 17
             f = lambda u: math.cos((u / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
             beta = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_timesteps)],
                                 dtype=torch.float64)
         else:
-            raise ConfigError(f"unknown betas schedule {betas!r}; choose 'linear' or 'cosine'")
+            raise ConfigError(f"unknown betas schedule {betas!r}; choose 'linear', 'scaled_linear' or 'cosine'")
+        if spacing not in SPACINGS:
+            raise ConfigError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ConfigError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
         self.num_timesteps, self.betas = num_timesteps, betas
         self.beta_start, self.beta_end = beta_start, beta_end
+        self.spacing, self.steps_offset, self.final_alpha_one = spacing, steps_offset, bool(final_alpha_one)
         # index 0 of the padded table is the clean time t = -1 (abar = 1)
         self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - beta, 0)])
 
@@ -98,12 +119,31 @@ class VPSchedule(NoiseSchedule):
         return torch.randint(0, self.num_timesteps, (n,), device=device).double()
 
     def sampling_times(self, steps):
-        """DiT/ADM respacing: ``steps`` evenly strided indices of ``T-1 .. 0``, then clean (-1)."""
+        """``even``: DiT/ADM respacing, ``steps`` evenly strided indices of ``T-1 .. 0``, then clean (-1).
+        diffusers' spacings: its DDIM scheduler's ``timesteps``, then their last minus ``T // steps`` (clean
+        when negative, or index 0 without ``final_alpha_one``)."""
         self.check_steps(steps)
-        if steps > self.num_timesteps:
-            raise ConfigError(f"steps={steps} exceeds the schedule's num_timesteps={self.num_timesteps}")
-        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round()
-        return torch.cat([times, torch.tensor([-1.0], dtype=torch.float64)])
+        T = self.num_timesteps
+        if steps > T:
+            raise ConfigError(f"steps={steps} exceeds the schedule's num_timesteps={T}")
+        if self.spacing == "even":
+            times = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
+            return torch.cat([times, torch.tensor([-1.0], dtype=torch.float64)])
+        stride = T // steps
+        if self.spacing == "leading":
+            times = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * stride + self.steps_offset
+        elif self.spacing == "trailing":
+            times = torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1
+        else:
+            times = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().flip(0)
+        last = float(times[-1]) - stride
+        times = torch.cat([times, torch.tensor([last if last >= 0 else -1.0 if self.final_alpha_one else 0.0],
+                                               dtype=torch.float64)])
+        if times[0] > T - 1 or (len(times) > 2 and not torch.all(times[:-2] - times[1:-1] == stride)):
+            raise ConfigError(f"spacing {self.spacing!r} with steps={steps} (steps_offset={self.steps_offset}) "
+                              f"gives times that are not {stride} apart or beyond T-1={T - 1}, which diffusers' "
+                              f"DDIM steps assume; choose steps dividing {T} or spacing 'leading'")
+        return times
 
     def net_time(self, t):
         return t

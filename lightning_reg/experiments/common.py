@@ -67,7 +67,7 @@ def load_denoiser(args: argparse.Namespace, distribution: ToyDistribution) -> De
     denoiser (whose schedule must have ``--num-timesteps`` steps)."""
     if args.exact:
         return ExactMixtureDenoiser(distribution, VPSchedule(args.num_timesteps))
-    from lightning_reg.module import load_denoiser as load_checkpoint_denoiser
+    from lightning_reg.sources import load_denoiser as load_checkpoint_denoiser
     denoiser = load_checkpoint_denoiser(args.checkpoint, ema=True, field="--checkpoint")
     if (denoiser.num_classes, denoiser.data_shape) != (distribution.num_classes, (distribution.dim,)):
         raise ConfigError(f"--checkpoint has num_classes={denoiser.num_classes}, data_shape={denoiser.data_shape}; "

@@ -2,7 +2,7 @@
 
 ``python -m lightning_reg.experiments.toy1d --exact`` (or ``--checkpoint PATH``): on a grid of x in
 [-1, 2] and at every one of the 20 DDPM steps, each method's estimate of ``grad_x log E_t``
-(REG_NOTES §1-2, §4) is compared with the Monte Carlo oracle. The 20 steps are the 1000-step linear
+(docs/theory.md §1-2, §4) is compared with the Monte Carlo oracle. The 20 steps are the 1000-step linear
 schedule respaced (default) or, with ``--num-timesteps 20``, 20 raw steps of the betas 1e-4..0.02 as in
 the authors' toy code (``abar_T = 0.82``). Writes ``values.png`` (estimates over
 x at six steps), ``abs_error.png`` (|estimate - oracle| over x and step) and ``errors.csv``.

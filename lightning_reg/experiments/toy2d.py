@@ -3,7 +3,7 @@
 ``python -m lightning_reg.experiments.toy2d --exact [--task ring_cross|overlap] [--label 0|1]``: two
 classes (``ring_cross``: a ring and a cross, which do not overlap; ``overlap``: two blob pairs sharing a
 central region, so ``R_0`` varies where the samples land), 25 respaced DDPM steps. On a grid over [-1.5, 1.5]^2, at every step, CFG's ``grad log R_t``, REG (paper
-and vjp forms) and the Monte Carlo oracle ``grad log E_t`` (REG_NOTES §1-2, §4). Writes
+and vjp forms) and the Monte Carlo oracle ``grad log E_t`` (docs/theory.md §1-2, §4). Writes
 ``samples.png`` (the guided target ``p(x|y) R_0`` and samples of CFG, REG-paper, REG-vjp),
 ``fields.png`` (arrow fields at the paper's t = 9), ``reg_correction.png`` (|REG - CFG| there),
 ``error_per_step.png``, ``errors.csv`` and ``sample_metrics.csv`` (each method's samples against draws of

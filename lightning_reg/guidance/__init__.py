@@ -1,4 +1,4 @@
-"""Guidance methods and REG (REG_NOTES §2-3)."""
+"""Guidance methods and REG (docs/theory.md §2-3)."""
 
 from lightning_reg.guidance.base import ChainState, Guidance, GuidedDenoiser, GuidanceStep
 from lightning_reg.guidance.methods import (APG, CFG, GUIDANCE, Autoguidance, CFGZeroStar, Conditional, CosineCFG,

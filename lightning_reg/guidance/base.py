@@ -1,6 +1,6 @@
 """The shared base of all guidance methods, and the guided denoiser that samplers call.
 
-Convention (REG_NOTES): the guided estimate is ``x0_c + g``, where a method's guidance term ``g`` is
+Convention (docs/theory.md): the guided estimate is ``x0_c + g``, where a method's guidance term ``g`` is
 CFG's ``w(t) * (x0_c - x0_ref)`` (in eps units ``eps_c + w(t) * d``, ``d = eps_c - eps_ref``; see
 ``diffusion/predictions.py``) or another function of the two predictions (``guidance_term``). A method
 may be configured in the other common convention ``eps_ref + w2 * d`` by ``convention: w2``; ``w2 = w + 1``.
@@ -213,22 +213,23 @@ class Guidance:
         return self._masked(self._rescaled(x0_c, self.guidance_term(x0_c, x0_ref, w, step), step))
 
     def reference_x0(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """The reference prediction: ``reference`` given the same labels, else the null label through the model."""
+        """The reference prediction: ``reference`` given the same labels, else the model's null condition through
+        the model (CFG)."""
         if self.reference is not None:
             return self.reference(x, t, y)
-        return model(x, t, torch.full_like(y, model.null_label))
+        return model(x, t, model.null_condition(y))
 
     def conditional_and_reference(self, model: Denoiser, x: Tensor, t: Tensor, y: Tensor,
                                   x_cond: Tensor | None = None):
         """The conditional prediction at ``x_cond`` (default ``x``; k stacked batches: kB rows) and the reference
-        at ``x``: ``reference`` given the same labels, or else the null label through the model, its (k + 1)B
-        rows in one forward (``batched``, as DiT does for CFG) or one forward of B each (``split``), by
+        at ``x``: ``reference`` given the same labels, or else the model's null condition through the model, its
+        (k + 1)B rows in one forward (``batched``, as DiT does for CFG) or one forward of B each (``split``), by
         ``branch_layout``."""
         x_cond = x if x_cond is None else x_cond
+        y_cond = torch.cat([y] * (len(x_cond) // len(x)))  # labels or (B, L, D) prompt embeddings alike
         if self.reference is not None:
-            return model(x_cond, t, y.repeat(len(x_cond) // len(x))), self.reference(x, t, y)
-        rows, labels = torch.cat([x_cond, x]), torch.cat([y.repeat(len(x_cond) // len(x)),
-                                                          torch.full_like(y, model.null_label)])
+            return model(x_cond, t, y_cond), self.reference(x, t, y)
+        rows, labels = torch.cat([x_cond, x]), torch.cat([y_cond, model.null_condition(y)])
         if self.layout(x) == "batched":
             x0 = model(rows, t, labels)
         else:

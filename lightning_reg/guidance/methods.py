@@ -1,4 +1,4 @@
-"""Guidance methods (REG_NOTES §3), one small class each; every one takes every REG mode (``reg.py``)."""
+"""Guidance methods (docs/theory.md §3), one small class each; every one takes every REG mode (``reg.py``)."""
 
 from __future__ import annotations
 

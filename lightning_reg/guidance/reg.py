@@ -1,4 +1,4 @@
-"""REG, the rectified gradient (Gao et al., ICML 2025), written once for every guidance method.
+"""REG, the rectified gradient (Gao et al., ICML 2025; docs/theory.md §2), written once for every guidance method.
 
 Guidance adds a term ``g`` to the conditional estimate (CFG: ``g = w(t) * (x0_c - x0_ref)``; APG,
 CFG-Zero* and guidance rescale: other functions of the two predictions, ``base.py``). REG multiplies

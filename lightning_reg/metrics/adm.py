@@ -33,7 +33,8 @@ from scipy import linalg
 from torch import Tensor, nn
 
 from lightning_reg.errors import ConfigError, check_names, one_line
-from lightning_reg.metrics.images import INCEPTION_WEIGHTS
+from lightning_reg.io.files import check_torch_weights
+from lightning_reg.metrics.images import INCEPTION_WEIGHTS, INCEPTION_WHAT
 
 ADM_METRICS = ("fid", "sfid", "is", "precision", "recall")
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
@@ -120,6 +121,7 @@ class InceptionFeatures(nn.Module):
         if not path.is_file():
             raise ConfigError(f"the Inception weights (torch-fidelity's pt_inception-2015-12-05) are not at {path}: "
                               f"copy {INCEPTION_WEIGHTS} there or pass their path")
+        check_torch_weights(path, "the Inception weights", INCEPTION_WHAT)  # torch-fidelity loads them unsafely
         self.inception = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                      feature_extractor_weights_path=str(path))
         self._spatial: list[Tensor] = []

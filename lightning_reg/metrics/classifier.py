@@ -4,7 +4,7 @@ Its penultimate features stand in for Inception's pool features in FID and KID, 
 in IS, and its predictions give the class accuracy of samples (the share assigned to the label they were
 sampled for). Train it with::
 
-    python -m lightning_reg.metrics.classifier fit --config configs/mnist_classifier.yaml
+    python train_classifier.py fit --config configs/mnist_classifier.yaml
 
 The checkpoint records the architecture (``feature_network``: image size, channels, classes, widths), so
 ``load_feature_network(path)`` rebuilds it without the training code's hyper-parameters.
@@ -12,14 +12,15 @@ The checkpoint records the architecture (``feature_network``: image size, channe
 
 from __future__ import annotations
 
-from pathlib import Path
+import inspect
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.errors import ConfigError
+from lightning_reg.io.files import load_weights, read_torch, refuse, require_keys, unwrap_state_dict
 
 ARCH_KEY = "feature_network"  # the checkpoint entry that records the architecture
 
@@ -109,22 +110,18 @@ class FeatureNetwork(nn.Module):
                               f"{num_classes}; train a classifier on the same classes")
 
 
-def load_feature_network(path) -> FeatureNetwork:
-    """The frozen classifier of a checkpoint written by ``ClassifierTraining`` (loaded with ``weights_only``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"feature network {path} does not exist (train one with `python -m "
-                          "lightning_reg.metrics.classifier fit --config configs/mnist_classifier.yaml`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        arch = ckpt[ARCH_KEY]
-        classifier = DigitClassifier(**arch)
-        prefix = "net."
-        classifier.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-    except Exception as err:  # noqa: BLE001 - any failure means "not a classifier checkpoint"
-        raise ConfigError(f"feature network {path} is not a digits-classifier checkpoint of ClassifierTraining "
-                          f"({type(err).__name__}: {one_line(err, 200)})") from None
-    return FeatureNetwork(classifier)
+def load_feature_network(path, field: str = "feature network") -> FeatureNetwork:
+    """The frozen classifier of a checkpoint written by ``ClassifierTraining``, read by ``io.read_torch``."""
+    what = "digits-classifier checkpoint of ClassifierTraining"
+    checkpoint = read_torch(path, field, what, hint="train one with `python train_classifier.py fit --config "
+                                                     "configs/mnist_classifier.yaml`")
+    require_keys(checkpoint, [ARCH_KEY, "state_dict"], path, field, what)
+    arch = checkpoint[ARCH_KEY]
+    if not isinstance(arch, dict) or set(arch) - set(inspect.signature(DigitClassifier).parameters):
+        raise refuse(path, field, what, f"its {ARCH_KEY!r} entry {arch!r} is not DigitClassifier arguments")
+    classifier = DigitClassifier(**arch)
+    weights = unwrap_state_dict(checkpoint["state_dict"], path, field, under=(), prefix="net.")
+    return FeatureNetwork(load_weights(classifier, weights, path, field, what))
 
 
 class ClassifierTraining(L.LightningModule):
@@ -168,15 +165,3 @@ class ClassifierTraining(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[ARCH_KEY] = self.net.arch
-
-
-def main(args=None) -> None:
-    """``python -m lightning_reg.metrics.classifier fit --config configs/mnist_classifier.yaml``: ``train.py``'s CLI
-    (the model's classes and image shape checked against the data, one-line errors) over ``ClassifierTraining``."""
-    from lightning_reg.cli import main as cli_main
-
-    cli_main(args, model_class=ClassifierTraining)
-
-
-if __name__ == "__main__":
-    main()

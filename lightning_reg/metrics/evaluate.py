@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.distributed import fail
+from lightning_reg.errors import ConfigError, one_line, parse_error_message
+from lightning_reg.io.files import atomic_write, read_npz_images, to_uint8_nhwc, write_json
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 
 INCEPTION = "inception"
@@ -52,34 +54,78 @@ def build_image_evaluator(metrics=("fid", "is"), image_shape: tuple[int, int, in
     return ImageMetrics(metrics, image_shape, network, device, inception_weights, reference_cache)
 
 
+class CLIPScoreEvaluator:
+    """Image metrics (``inner``, or none) plus the CLIP score of each sample against its caption: ``labels`` are
+    the captions' indices into ``prompts`` (``sample.py --prompts``; metrics.clip_score, a local CLIP folder)."""
+
+    def __init__(self, inner, prompts, clip: str, image_shape, device="cpu"):
+        from lightning_reg.metrics.clip_score import clip_loader
+
+        clip_loader(clip, "--evaluation.clip")  # the folder checked now, loaded when scoring
+        self.inner, self.prompts, self.clip, self.device = inner, list(prompts), clip, device
+        self.image_shape = tuple(image_shape)
+        self.names = (list(inner.names) if inner is not None else []) + ["clip_score"]
+
+    def set_real(self, images) -> None:
+        if self.inner is not None:
+            self.inner.set_real(images)
+
+    def __call__(self, images, labels) -> dict[str, float]:
+        from lightning_reg.metrics.clip_score import clip_score
+
+        row = self.inner(images, labels) if self.inner is not None else {}
+        if labels is None:
+            raise ConfigError("CLIP score needs each sample's caption: the samples' labels index the prompts")
+        return row | {"clip_score": clip_score(images, [self.prompts[int(i)] for i in labels], self.clip,
+                                               device=self.device)}
+
+
+def build_evaluator(distribution: str | None, evaluation: dict | None, num_classes: int, data_shape, sample_shape,
+                    seed: int = 0, prompts: list[str] | None = None):
+    """The one evaluator of a model's samples, for ``sample.py``, ``sweep.py`` and ``evaluate_samples``: the exact
+    toy metrics for toy data (``distribution``: a ``data.toy.TOY_DISTRIBUTIONS`` name, checked against the model's
+    ``num_classes`` and ``data_shape``), image metrics (``evaluation``: ``build_image_evaluator`` options and
+    ``reference`` / ``num_reference``, whose features are set once here), or ``None`` when neither is given."""
+    from lightning_reg.data.toy import TOY_DISTRIBUTIONS
+    from lightning_reg.metrics.toy import ToyEvaluator
+
+    if distribution is not None:
+        target = TOY_DISTRIBUTIONS[distribution]()
+        if (target.num_classes, (target.dim,)) != (num_classes, tuple(data_shape)):
+            raise ConfigError(f"--distribution {distribution} has {target.num_classes} classes in {target.dim}D; the "
+                              f"checkpoint has num_classes={num_classes}, data_shape={tuple(data_shape)}")
+        return ToyEvaluator(target, seed)
+    if evaluation is None:
+        return None
+    if len(sample_shape) != 3:
+        raise ConfigError(f"--evaluation is for images; the model's samples have shape {tuple(sample_shape)} (toy "
+                          "data: give --distribution)")
+    options = dict(evaluation)
+    reference, num_reference = options.pop("reference", None), options.pop("num_reference", None)
+    clip, metrics = options.pop("clip", None), list(options.pop("metrics", ("fid", "is")))
+    if ("clip_score" in metrics) != (clip is not None) or ("clip_score" in metrics and prompts is None):
+        raise ConfigError("--evaluation: clip_score needs clip (a local CLIP folder) and a text-to-image run "
+                          "(--prompts), and clip is only for clip_score")
+    image_metrics = [m for m in metrics if m != "clip_score"]
+    evaluator = None
+    if image_metrics:
+        if reference is None:
+            raise ConfigError("--evaluation needs a reference: an .npz of images, digits:mnist or a dataset")
+        try:
+            evaluator = build_image_evaluator(image_metrics, image_shape=tuple(sample_shape), num_classes=num_classes,
+                                              **options)
+        except TypeError as err:
+            raise ConfigError(f"--evaluation: {one_line(err)}") from None
+    if clip is not None:
+        evaluator = CLIPScoreEvaluator(evaluator, prompts, clip, sample_shape, options.get("device", "cpu"))
+    if image_metrics:
+        evaluator.set_real(load_reference(reference, tuple(sample_shape), num_reference))
+    return evaluator
+
+
 def evaluate_samples(samples_uint8_nhwc, labels, evaluator) -> dict[str, float]:
     """``evaluator``'s metrics of one set of samples (uint8 NHWC) sampled for ``labels`` (or ``None``)."""
     return evaluator(samples_uint8_nhwc, labels)
-
-
-def read_npz_images(path, flag: str, image_keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(uint8 NHWC images under the first of image_keys, labels or None)`` of an ``.npz`` (labels from
-    ``labels`` or ``arr_1``); a missing, unreadable or ill-formed file is one ConfigError naming ``flag``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{flag} {path} does not exist")
-    try:
-        with np.load(path) as data:
-            key = next((k for k in image_keys if k in data.files), None)
-            if key is None:
-                raise ConfigError(f"{flag} {path} holds {data.files}; expected uint8 N x H x W x C images under "
-                                  f"{' or '.join(repr(k) for k in image_keys)} (and optionally 'labels')")
-            images = data[key]
-            label_key = next((k for k in ("labels", "arr_1") if k in data.files), None)
-            labels = data[label_key] if label_key else None
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a truncated or non-npz file
-        raise ConfigError(f"{flag} {path} is not a readable .npz ({type(err).__name__}: {one_line(err)})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ConfigError(f"{flag} {path}: {key} must be uint8 images (N, H, W, C) with C 1 or 3, got "
-                          f"{images.dtype} {images.shape}")
-    return images, labels
 
 
 def read_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -93,8 +139,6 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def loader_images(loader, n: int | None = None) -> np.ndarray:
     """The first ``n`` (all if ``None``) images of a loader of ``(x in [-1, 1] NCHW, y)`` batches, as uint8 NHWC."""
-    from lightning_reg.sampling.writer import to_uint8_nhwc
-
     batches, count = [], 0
     for x, _ in loader:
         batches.append(x)
@@ -139,8 +183,6 @@ def load_reference(reference: str, image_shape: tuple[int, int, int], num_refere
 
 def write_row(path, row: dict) -> None:
     """``row`` as ``path``: a JSON object (``.json``, replaced) or a CSV line (``.csv``, appended; header once)."""
-    from lightning_reg.sampling.writer import atomic_write, write_json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
@@ -179,7 +221,7 @@ def build_parser():
     p.add_argument("--num_reference", type=int | None, default=None,
                    help="reference images to use (a seeded random subset of a dataset); default: all")
     p.add_argument("--feature_network", type=str, default=INCEPTION,
-                   help="a digits-classifier checkpoint (python -m lightning_reg.metrics.classifier fit) or "
+                   help="a digits-classifier checkpoint (python train_classifier.py fit) or "
                         "'inception' (torchmetrics' Inception-v3)")
     p.add_argument("--adm", type=bool, default=False,
                    help="--reference is an ADM reference batch (VIRTUAL_imagenet256_labeled.npz): ADM's metrics "
@@ -188,6 +230,12 @@ def build_parser():
                    help="Inception weights file; default: the torch hub cache")
     p.add_argument("--metrics", type=list[str] | None, default=None,
                    help=f"from {list(IMAGE_METRICS)}; default [fid, is] and accuracy with a classifier")
+    p.add_argument("--clip", type=str | None, default=None,
+                   help="a local CLIP folder (CLIPModel + CLIPProcessor save_pretrained, e.g. a copy of "
+                        "openai/clip-vit-base-patch16): add clip_score against each sample's caption")
+    p.add_argument("--prompts", type=str | None, default=None,
+                   help="with --clip: sample.py's --prompts file (sample i's caption: line labels[i], or line i "
+                        "without labels); default: prompts.txt beside --samples (one caption per sample)")
     p.add_argument("--reference_cache", type=str | None, default="data/feature_cache",
                    help="folder of cached reference features, keyed by the sha256 of the network and the "
                         "reference images (null: no cache)")
@@ -221,6 +269,8 @@ def run(cfg) -> dict:
     meta = read_meta(Path(cfg.samples).with_name("meta.json"))
     classifier = cfg.feature_network != INCEPTION
     metrics = cfg.metrics if cfg.metrics is not None else ["fid", "is"] + (["accuracy"] if classifier else [])
+    if cfg.clip is not None or "clip_score" in metrics:
+        return clip_run(cfg, images, labels, [m for m in metrics if m != "clip_score"])
     if cfg.adm:  # metrics.adm: the reference batch's own statistics and images
         from lightning_reg.metrics.adm import build_adm_evaluator
         evaluator = build_adm_evaluator(cfg.reference, cfg.metrics, cfg.feature_network, cfg.inception_weights,
@@ -241,11 +291,50 @@ def run(cfg) -> dict:
     return row | evaluate_samples(images, labels, evaluator)
 
 
+def sample_captions(cfg, labels, n: int) -> tuple[list[str], np.ndarray]:
+    """``(captions, index of each sample's caption)`` for CLIP score: ``--prompts`` indexed by the labels (or in
+    order), else ``prompts.txt`` beside ``--samples`` (sample.py writes one caption per sample)."""
+    from lightning_reg.data.prompts import read_prompts
+
+    if cfg.prompts is None:
+        path = Path(cfg.samples).with_name("prompts.txt")
+        if not path.is_file():
+            raise ConfigError(f"--clip needs the samples' captions: no prompts.txt beside --samples {cfg.samples}; "
+                              "give --prompts (the file sample.py sampled from)")
+        captions, index = read_prompts(path, "prompts.txt"), np.arange(n)
+    else:
+        captions = read_prompts(cfg.prompts)
+        index = labels if labels is not None else np.arange(n)
+    if len(index) != n or index.max() >= len(captions):
+        raise ConfigError(f"{cfg.prompts or 'prompts.txt'} has {len(captions)} captions, too few for the {n} samples")
+    return captions, index
+
+
+def clip_run(cfg, images, labels, image_metrics: list[str]) -> dict:
+    """``run`` with CLIP score (``--clip``) next to the image metrics (``fid`` against ``--reference``)."""
+    if cfg.clip is None:
+        raise ConfigError("clip_score needs --clip: a local CLIP folder")
+    if cfg.adm:
+        raise ConfigError("--clip is for text-to-image samples, not an ADM reference batch (--adm)")
+    captions, index = sample_captions(cfg, labels, len(images))
+    image_shape = (images.shape[3], images.shape[1], images.shape[2])
+    inner = None
+    if image_metrics:
+        inner = build_image_evaluator(image_metrics, image_shape, cfg.feature_network, cfg.inception_weights, None,
+                                      cfg.device)
+    evaluator = CLIPScoreEvaluator(inner, captions, cfg.clip, image_shape, cfg.device)
+    if {"fid", "kid"} & set(image_metrics):
+        if cfg.reference is None:
+            raise ConfigError("--reference is required for fid and kid: the real images to compare with")
+        evaluator.set_real(load_reference(cfg.reference, image_shape, cfg.num_reference, cfg.reference_split,
+                                          cfg.seed, cfg.reference_kwargs))
+    row = {"samples": str(cfg.samples), "num_samples": len(images), "reference": cfg.reference, "clip": cfg.clip}
+    return row | evaluate_samples(images, index, evaluator)
+
+
 def main(args: list[str] | None = None) -> None:
     """``python evaluate.py --samples run/samples.npz --reference digits:mnist --feature_network clf.ckpt``."""
     from argparse import ArgumentError
-
-    from lightning_reg.cli import fail, parse_error_message
 
     try:
         cfg = build_parser().parse_args(args)
@@ -260,5 +349,5 @@ def main(args: list[str] | None = None) -> None:
         print(f"wrote {cfg.output}")
 
 
-__all__ = ["IMAGE_METRICS", "INCEPTION", "build_image_evaluator", "evaluate_samples", "load_reference",
+__all__ = ["CLIPScoreEvaluator", "IMAGE_METRICS", "INCEPTION", "build_evaluator", "build_image_evaluator", "evaluate_samples", "load_reference",
            "loader_images", "main", "read_samples", "run", "write_row"]

@@ -8,16 +8,27 @@ are left out of fronts and best points.
   strictly better in one), e.g. FID (min) against IS (max), or energy distance (min) against on-shape (max).
 * ``best_rows(rows, by, metric, goal)``: per group (e.g. ``("method", "reg")``, one curve over the weight
   grid), the row with the best ``metric``: a curve's turning point, where more guidance stops helping.
+
+The sweep's table (``write_table`` / ``read_table``), figure (``save_fronts``) and summary (``summary``) live here.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
+from lightning_reg.io.files import atomic_write
+
 GOALS = ("min", "max")
+REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--"}
+LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params")
+COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 METRIC_GOALS = {"energy_distance": "min", "sliced_wasserstein": "min", "log_likelihood": "max", "on_shape": "max",
-                "fid": "min", "kid": "min", "is": "max", "accuracy": "max"}
+                "fid": "min", "kid": "min", "is": "max", "accuracy": "max", "clip_score": "max"}
 
 
 def _value(row: Mapping, metric: str, goal: str) -> float:
@@ -58,3 +69,96 @@ def best_rows(rows: Sequence[Mapping], by: Sequence[str], metric: str, goal: str
         if key not in best or value < _value(best[key], metric, goal):
             best[key] = row
     return best
+
+
+def default_front(metric_names: tuple[str, ...]) -> list[str]:
+    """The figure's ``[x, y]``: a distance to the target against a measure of guidance's effect."""
+    x = "energy_distance" if "energy_distance" in metric_names else "fid"
+    y = next((m for m in ("on_shape", "clip_score", "accuracy", "is", "log_likelihood") if m in metric_names), None)
+    return [x, y]
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    """``rows`` as CSV (floats with full precision): the setting's columns, the metrics, then the cost columns."""
+    seen = list(dict.fromkeys(c for row in rows for c in row))
+    columns = ([c for c in LEAD_COLUMNS if c in seen] + [c for c in seen if c not in LEAD_COLUMNS + COST_COLUMNS]
+               + [c for c in COST_COLUMNS if c in seen])
+
+    def write(f):
+        out = csv.DictWriter(f, fieldnames=columns)
+        out.writeheader()
+        out.writerows(rows)
+
+    atomic_write(path, write, binary=False)
+
+
+def read_table(path) -> list[dict]:
+    """``sweep.csv`` back as rows of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -> None:
+    """One panel per method (shared axes): a curve per REG mode over the weight grid in ``(x, y)``, line style
+    by REG mode, each curve's best-``x`` point starred and labelled with its ``w``; the Pareto front of all
+    rows in grey behind."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    from lightning_reg.metrics.plots import save_figure
+    goals = {x: METRIC_GOALS[x], y: METRIC_GOALS[y]}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cols = min(len(methods), 3) or 1
+    nrows = max(1, math.ceil(len(methods) / cols))
+    fig = Figure(figsize=(max(4.6 * cols, 8.0), 3.9 * nrows), layout="constrained")  # room for the title
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, cols, squeeze=False, sharex=True, sharey=True).ravel()
+    front = sorted((rows[i] for i in pareto_front(rows, goals)), key=lambda r: float(r[x]))
+    best = best_rows(rows, ("method", "reg"), x, goals[x])
+    values = np.array([float(r[x]) for r in rows]) if rows else np.ones(1)
+    for ax, method in zip(axes, methods):
+        ax.plot([float(r[x]) for r in front], [float(r[y]) for r in front], color="0.75", lw=5, alpha=0.6,
+                zorder=0, label="Pareto front (all)")
+        for reg, style in REG_STYLES.items():
+            curve = sorted((r for r in rows if r["method"] == method and r["reg"] == reg), key=lambda r: float(r["w"]))
+            if not curve:
+                continue
+            colour = f"C{list(REG_STYLES).index(reg)}"
+            ax.plot([float(r[x]) for r in curve], [float(r[y]) for r in curve], style, marker="o", ms=3.5,
+                    color=colour, label=f"REG {reg}")
+            top = best.get((method, reg))
+            if top is not None:
+                ax.plot(float(top[x]), float(top[y]), "*", ms=14, color=colour, mec="k", mew=0.8, zorder=3)
+                ax.annotate(f"w={float(top['w']):g}", (float(top[x]), float(top[y])), textcoords="offset points",
+                            xytext=(6, -12 - 9 * list(REG_STYLES).index(reg)), fontsize=7, color=colour)
+        ax.set_title(method)
+        ax.grid(alpha=0.3)
+    if values.size and values.min() > 0 and values.max() / values.min() > 20:
+        axes[0].set_xscale("log")
+        axes[0].xaxis.set_minor_formatter(FuncFormatter(_minor_log_label))  # 2 and 5 of each decade only
+    for ax in axes[len(methods):]:
+        ax.set_axis_off()
+    for ax in axes[(nrows - 1) * cols:]:
+        ax.set_xlabel(f"{x} ({'lower' if goals[x] == 'min' else 'higher'} is better)")
+    for ax in axes[::cols]:
+        ax.set_ylabel(f"{y} ({'lower' if goals[y] == 'min' else 'higher'} is better)")
+    axes[0].legend(fontsize="small", loc="best")
+    fig.suptitle("\n".join(filter(None, [title, f"a curve per REG mode over the weights; ★ best {x} per curve"])))
+    save_figure(fig, path)
+
+
+def _minor_log_label(value: float, _) -> str:
+    """Label a minor log tick only at 2 and 5 times a power of ten."""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if any(math.isclose(mantissa, m) for m in (2, 5)) else ""
+
+
+def summary(rows: list[dict], x: str, y: str) -> str:
+    """Per method and REG mode, the best-``x`` row: its weight (w convention), ``x``, ``y`` and time per sample."""
+    best = best_rows(rows, ("method", "reg"), x, METRIC_GOALS[x])
+    lines = [f"{'method':<14}{'reg':<7}{'best w':>8}{x:>18}{y:>16}{'ms/sample':>11}"]
+    for (method, reg), row in best.items():
+        lines.append(f"{method:<14}{reg:<7}{float(row['w']):>8g}{float(row[x]):>18.4g}{float(row[y]):>16.4g}"
+                     f"{float(row['time_per_sample_ms']):>11.3g}")
+    return "\n".join(lines)

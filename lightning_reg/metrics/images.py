@@ -1,4 +1,4 @@
-"""Image metrics through torchmetrics: FID, Inception Score, KID and class accuracy (REG_NOTES §4: FID vs IS fronts).
+"""Image metrics through torchmetrics: FID, Inception Score, KID and class accuracy (docs/theory.md §4: FID vs IS fronts).
 
 By default the features are torch-fidelity's Inception-v3 (``pt_inception-2015-12-05``), whose
 weights must already sit in the torch hub cache or at ``inception_weights`` (nothing is downloaded at
@@ -32,10 +32,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from lightning_reg.errors import ConfigError, check_names
+from lightning_reg.io.files import check_torch_weights
 from lightning_reg.metrics.classifier import FeatureNetwork
 
 IMAGE_METRICS = ("fid", "is", "kid", "accuracy")
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
+INCEPTION_WHAT = "torch weights file of Inception-v3"
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; lowered to the number of images when there are fewer
 _BATCH = 100
 
@@ -57,9 +59,13 @@ class Inception(nn.Module):
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         super().__init__()
-        if inception_weights is not None and not os.path.isfile(inception_weights):
-            raise ConfigError(f"inception_weights {inception_weights} does not exist: it must be torch-fidelity's "
-                              f"{INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
+        # torch-fidelity loads the file (or the torch hub cache's copy) itself, without weights_only: vet it first
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+        if inception_weights is not None:
+            check_torch_weights(inception_weights, "inception_weights", INCEPTION_WHAT,
+                                f"it must be torch-fidelity's {INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
+        elif os.path.isfile(cached):
+            check_torch_weights(cached, "the torch hub cache's Inception weights", INCEPTION_WHAT)
         try:
             self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=inception_weights)
@@ -141,7 +147,7 @@ class ImageMetrics:
             feature_extractor.check_compatible(self.image_shape)
         elif "accuracy" in self.names:
             raise ConfigError("metric accuracy needs a classifier as the feature network (a checkpoint of "
-                              "`python -m lightning_reg.metrics.classifier fit`), not Inception or a plain module")
+                              "`python train_classifier.py fit`), not Inception or a plain module")
         self.network = Inception(inception_weights) if feature_extractor is None else feature_extractor
         self.readouts = readouts(self.network)
         self.reference_cache = None if reference_cache is None else Path(reference_cache)

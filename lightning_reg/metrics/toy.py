@@ -140,3 +140,15 @@ def toy_metric_names(distribution: ToyDistribution, metrics=None) -> tuple[str, 
     if metrics is None:
         return applicable
     return check_names(metrics, applicable, f"metrics of {distribution.dim}D toy data")
+
+
+class ToyEvaluator:
+    """The toy metrics as an evaluator (the ``metrics.evaluate`` protocol: ``names``, ``__call__(samples, labels)``)
+    of samples against ``distribution``'s exact densities and fresh draws seeded by ``seed``."""
+
+    def __init__(self, distribution: ToyDistribution, seed: int = 0, metrics=None):
+        self.distribution, self.seed = distribution, seed
+        self.names = toy_metric_names(distribution, metrics)
+
+    def __call__(self, samples, labels) -> dict[str, float]:
+        return toy_metrics(samples, labels, self.distribution, seed=self.seed, metrics=self.names)

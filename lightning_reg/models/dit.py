@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.errors import ConfigError
+from lightning_reg.io.files import load_weights, read_torch, unwrap_state_dict
 from lightning_reg.models.embeddings import sinusoidal_embedding
 
 # The paper's Table 1 sizes; every one comes with patch sizes 2, 4 and 8 (``DiT-XL/2`` etc.).
@@ -251,32 +252,17 @@ def describe(config: Mapping) -> str:
     return f"{name} on {config['input_size']}x{config['input_size']} inputs, {config['num_classes']} classes"
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path, field: str = "DiT checkpoint") -> dict[str, Tensor]:
     """A DiT state dict from ``path``: plain (the released checkpoints) or under ``ema``/``model`` (the
-    public training script's checkpoints; EMA preferred, as its sampler does); ``weights_only`` loading."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"DiT checkpoint {path} does not exist")
-    try:  # the public training script saves its argparse ``args`` beside the weights
-        with torch.serialization.safe_globals([Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, or holding code objects
-        raise ConfigError(f"DiT checkpoint {path} cannot be read as a torch weights file "
-                          f"({type(err).__name__}: {one_line(err, 200)})") from None
-    if isinstance(checkpoint, Mapping):
-        checkpoint = next((checkpoint[k] for k in ("ema", "model") if isinstance(checkpoint.get(k), Mapping)),
-                          checkpoint)
-    if not isinstance(checkpoint, Mapping):
-        raise ConfigError(f"DiT checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
-    others = [k for k, v in checkpoint.items() if not isinstance(v, Tensor)]
-    if others:
-        raise ConfigError(f"DiT checkpoint {path} is not a state dict (plain, or under 'ema' or 'model'): "
-                          f"its entries {others[:4]} are not tensors")
-    return dict(checkpoint)
+    public training script's checkpoints, its argparse ``args`` beside the weights; EMA preferred, as its
+    sampler does), through ``io.read_torch``."""
+    checkpoint = read_torch(path, field, "torch weights file of a DiT", safe_globals=[Namespace])
+    return unwrap_state_dict(checkpoint, path, field, under=("ema", "model"))
 
 
 def load_dit_checkpoint(path: str | Path, model: str | DiT | None = None, image_size: int | None = None,
-                        num_heads: int | None = None, latent_downsample: int = LATENT_DOWNSAMPLE) -> DiT:
+                        num_heads: int | None = None, latent_downsample: int = LATENT_DOWNSAMPLE,
+                        field: str = "DiT checkpoint", state_dict: Mapping[str, Tensor] | None = None) -> DiT:
     """A ``DiT`` (eval mode, CPU, float32) holding the public-layout checkpoint at ``path``, loaded strictly.
 
     Args:
@@ -285,18 +271,19 @@ def load_dit_checkpoint(path: str | Path, model: str | DiT | None = None, image_
         image_size: if set, the image size the checkpoint must serve: its input size (latent side) times
             ``latent_downsample`` (8 for the SD VAE: ``DiT-XL-2-256x256.pt`` has 32x32 inputs).
         num_heads: only for widths outside the paper's sizes (heads do not show in the weights).
+        state_dict: the weights if already read (``read_state_dict``), so the file is read once.
 
     Any mismatch is a one-line ``ConfigError`` naming what the checkpoint is and what was asked.
     """
     if isinstance(model, str) and model not in DIT_CONFIGS:
         raise ConfigError(f"unknown DiT model {model!r}; choose one of {list(DIT_CONFIGS)}")
-    state_dict = read_state_dict(path)
+    state_dict = read_state_dict(path, field) if state_dict is None else state_dict
     if num_heads is None and model is not None:
         num_heads = DIT_CONFIGS[model]["num_heads"] if isinstance(model, str) else model.blocks[0].attn.num_heads
     try:
         found = dit_config_of(state_dict, num_heads)
     except ConfigError as err:
-        raise ConfigError(f"DiT checkpoint {path}: {err}") from None
+        raise ConfigError(f"{field} {path}: {err}") from None
     if isinstance(model, str):
         wanted = dict(found, **DIT_CONFIGS[model])
     elif isinstance(model, DiT):
@@ -309,10 +296,6 @@ def load_dit_checkpoint(path: str | Path, model: str | DiT | None = None, image_
         wanted["input_size"] = image_size // latent_downsample
     if wanted != found:
         asked = f"{image_size}x{image_size} images ({describe(wanted)})" if image_size else describe(wanted)
-        raise ConfigError(f"DiT checkpoint {path} is {describe(found)}, not {asked}")
+        raise ConfigError(f"{field} {path} is {describe(found)}, not {asked}")
     net = model if isinstance(model, DiT) else DiT(**found)
-    try:
-        net.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise ConfigError(f"DiT checkpoint {path} does not fit the DiT layout: {one_line(err, 300)}") from None
-    return net.eval()
+    return load_weights(net, state_dict, path, field, "DiT in the public layout").eval()

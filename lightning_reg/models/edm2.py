@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import EDMSchedule
 from lightning_reg.errors import ConfigError, one_line
@@ -108,6 +109,9 @@ class MPConv(nn.Module):
 
     def forward(self, x: Tensor, gain: Tensor | float = 1.0) -> Tensor:
         w = self.weight.to(at_least_float32(self.weight.dtype))
+        if self.training and torch.is_grad_enabled():  # forced weight normalisation (paper §3): unit-RMS rows
+            with torch.no_grad():
+                self.weight.copy_(normalize(w))
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
         return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
@@ -246,7 +250,10 @@ class EDM2Precond(nn.Module):
     """The official ``Precond``: ``unet`` plus the uncertainty head ``logvar_fourier``/``logvar_linear``
     (the training loss's ``u(sigma)``, paper eq. 8). As a backbone it returns ``F`` (module docstring).
     ``use_fp16`` is kept as recorded (the public code's float16 activations on CUDA); here reduced precision
-    comes from autocast."""
+    comes from autocast. It trains no null label (``trains_null_label``: ``ConditionalDiffusion`` refuses
+    label dropout for it)."""
+
+    trains_null_label = False
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
@@ -292,9 +299,12 @@ def edm2_denoiser_parts(net: EDM2Precond) -> tuple[EDMSchedule, Prediction]:
 class EDM2Denoiser(Denoiser):
     """``D(x, sigma, y)`` of a conditional EDM2 network; rows with the null label ``num_classes`` (the
     classifier-free reference every guidance method asks for) go to ``unconditional``, a separate
-    ``label_dim = 0`` EDM2 network of the same data shape, as EDM2 guides (it trains no null label)."""
+    ``label_dim = 0`` EDM2 network of the same data shape, as EDM2 guides (it trains no null label).
+    ``codec``: the img512 networks' latent decoder (``ChannelLatentCodec``, the snapshot's per-channel
+    scale/bias and the SD VAE); ``None``: the network works on pixels in [-1, 1] (img64)."""
 
-    def __init__(self, net: EDM2Precond, unconditional: EDM2Precond | None = None):
+    def __init__(self, net: EDM2Precond, unconditional: EDM2Precond | None = None,
+                 codec: LatentCodec | None = None):
         if not net.label_dim:
             raise ConfigError("the main EDM2 network is unconditional (label_dim=0): pass it as the CFG "
                               "reference (unconditional=...) and a conditional network as the main one")
@@ -310,6 +320,22 @@ class EDM2Denoiser(Denoiser):
                                   f"(sigma_data {unconditional.sigma_data}); the main network on "
                                   f"{net.data_shape} (sigma_data {net.sigma_data})")
             self.unconditional = Denoiser(unconditional, *edm2_denoiser_parts(unconditional))
+        if codec is not None and codec.latent_channels != net.img_channels:
+            raise ConfigError(f"the EDM2 network works on {net.img_channels} channels but the VAE's latents have "
+                              f"{codec.latent_channels}")
+        self.codec = codec
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """float32 (or float64): the weights are stored float16 but computed in float32 (module docstring)."""
+        return at_least_float32(super().state_dtype)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.data_shape if self.codec is None else self.codec.image_shape(self.data_shape)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return x0 if self.codec is None else self.codec.decode(x0).float()
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor) -> Tensor:
         null = y == self.null_label
@@ -363,11 +389,16 @@ SNAPSHOT_FIELDS = ("class_name", "init_kwargs", "encoder", "encoder_kwargs", "la
                    "loss_kwargs")
 
 
+def snapshot_metadata(snapshot: EDM2Snapshot) -> dict:
+    """Every field of ``snapshot`` but its weights, as JSON-ready data."""
+    meta = {k: getattr(snapshot, k) for k in SNAPSHOT_FIELDS}
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}
+
+
 def save_edm2_safetensors(snapshot: EDM2Snapshot, path: str | Path) -> Path:
     """Write ``snapshot`` as safetensors (weights as stored; the other fields as JSON metadata), atomically."""
     path = Path(path)
-    meta = {k: getattr(snapshot, k) for k in SNAPSHOT_FIELDS}
-    meta = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}
+    meta = snapshot_metadata(snapshot)
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.contiguous() for k, v in snapshot.state_dict.items()}, tmp,

@@ -1,4 +1,4 @@
-"""The toy backbone of the paper's 1D/2D experiments: an MLP with sinusoidal embeddings (REG_NOTES §4)."""
+"""The toy backbone of the paper's 1D/2D experiments: an MLP with sinusoidal embeddings (docs/theory.md §4)."""
 
 from __future__ import annotations
 

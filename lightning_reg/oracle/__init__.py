@@ -1,4 +1,4 @@
-"""The optimal-guidance oracle (REG_NOTES §1, §4): exact toy denoisers and Monte Carlo ``grad log E_t``."""
+"""The optimal-guidance oracle (docs/theory.md §1, §4): exact toy denoisers and Monte Carlo ``grad log E_t``."""
 
 from lightning_reg.oracle.exact import ExactMixtureDenoiser, MixturePosteriorMean
 from lightning_reg.oracle.expected_reward import (METHODS, density_ratio_log_reward, grad_log_expected_reward,

@@ -1,6 +1,6 @@
 """The optimal guidance direction ``grad_x log E_t`` by Monte Carlo, and what each guidance method uses instead.
 
-Theorem 4.1 of the paper (REG_NOTES §1): the scaled joint ``p(x_{0:T}|y) R_0(x_0, y)`` is sampled by
+Theorem 4.1 of the paper (docs/theory.md §1): the scaled joint ``p(x_{0:T}|y) R_0(x_0, y)`` is sampled by
 ``eps*_t = eps_t - s_t grad_x log E_t(x_t, y)`` with the expected future reward
 ``E_t(x_t, y) = ∫ p(x_0 | x_t, y) R_0(x_0, y) dx_0``. The oracle rolls the *conditional* chain (the
 library's ``ddim`` sampler, DDPM for ``eta = 1``) from ``x_t`` to ``x_0`` ``rollouts`` times with
@@ -43,7 +43,7 @@ METHODS = ("cfg", "reg_paper", "reg_vjp")  # no-foresight estimates, compared wi
 
 
 def density_ratio_log_reward(distribution: ToyDistribution, w: float) -> LogReward:
-    """``log R_0(x_0, y) = w (log p(x_0|y) - log p(x_0))`` with the toy's true densities (REG_NOTES §4)."""
+    """``log R_0(x_0, y) = w (log p(x_0|y) - log p(x_0))`` with the toy's true densities (docs/theory.md §4)."""
     def log_reward(x0: Tensor, y: Tensor) -> Tensor:
         return w * (distribution.log_prob(x0, y) - distribution.unconditional.log_prob(x0))
     return log_reward
@@ -52,7 +52,7 @@ def density_ratio_log_reward(distribution: ToyDistribution, w: float) -> LogRewa
 def sample_guided_target(distribution: ToyDistribution, label: int, log_reward: LogReward, n: int, *,
                          generator: torch.Generator | None = None, pool: int = 200_000) -> Tensor:
     """``n`` draws of the guided target ``p(x_0|y) R_0(x_0, y) / Z`` (the ``x_0`` marginal of the scaled joint,
-    REG_NOTES §1) by sampling-importance-resampling: ``pool`` draws of ``p(x_0|y)`` resampled with weights
+    docs/theory.md §1) by sampling-importance-resampling: ``pool`` draws of ``p(x_0|y)`` resampled with weights
     ``R_0`` (float64, shape (n, D)); what guided samples should look like."""
     if n < 1 or pool < n:
         raise ConfigError(f"need 1 <= n <= pool, got n={n}, pool={pool}")
@@ -109,7 +109,7 @@ def _grad_log_expected_reward(denoiser, x_t, times, y, log_reward, rollouts, eta
 def no_foresight_estimates(denoiser: Denoiser, x: Tensor, t: float, y: Tensor, w: float) -> dict[str, Tensor]:
     """CFG's ``grad log R_t`` and REG's rectified versions, each read off the library's guided denoiser.
 
-    ``eps_bar = eps_c - s_t g``, so ``g = -(eps_bar - eps_c) / s_t`` (REG_NOTES §1-2).
+    ``eps_bar = eps_c - s_t g``, so ``g = -(eps_bar - eps_c) / s_t`` (docs/theory.md §1-2).
     """
     a, s = denoiser.coefficients(t, x)
     with torch.no_grad():

@@ -1,11 +1,12 @@
 """``sample.py``: guided samples from a trained checkpoint, on one process or many (Fabric DDP), resumable.
 
-Every option can come from ``--config sample.yaml`` or a flag (jsonargparse, as in ``train.py``). Bad
-input ends in one ``error: ...`` line and exit status 2, before anything is written.
+Every option (``SampleConfig``) can come from ``--config sample.yaml`` or a flag (jsonargparse, as in
+``train.py``). Bad input ends in one ``error: ...`` line and exit status 2, before anything is written.
 
-The checkpoint is a ``ConditionalDiffusion`` ``.ckpt`` or, with ``--model DiT-XL/2``, a public DiT ``.pt``
-(VP linear 1000, eps prediction, learned sigma); ``--vae`` samples in the VAE's latent space and decodes
-at the end. ``meta.json`` records throughput (images/s) and peak memory.
+The checkpoint is read by its source (``lightning_reg.sources``: a ``ConditionalDiffusion`` ``.ckpt``, or with
+``--model DiT-XL/2`` a public DiT ``.pt``, or ``--pipeline`` a diffusers folder with ``--prompts``, a caption file);
+``--vae`` samples in the VAE's latent space and decodes at the end.
+``meta.json`` records throughput (images/s), peak memory and the metrics of ``--distribution`` / ``--evaluation``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from functools import partial
 from argparse import ArgumentError
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -22,197 +22,159 @@ from pathlib import Path
 import lightning
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from tqdm.auto import tqdm
 
 from lightning_reg import distributed
-from lightning_reg.cli import fail, parse_error_message
-from lightning_reg.data.toy import ToyDistribution, toy1d_distribution, toy2d_distribution
+from lightning_reg.data.prompts import read_prompts
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser, load_autoencoder
-from lightning_reg.diffusion.predictions import Prediction
-from lightning_reg.diffusion.schedules import VPSchedule
-from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.diffusion.text import TextDenoiser, resolve_pipeline_folder
+from lightning_reg.distributed import fail
+from lightning_reg.errors import ConfigError, one_line, parse_error_message
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
-from lightning_reg.module import load_denoiser
+from lightning_reg.io.files import file_sha256, to_uint8_nhwc, tree_sha256, write_json
+from lightning_reg.metrics.evaluate import build_evaluator, read_samples
+from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
+from lightning_reg.metrics.toy import ToyEvaluator
 from lightning_reg.sampling import writer
-from lightning_reg.models.dit import load_dit_checkpoint
-from lightning_reg.sampling.engine import PRECISIONS, balanced_labels, generate, sample_seed, setting_name
+from lightning_reg.sampling.config import SampleConfig, build_parser as config_parser, config_from
+from lightning_reg.sampling.engine import balanced_labels, generate, sample_seed, setting_name
+from lightning_reg.sources import load_models
 
-DISTRIBUTIONS = {"toy1d": toy1d_distribution, "toy2d": toy2d_distribution,
-                 "toy2d_overlap": partial(toy2d_distribution, "overlap")}
 GRID_IMAGES = 64
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__, exit_on_error=False, default_meta=False)
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
-    p.add_argument("--checkpoint", type=str | None, default=None,
-                   help="a ConditionalDiffusion checkpoint (.ckpt), or a public DiT checkpoint (.pt) with --model")
-    p.add_argument("--model", type=str | None, default=None,
-                   help="a public DiT checkpoint's model, e.g. DiT-XL/2 (VP linear 1000, eps, learned sigma)")
-    p.add_argument("--image_size", type=int | None, default=None,
-                   help="with --model: the image size the DiT checkpoint serves (256: 32x32 latents)")
-    p.add_argument("--vae", type=str | None, default=None,
-                   help="sample in this AutoencoderKL's latent space and decode at the end: a local folder or "
-                        "a cached hub name (stabilityai/sd-vae-ft-ema); required with --model")
-    p.add_argument("--precision", type=str, default="fp32",
-                   help="fp32, or bf16 / fp16: autocast (the REG authors' DiT patch: fp16 autocast)")
-    p.add_argument("--compile", type=bool, default=False, help="torch.compile the backbone")
-    p.add_argument("--ema", type=bool, default=True, help="sample the EMA weights (false: the raw weights)")
-    p.add_argument("--guidance", type=dict, default={"method": "cfg", "scale": 1.0, "reg": "none"},
-                   help="make_guidance(**guidance), e.g. {method: cfg, scale: 1.0, reg: paper}; autoguidance "
-                        "takes reference_checkpoint")
-    p.add_argument("--sampler", type=str, default="ddpm", help="ddpm, ddim, edm_heun or flow_euler")
-    p.add_argument("--sampler_kwargs", type=dict | None, default=None, help="extra sampler options, e.g. {eta: 0.5}")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--num_samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0, help="sample i uses the generator seeded by (seed, i)")
-    p.add_argument("--batch_size", type=int, default=1000, help="samples per forward (does not change the result)")
-    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard file (the unit of resumption)")
-    p.add_argument("--labels", type=list[int] | None, default=None,
-                   help="classes to sample, cycled: sample i gets labels[i % len(labels)]; default: class-balanced")
-    p.add_argument("--distribution", type=str | None, default=None,
-                   help="toy1d, toy2d or toy2d_overlap: compute the exact toy metrics and a scatter plot")
-    p.add_argument("--output", type=str | None, default=None, help="output folder")
-    p.add_argument("--overwrite", type=bool, default=False, help="delete another run's files in --output")
-    p.add_argument("--max_shards", type=int | None, default=None,
-                   help="stop after generating this many shards (to split a long run; rerun to resume)")
-    p.add_argument("--trainer.accelerator", type=str, default="cpu", help="cpu, gpu, cuda, mps or auto")
-    p.add_argument("--trainer.devices", type=int, default=1, help="processes (DDP across them when > 1)")
-    p.add_argument("--trainer.num_nodes", type=int, default=1,
-                   help="machines, each running --trainer.devices processes (torchrun or SLURM; docs/distributed.md)")
-    return p
+def build_parser():
+    return config_parser(SampleConfig, __doc__)
+
+
+@dataclass
+class LoadedModel:
+    """A model and its guiding file read once (each source reads its file once), with the files' sha256 for
+    fingerprints and what the source records of them (``source_meta``)."""
+
+    denoiser: Denoiser
+    checkpoint_sha256: str
+    reference: Denoiser | None = None
+    reference_sha256: str | None = None
+    source_meta: dict | None = None
+
+    @classmethod
+    def load(cls, config: SampleConfig) -> "LoadedModel":
+        ref_path = config.guidance.get("reference_checkpoint")
+        loaded = load_models(config.model_spec, ref_path)
+        path = (resolve_pipeline_folder(config.model_path) if isinstance(loaded.denoiser, TextDenoiser)
+                else config.model_path)
+        return cls(loaded.denoiser, tree_sha256(path), loaded.reference,
+                   file_sha256(ref_path) if ref_path is not None else None, loaded.meta)
 
 
 @dataclass
 class SamplingJob:
-    """Validated arguments of one ``sample.py`` run."""
+    """One ``sample.py`` run, built from a validated ``SampleConfig`` and a loaded model."""
 
-    config: dict
+    config: SampleConfig
     denoiser: Denoiser
     guidance: Guidance
-    labels: torch.Tensor
+    labels: torch.Tensor  # per sample: its class, or its caption's line (0-based) with --prompts
     output: Path
     fingerprint: dict
-    distribution: ToyDistribution | None
+    evaluator: object | None  # metrics.evaluate.build_evaluator: toy metrics, image metrics or None
+    prompts: list[str] | None = None  # the captions of --prompts
+    source_meta: dict | None = None  # what the model's source records of its files (EDM2: the snapshots)
 
     @classmethod
-    def from_config(cls, cfg: Namespace) -> "SamplingJob":
-        config = cfg.as_dict()
-        config.pop("config", None)
-        for field in ("steps", "num_samples", "batch_size", "shard_size", "trainer.devices"):
-            value = cfg[field]
-            if value < 1:
-                raise ConfigError(f"--{field} must be a positive integer, got {value}")
-        if cfg.max_shards is not None and cfg.max_shards < 1:
-            raise ConfigError(f"--max_shards must be a positive integer or null, got {cfg.max_shards}")
-        if cfg.output is None:
-            raise ConfigError("--output is required: the folder for the samples")
-        if cfg.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
-        denoiser = cls.load_model(cfg)
-        params = dict(cfg.guidance)
-        ref_path = params.get("reference_checkpoint")
-        if ref_path is not None:
-            params["reference"] = load_denoiser(ref_path, cfg.ema, "--guidance.reference_checkpoint")
+    def build(cls, config: SampleConfig, model: LoadedModel, evaluator=None) -> "SamplingJob":
+        """Guidance, labels and evaluator for ``config`` (``evaluator``: one already built, as a sweep shares);
+        one one-step sample to catch what only the chain sees; the output folder checked."""
+        denoiser = model.denoiser
+        params = dict(config.guidance)
+        if params.pop("reference_checkpoint", None) is not None and model.reference is not None:
+            params["reference"] = model.reference  # else the reference is the denoiser's null condition
         guidance = make_guidance(**params)
         guidance.bind(denoiser)
-        labels = cls.make_labels(cfg, denoiser)
-        distribution = cls.make_distribution(cfg.distribution, denoiser)
-        # One one-step sample catches what only the chain sees (sampler vs schedule, sampler options).
-        try:
-            generate(denoiser, guidance, labels[:1], [0], sampler=cfg.sampler, steps=1, seed=cfg.seed, batch_size=1,
-                     sampler_kwargs=cfg.sampler_kwargs, precision=cfg.precision)
+        prompts = cls.read_prompts(config, denoiser)
+        labels = cls.make_labels(config, denoiser, prompts)
+        if evaluator is None:
+            evaluator = build_evaluator(config.distribution, config.evaluation, denoiser.num_classes,
+                                        denoiser.data_shape, denoiser.sample_shape, config.seed, prompts)
+        job = cls(config, denoiser, guidance, labels, Path(config.output), {}, evaluator, prompts, model.source_meta)
+        try:  # sampler vs schedule, sampler options
+            generate(denoiser, guidance, job.conditions(torch.tensor([0])), [0], sampler=config.sampler, steps=1,
+                     seed=config.seed, batch_size=1, sampler_kwargs=config.sampler_kwargs, precision=config.precision)
         except TypeError as err:
-            raise ConfigError(f"--sampler_kwargs {cfg.sampler_kwargs} do not fit sampler {cfg.sampler!r}: {err}") from None
+            raise ConfigError(f"--sampler_kwargs {config.sampler_kwargs} do not fit sampler {config.sampler!r}: "
+                              f"{err}") from None
         fingerprint = {
-            "checkpoint_sha256": writer.file_sha256(cfg.checkpoint), "ema": cfg.ema, "model": cfg.model,
-            "vae": cfg.vae, "precision": cfg.precision,
-            "guidance": {k: v for k, v in cfg.guidance.items() if k != "reference_checkpoint"},
-            "reference_sha256": writer.file_sha256(ref_path) if ref_path is not None else None,
-            "sampler": cfg.sampler, "sampler_kwargs": cfg.sampler_kwargs, "steps": cfg.steps, "seed": cfg.seed,
-            "num_samples": cfg.num_samples, "shard_size": cfg.shard_size, "labels": cfg.labels or "balanced"}
-        writer.check_output(cfg.output, fingerprint, cfg.overwrite)
-        return cls(config, denoiser, guidance, labels, Path(cfg.output), fingerprint, distribution)
+            "checkpoint_sha256": model.checkpoint_sha256, "ema": config.ema, "model": config.model,
+            "vae": config.vae, "precision": config.precision,
+            "guidance": {k: v for k, v in config.guidance.items() if k != "reference_checkpoint"},
+            "reference_sha256": model.reference_sha256,
+            "sampler": config.sampler, "sampler_kwargs": config.sampler_kwargs, "steps": config.steps,
+            "seed": config.seed, "num_samples": config.num_samples, "shard_size": config.shard_size,
+            "labels": config.labels or "balanced"}
+        if prompts is not None:
+            fingerprint.update(labels="prompts", prompts_sha256=file_sha256(config.prompts),
+                               negative_prompt=config.negative_prompt)
+        writer.check_output(config.output, fingerprint, config.overwrite)
+        job.fingerprint = fingerprint
+        return job
 
     @staticmethod
-    def load_model(cfg: Namespace) -> Denoiser:
-        """The checkpoint's denoiser (a public DiT with ``--model``), over ``--vae``'s latents if given."""
-        if cfg.model is not None:
-            if cfg.checkpoint is None:
-                raise ConfigError(f"--checkpoint is required: the public {cfg.model} .pt file")
-            if cfg.vae is None:
-                raise ConfigError(f"--model {cfg.model} samples latents: give --vae (the Stable Diffusion VAE, "
-                                  "e.g. stabilityai/sd-vae-ft-ema or a local folder)")
-            net = load_dit_checkpoint(cfg.checkpoint, cfg.model, cfg.image_size)
-            denoiser = Denoiser(net, VPSchedule(1000, "linear"), Prediction("eps"))
-        elif cfg.image_size is not None:
-            raise ConfigError("--image_size is for a public DiT checkpoint: give --model too (e.g. DiT-XL/2)")
-        else:
-            try:
-                denoiser = load_denoiser(cfg.checkpoint, cfg.ema)
-            except ConfigError as err:
-                hint = " (a public DiT checkpoint needs --model, e.g. DiT-XL/2)" if str(cfg.checkpoint).endswith(
-                    ".pt") else ""
-                raise ConfigError(f"{err}{hint}") from None
-        if cfg.vae is None:
-            return denoiser
-        latent = LatentDenoiser.over(denoiser, LatentCodec(load_autoencoder(cfg.vae)))
-        if cfg.image_size is not None and latent.image_shape[1] != cfg.image_size:
-            raise ConfigError(f"--image_size {cfg.image_size}: the model's {denoiser.data_shape[1]}x"
-                              f"{denoiser.data_shape[2]} latents decode to {latent.image_shape[1]}x"
-                              f"{latent.image_shape[2]} images with this VAE")
-        return latent.eval()
+    def read_prompts(config: SampleConfig, denoiser: Denoiser) -> list[str] | None:
+        """The captions of ``--prompts``, which a text-to-image model needs and a class-conditional one refuses."""
+        text = isinstance(denoiser, TextDenoiser)
+        if text and config.prompts is None:
+            raise ConfigError(f"{config.model_spec.field} {config.model_path} is a text-to-image model: give "
+                              "--prompts FILE (one caption a line)")
+        if not text and config.prompts is not None:
+            raise ConfigError(f"--prompts is for a text-to-image pipeline (--pipeline); {config.model_path} is a "
+                              f"class-conditional model (--labels)")
+        return read_prompts(config.prompts) if text else None
 
     @staticmethod
-    def make_labels(cfg: Namespace, denoiser: Denoiser) -> torch.Tensor:
-        if cfg.labels is None:
-            return balanced_labels(cfg.num_samples, denoiser.num_classes)
-        if not cfg.labels:
-            raise ConfigError("--labels must name at least one class (or be null for class-balanced labels)")
-        classes = torch.tensor(cfg.labels)
+    def make_labels(config: SampleConfig, denoiser: Denoiser, prompts: list[str] | None = None) -> torch.Tensor:
+        if prompts is not None:
+            return torch.arange(config.num_samples) % len(prompts)
+        if config.labels is None:
+            return balanced_labels(config.num_samples, denoiser.num_classes)
+        classes = torch.tensor(config.labels)
         try:
             denoiser.check_labels(classes)
         except ConfigError as err:
             raise ConfigError(f"--labels: {err}") from None
-        return classes[torch.arange(cfg.num_samples) % len(classes)]
+        return classes[torch.arange(config.num_samples) % len(classes)]
 
-    @staticmethod
-    def make_distribution(name: str | None, denoiser: Denoiser) -> ToyDistribution | None:
-        if name is None:
-            return None
-        if name not in DISTRIBUTIONS:
-            raise ConfigError(f"unknown --distribution {name!r}; choose one of {sorted(DISTRIBUTIONS)} or null")
-        distribution = DISTRIBUTIONS[name]()
-        if (distribution.num_classes, (distribution.dim,)) != (denoiser.num_classes, denoiser.data_shape):
-            raise ConfigError(f"--distribution {name} has {distribution.num_classes} classes in {distribution.dim}D; "
-                              f"the checkpoint has num_classes={denoiser.num_classes}, data_shape={denoiser.data_shape}")
-        return distribution
+    def conditions(self, indices: torch.Tensor) -> torch.Tensor:
+        """The conditions of samples ``indices``: their labels, or their captions' embeddings (encoded here, so
+        each process encodes only the captions of its own shards)."""
+        labels = self.labels[indices]
+        if self.prompts is None:
+            return labels
+        return self.denoiser.encode([self.prompts[int(i)] for i in labels])
 
     def run(self, fabric: lightning.Fabric, start: float) -> None:
         """Shard ``k`` goes to rank ``k % W`` (finished shards skipped); rank 0 then writes the final files."""
         cfg, rank, world = self.config, fabric.global_rank, fabric.world_size
-        ranges = writer.shard_ranges(cfg["num_samples"], cfg["shard_size"])
+        ranges = writer.shard_ranges(cfg.num_samples, cfg.shard_size)
         if rank == 0:
-            writer.prepare_output(self.output, self.fingerprint, cfg["overwrite"])
+            writer.prepare_output(self.output, self.fingerprint, cfg.overwrite)
         fabric.barrier()
         missing = fabric.broadcast([k for k in range(len(ranges)) if not writer.shard_path(self.output, k).is_file()])
-        todo = missing[:cfg["max_shards"]]
+        todo = missing[:cfg.max_shards]
         for module in (self.denoiser, getattr(self.guidance, "reference", None)):
             if module is not None:
                 module.to(fabric.device)
-                if cfg["compile"]:
+                if cfg.compile:
                     module.net.compile()
         reset_peak_memory(fabric.device)
         sampling_start = time.time()
         mine = todo[rank::world]
-        for k in tqdm(mine, desc=f"{setting_name(cfg['guidance'])} shards", disable=rank != 0):
+        for k in tqdm(mine, desc=f"{setting_name(cfg.guidance)} shards", disable=rank != 0):
             indices = torch.tensor(ranges[k])
-            samples = generate(self.denoiser, self.guidance, self.labels[indices], indices, sampler=cfg["sampler"],
-                               steps=cfg["steps"], seed=cfg["seed"], batch_size=cfg["batch_size"],
-                               device=fabric.device, sampler_kwargs=cfg["sampler_kwargs"], precision=cfg["precision"])
+            samples = generate(self.denoiser, self.guidance, self.conditions(indices), indices, sampler=cfg.sampler,
+                               steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size, device=fabric.device,
+                               sampler_kwargs=cfg.sampler_kwargs, precision=cfg.precision)
             writer.write_shard(self.output, k, indices, samples, self.labels[indices])
         fabric.barrier()
         sampling_s = time.time() - sampling_start
@@ -233,26 +195,36 @@ class SamplingJob:
 
     def finish(self, num_shards: int, world_size: int, wall_s: float, sampling_s: float, new_shards: int,
                cost: dict) -> None:
-        """``samples.npz``, images (image data), metrics and plot (toy data) and ``meta.json``.
+        """``samples.npz``, images (image data) or a scatter plot (toy data), the evaluator's metrics and ``meta.json``.
 
         ``wall_s``: this invocation so far (start-up and checkpoint loading included); ``sampling_s``: the
         shards it generated, across all processes; ``cost``: throughput and peak memory (``peak_memory``)."""
         samples, labels = writer.read_shards(self.output, num_shards)
         cfg = self.config
-        if len(self.denoiser.sample_shape) == 3:
-            from lightning_reg.metrics.plots import image_grid
-            images = writer.to_uint8_nhwc(samples)
-            writer.write_samples(self.output, images, labels)
-            writer.write_images(self.output, images, image_grid(images[:GRID_IMAGES], nrow=8))
+        setting = setting_name(cfg.guidance)
+        images = len(self.denoiser.sample_shape) == 3
+        if images:
+            samples = to_uint8_nhwc(samples)
+            writer.write_images(self.output, samples, image_grid(samples[:GRID_IMAGES], nrow=8))
         else:
-            writer.write_samples(self.output, samples.astype(np.float32), labels)
-        metrics = self.toy_outputs(samples, labels) if self.distribution is not None else None
-        setting = setting_name(cfg["guidance"])
+            samples = samples.astype(np.float32)
+        writer.write_samples(self.output, samples, labels)
+        if self.prompts is not None:
+            writer.write_prompts(self.output, [self.prompts[int(i)] for i in labels])
+        if isinstance(self.evaluator, ToyEvaluator):
+            save_figure(scatter_figure({setting: (samples, labels)}, self.evaluator.distribution),
+                        self.output / "samples.png")
+        if images and self.evaluator is not None:
+            # the images as written: evaluate.py on samples.npz then agrees to the last bit (the float32 feature
+            # network's rounding depends on the buffer it reads, not only on the values)
+            samples, labels = read_samples(self.output / writer.SAMPLES_FILE)
+        metrics = None if self.evaluator is None else self.evaluator(samples, labels)
         meta = {
-            "checkpoint": str(cfg["checkpoint"]), "checkpoint_sha256": self.fingerprint["checkpoint_sha256"],
-            "config": cfg, "setting": setting, "seed": cfg["seed"],
+            "checkpoint": str(cfg.model_path), "checkpoint_sha256": self.fingerprint["checkpoint_sha256"],
+            "reference_sha256": self.fingerprint["reference_sha256"], "source": self.source_meta,
+            "config": cfg.as_dict(), "setting": setting, "seed": cfg.seed,
             "sample_seed": "sample i: torch.Generator seeded by sha256(f'{seed}:{i}')[:8] (little-endian, 63 bits)",
-            "first_sample_seed": sample_seed(cfg["seed"], 0),
+            "first_sample_seed": sample_seed(cfg.seed, 0),
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "lightning_reg": version("lightning-reg")},
             "wall_time_s": round(wall_s, 3), "sampling_time_s": round(sampling_s, 3), "new_shards": new_shards,
@@ -260,22 +232,13 @@ class SamplingJob:
             "num_classes": self.denoiser.num_classes, "data_shape": list(self.denoiser.data_shape),
             "sample_shape": list(self.denoiser.sample_shape),
             "metrics": metrics}
-        writer.write_json(self.output / writer.META_FILE, meta)
+        write_json(self.output / writer.META_FILE, meta)
         print(f"wrote {len(samples)} samples ({setting}) to {self.output / writer.SAMPLES_FILE}: sampling "
               f"{sampling_s:.1f} s ({new_shards} new shards), {wall_s:.1f} s in all, on {world_size} process(es)")
         print(f"throughput {cost['throughput_images_per_s']:.4g} images/s; peak memory "
               f"{cost['peak_memory_bytes'] / 2 ** 20:.1f} MiB ({cost['peak_memory_measure']}, largest process)")
         if metrics:
             print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-
-    def toy_outputs(self, samples: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """Exact toy metrics (``metrics.toy.toy_metrics``) and ``samples.png``."""
-        from lightning_reg.metrics.plots import save_figure, scatter_figure
-        from lightning_reg.metrics.toy import toy_metrics
-        metrics = toy_metrics(samples, labels, self.distribution, seed=self.config["seed"])
-        name = setting_name(self.config["guidance"])
-        save_figure(scatter_figure({name: (samples, labels)}, self.distribution), self.output / "samples.png")
-        return metrics
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -302,20 +265,18 @@ def make_fabric(accelerator: str, devices: int, num_nodes: int = 1) -> lightning
                           f"--trainer.num_nodes {num_nodes} is unusable here: {one_line(err, None)}") from None
 
 
-def launch(args: list[str] | None, build_parser, build_job):
-    """Parse ``args`` and ``build_job(cfg)`` (bad input: one ``error:`` line, exit 2, nothing written), then start
-    the processes of ``--trainer.devices`` x ``--trainer.num_nodes``; returns ``(job, fabric)``. Shared by
-    ``sample.py`` and ``sweep.py``. A process that starts alone (the first of a one-node run) checks before
-    starting the others; processes started together (torchrun, SLURM, several nodes) check, then agree
-    (``lightning_reg.distributed``)."""
+def launch(args: list[str] | None, build_parser, config_class, build_job):
+    """Parse ``args`` into ``config_class`` and ``build_job(config)`` (bad input: one ``error:`` line, exit 2,
+    nothing written), then start the processes of ``trainer.devices`` x ``trainer.num_nodes``; returns
+    ``(job, fabric)``. Shared by ``sample.py`` and ``sweep.py``. A process that starts alone (the first of a
+    one-node run) checks before starting the others; processes started together (torchrun, SLURM, several
+    nodes) check, then agree (``lightning_reg.distributed``)."""
     try:
-        cfg = build_parser().parse_args(args)
-        for field in ("trainer.devices", "trainer.num_nodes"):
-            if cfg[field] < 1:
-                raise ConfigError(f"--{field} must be a positive integer, got {cfg[field]}")
-        fabric = make_fabric(cfg["trainer.accelerator"], cfg["trainer.devices"], cfg["trainer.num_nodes"])
-        together = fabric.world_size > 1 and distributed.started_together(cfg["trainer.num_nodes"])
-        job, error = distributed.check(lambda: build_job(cfg)) if together else (build_job(cfg), None)
+        config = config_from(build_parser().parse_args(args), config_class)
+        trainer = config.trainer
+        fabric = make_fabric(trainer.accelerator, trainer.devices, trainer.num_nodes)
+        together = fabric.world_size > 1 and distributed.started_together(trainer.num_nodes)
+        job, error = distributed.check(lambda: build_job(config)) if together else (build_job(config), None)
     except ArgumentError as err:
         fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
     except ConfigError as err:
@@ -327,8 +288,12 @@ def launch(args: list[str] | None, build_parser, build_job):
     return job, fabric
 
 
+def build_job(config: SampleConfig) -> SamplingJob:
+    return SamplingJob.build(config, LoadedModel.load(config))
+
+
 def main(args: list[str] | None = None) -> None:
     """Parse, validate (nothing is written for bad input), launch the processes and sample."""
     start = time.time()
-    job, fabric = launch(args, build_parser, SamplingJob.from_config)
+    job, fabric = launch(args, build_parser, SampleConfig, build_job)
     job.run(fabric, start)

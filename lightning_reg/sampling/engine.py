@@ -112,21 +112,26 @@ def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler
              seed: int, batch_size: int, device="cpu", sampler_kwargs: Mapping | None = None,
              precision: str = "fp32", progress: bool = False) -> Tensor:
     """Samples (float32 on the CPU, ``(N, *denoiser.sample_shape)``: ``x_0``, or a ``LatentDenoiser``'s decoded
-    images) for ``labels`` (N,) at sample ``indices`` (N,).
+    images) for ``labels`` (N,) at sample ``indices`` (N,). ``labels`` are the conditions: class ids, or a text
+    model's prompt embeddings (N, L, D) (``TextDenoiser.encode``); ``denoiser.check_labels`` checks them.
 
     Each batch runs ``get_sampler(sampler, **sampler_kwargs)(GuidedDenoiser(denoiser, guidance, y), noise,
     schedule, steps, noise_sampler=...)`` with the per-sample noise of ``PerSampleNoise(seed, indices)``,
     under ``autocast(device, precision)``. ``denoiser`` must already be on ``device``.
     """
-    labels, indices = torch.as_tensor(labels).long().reshape(-1), torch.as_tensor(indices).long().reshape(-1)
+    labels, indices = torch.as_tensor(labels), torch.as_tensor(indices).long().reshape(-1)
+    if not torch.is_floating_point(labels):  # class ids; embeddings keep their shape
+        labels = labels.long().reshape(-1)
     if len(labels) != len(indices):
         raise ConfigError(f"labels and indices must have one entry per sample, got {len(labels)} and {len(indices)}")
     for field, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{field} must be a positive integer, got {value!r}")
-    sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}))
+    # a learned variance (DiT) reaches the VP samplers explicitly: the denoiser's own record of its last call
+    variance = {"learned_variance": denoiser.learned_variance} if denoiser.learn_sigma else {}
+    sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}), **variance)
     denoiser.check_labels(labels)
-    dtype = next(denoiser.parameters(), torch.empty(0)).dtype
+    dtype = denoiser.state_dtype
     out = []
     with tqdm(total=len(labels), desc=f"sampling {sampler}", unit="sample", disable=not progress) as bar:
         for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):

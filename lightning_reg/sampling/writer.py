@@ -5,7 +5,8 @@ Layout::
     run.json                 fingerprint of the arguments that decide the samples (resume check)
     shard_00000.npz ...      indices, samples, labels of samples [k S, (k + 1) S)   (S = shard size)
     samples.npz              arr_0: samples (float32 toy data, uint8 NHWC images, as the ADM evaluator reads
-                             them), labels: their classes; in index order
+                             them), labels: their classes (text-to-image: their captions' lines); in index order
+    prompts.txt              text-to-image only: sample i's caption on line i
     images/000000.png ...    image data only, plus images/grid.png
     meta.json                checkpoint sha256, resolved config, seeds, versions, wall time, world size
 
@@ -16,24 +17,20 @@ restart with the same fingerprint skips them.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
-from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
 from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.io.files import atomic_write, read_json, write_json
 
-RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR = "run.json", "samples.npz", "meta.json", "images"
+RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR, PROMPTS_FILE = "run.json", "samples.npz", "meta.json", "images", \
+    "prompts.txt"
 SHARD_GLOB = "shard_*.npz"
 
 
@@ -46,40 +43,9 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, num_samples)) for start in range(0, num_samples, shard_size)]
 
 
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path, write: Callable[[object], None], binary: bool = True) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path, data: dict) -> None:
-    atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True, default=str), binary=False)
-
-
-def read_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _run_files(folder: Path) -> list[Path]:
     """What a sampling run leaves in ``folder`` (other files are never touched)."""
-    names = [RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR]
+    names = [RUN_FILE, SAMPLES_FILE, META_FILE, IMAGES_DIR, PROMPTS_FILE]
     return sorted(folder.glob(SHARD_GLOB)) + [folder / n for n in names if (folder / n).exists()]
 
 
@@ -143,12 +109,6 @@ def read_shards(folder, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
-def to_uint8_nhwc(images) -> np.ndarray:
-    """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C): ``round((x + 1) * 127.5)`` clipped to [0, 255]."""
-    images = torch.as_tensor(images)
-    return rearrange(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), "n c h w -> n h w c").numpy()
-
-
 def write_png(path, image_hwc: np.ndarray) -> None:
     image = Image.fromarray(image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc)
     atomic_write(path, lambda f: image.save(f, format="png"))
@@ -177,3 +137,8 @@ def write_samples(folder, samples: np.ndarray, labels: np.ndarray) -> None:
     """``samples.npz``: ``arr_0`` (the key ADM's ``evaluator.py`` and DiT's ``sample_ddp.py`` use) and ``labels``;
     the same samples always give the same bytes."""
     atomic_write(Path(folder) / SAMPLES_FILE, lambda f: save_npz(f, arr_0=samples, labels=labels))
+
+
+def write_prompts(folder, prompts: list[str]) -> None:
+    """``prompts.txt`` beside ``samples.npz``: sample ``i``'s caption on line ``i`` (what CLIP score compares)."""
+    atomic_write(Path(folder) / PROMPTS_FILE, lambda f: f.write("".join(p + "\n" for p in prompts).encode()))

@@ -1,0 +1,213 @@
+"""``sample.py --pipeline FOLDER --prompts FILE`` on the tiny diffusers components: sample ``i`` takes caption ``i``,
+1 vs 2 DDP processes and an interrupted run give the same ``samples.npz`` bytes, the prompts are written beside it,
+and bad input is one line with nothing written."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_reg.guidance import make_guidance
+from lightning_reg.sampling.cli import main as sample_main
+from lightning_reg.sampling.engine import generate
+from lightning_reg.sources import ModelSpec, load_model
+
+ROOT = Path(__file__).parents[1]
+PROMPTS = ["a seven", "a red dot", "an ox"]  # under the tiny tokenizer's 16 tokens
+# 5 samples (captions 0 1 2 0 1) in 3 shards of 2, batches of 2; REG on the conditional UNet call
+ARGS = ["--num_samples", "5", "--shard_size", "2", "--batch_size", "2", "--steps", "3", "--seed", "4",
+        "--sampler", "ddim", "--sampler_kwargs", "{eta: 0.0}", "--guidance", "{method: cfg, scale: 2.0, reg: paper}"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "captions.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_pipeline, prompts_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    sample_main(["--pipeline", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out), *ARGS])
+    return out
+
+
+def test_prompt_samples_are_the_engine_s_with_caption_i(reference_run, tiny_pipeline, one_thread):
+    """samples.npz holds generate() over the captions' embeddings (caption i % 3 for sample i), prompts.txt the
+    caption of each sample; meta.json the fingerprint of the pipeline and the prompts."""
+    with np.load(reference_run / "samples.npz") as f:
+        samples, labels = f["arr_0"], f["labels"]
+    assert samples.dtype == np.uint8 and samples.shape == (5, 16, 16, 3)
+    assert labels.tolist() == [0, 1, 2, 0, 1]
+    assert (reference_run / "prompts.txt").read_text().splitlines() == [PROMPTS[i] for i in (0, 1, 2, 0, 1)]
+    denoiser = load_model(ModelSpec(str(tiny_pipeline)))  # the format detected from model_index.json
+    guidance = make_guidance("cfg", scale=2.0, reg="paper")
+    expected = generate(denoiser, guidance, denoiser.encode([PROMPTS[i] for i in (0, 1, 2, 0, 1)]), range(5),
+                        sampler="ddim", sampler_kwargs={"eta": 0.0}, steps=3, seed=4, batch_size=5)
+    assert np.abs(samples.astype(int) - ((expected.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()).max() <= 1
+    run = json.loads((reference_run / "run.json").read_text())
+    assert run["labels"] == "prompts" and run["negative_prompt"] == ""
+    assert run["prompts_sha256"] == hashlib.sha256(("\n".join(PROMPTS) + "\n").encode()).hexdigest()
+    meta = json.loads((reference_run / "meta.json").read_text())
+    assert meta["num_classes"] == 0 and meta["data_shape"] == [4, 8, 8] and meta["sample_shape"] == [3, 16, 16]
+    assert len(meta["checkpoint_sha256"]) == 64
+    assert sorted(p.name for p in (reference_run / "images").iterdir())[:2] == ["000000.png", "000001.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prompts_over_two_ddp_processes_equal_one(reference_run, tiny_pipeline, prompts_file, tmp_path):
+    """Two gloo processes (captions encoded by the rank that samples them) write the same samples.npz bytes."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(tiny_pipeline), "--prompts",
+                           str(prompts_file), "--output", str(out), *ARGS, "--trainer.devices", "2",
+                           "--trainer.accelerator", "cpu"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sha256(out / "samples.npz") == sha256(reference_run / "samples.npz")
+    assert (out / "prompts.txt").read_bytes() == (reference_run / "prompts.txt").read_bytes()
+    assert json.loads((out / "meta.json").read_text())["world_size"] == 2
+
+
+def test_interrupted_prompt_run_resumes_to_the_same_bytes(reference_run, tiny_pipeline, prompts_file, tmp_path,
+                                                          capsys, one_thread):
+    out = tmp_path / "resumed"
+    args = ["--pipeline", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out), *ARGS]
+    sample_main([*args, "--max_shards", "1"])
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "shard_00000.npz"]
+    sample_main(args)
+    assert json.loads((out / "meta.json").read_text())["new_shards"] == 2
+    assert sha256(out / "samples.npz") == sha256(reference_run / "samples.npz")
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    other.write_text("a blue square\n")
+    with pytest.raises(SystemExit):  # other captions: another run, refused
+        sample_main([*args[:3], str(other), *args[4:]])
+    assert "prompts_sha256" in capsys.readouterr().err
+
+
+def edited_pipeline(folder: Path, tmp_path: Path, edit: str) -> Path:
+    copy = tmp_path / "pipeline"
+    shutil.copytree(folder, copy)
+    if edit == "no unet":
+        shutil.rmtree(copy / "unet")
+    elif edit == "sdxl":
+        index = json.loads((copy / "model_index.json").read_text())
+        (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    elif edit == "sample prediction":
+        config = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
+        (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "sample"}))
+    return copy
+
+
+@pytest.mark.parametrize("prompts, edit, extra, message", [
+    ("", None, [], "is empty: give one caption a line"),
+    ("a seven\n\na dot\n", None, [], "line(s) 2 are empty"),
+    ("a seven\n", "no unet", [], "lacks the component folder(s) ['unet']"),
+    ("a seven\n", "sdxl", [], "is a StableDiffusionXLPipeline pipeline: only ['StableDiffusionPipeline']"),
+    ("a seven\n", "sample prediction", [], "prediction_type 'sample' is not supported"),
+    (None, None, [], "is a text-to-image model: give --prompts FILE"),
+    ("a seven\n", None, ["--labels", "[1]"], "--labels are class ids"),
+    ("a seven\n", None, ["--vae", "x"], "--vae: a diffusers pipeline brings its own VAE"),
+])
+def test_bad_prompt_input_one_line_and_nothing_written(tiny_pipeline, tmp_path, capsys, prompts, edit, extra,
+                                                       message):
+    folder = edited_pipeline(tiny_pipeline, tmp_path, edit) if edit else tiny_pipeline
+    args = ["--pipeline", str(folder), "--output", str(tmp_path / "out"), "--num_samples", "2", "--steps", "2", *extra]
+    if prompts is not None:
+        (tmp_path / "p.txt").write_text(prompts)
+        args += ["--prompts", str(tmp_path / "p.txt")]
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+
+@pytest.fixture
+def random_inception(tmp_path, monkeypatch):
+    """torch-fidelity's Inception-v3 with random weights from a stand-in file (the real one is not shipped)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+    torch.save({}, tmp_path / "inception.pth")
+    return tmp_path / "inception.pth"
+
+
+def image_folder(root: Path, n: int = 4) -> Path:
+    """An image-folder tree ``root/test/{a,b}/*.png`` of ``n`` random 16x16 RGB pictures."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / "test" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "test" / "ab"[i % 2] / f"{i}.png")
+    return root
+
+
+def test_evaluate_clip_score_and_fid_against_an_image_folder(clip_folder, random_inception, tmp_path, one_thread):
+    """evaluate.py: CLIP score of each sample against its caption, from prompts.txt beside samples.npz or from the
+    prompts file indexed by the labels (the same pairs: the same score, as metrics.clip_score computes it), and
+    FID against an image folder."""
+    from lightning_reg.metrics.clip_score import clip_score
+    from lightning_reg.metrics.evaluate import main as evaluate_main
+
+    captions = ["a seven", "a red dot", "two", "cat", "a b c"]  # a positive score on this random CLIP
+    images = torch.randint(0, 256, (5, 16, 16, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    expected = clip_score(images, captions, clip_folder)
+    assert expected > 0 and expected != pytest.approx(clip_score(images, captions[::-1], clip_folder))
+    run = tmp_path / "run"
+    run.mkdir()
+    np.savez(run / "samples.npz", arr_0=images.numpy(), labels=np.arange(5)[::-1])
+    (run / "prompts.txt").write_text("\n".join(captions) + "\n")
+    (tmp_path / "file.txt").write_text("\n".join(captions[::-1]) + "\n")  # line labels[i] is caption i
+    common = ["--samples", str(run / "samples.npz"), "--clip", str(clip_folder)]
+    evaluate_main([*common, "--metrics", "[clip_score]", "--output", str(tmp_path / "clip.json")])
+    assert json.loads((tmp_path / "clip.json").read_text())["clip_score"] == pytest.approx(expected, rel=1e-6)
+    evaluate_main([*common, "--prompts", str(tmp_path / "file.txt"), "--metrics", "[fid]", "--reference",
+                   str(image_folder(tmp_path / "real")), "--reference_kwargs", "{image_key: image}",
+                   "--inception_weights", str(random_inception), "--output", str(tmp_path / "row.json")])
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["clip_score"] == pytest.approx(expected, rel=1e-6) and row["num_samples"] == 5
+    assert np.isfinite(row["fid"]) and row["fid"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_sweep_over_prompts_writes_fid_and_clip_score_rows(tiny_pipeline, prompts_file, clip_folder,
+                                                           random_inception, tmp_path, one_thread):
+    """sweep.py over a pipeline and a prompts file (every sample.py option is a sweep option): CFG and REG at
+    two weights, each setting's samples.npz and prompts.txt, FID (random Inception) and CLIP score in the table."""
+    from lightning_reg.metrics.fronts import read_table
+    from lightning_reg.sampling.sweep import main as sweep_main
+
+    real = tmp_path / "real.npz"
+    np.savez(real, arr_0=np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "sweep"
+    sweep_main(["--pipeline", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out),
+                "--methods", "[{method: cfg, weights: [1, 3]}]", "--reg", "[none, paper]", "--num_samples", "3",
+                "--shard_size", "3", "--batch_size", "3", "--steps", "2", "--sampler", "ddim",
+                "--evaluation", f"{{metrics: [fid, clip_score], clip: {clip_folder}, reference: {real}, "
+                                f"inception_weights: {random_inception}}}"])
+    rows = read_table(out / "sweep.csv")
+    assert [r["setting"] for r in rows] == ["cfg_w1_none", "cfg_w3_none", "cfg_w1_paper", "cfg_w3_paper"]
+    assert all(np.isfinite(float(r["clip_score"])) and float(r["fid"]) > 0 for r in rows)
+    for r in rows:
+        assert (out / r["setting"] / "prompts.txt").read_text().splitlines() == PROMPTS
+    with np.load(out / "cfg_w3_none" / "samples.npz") as none, np.load(out / "cfg_w3_paper" / "samples.npz") as paper:
+        assert not np.array_equal(none["arr_0"], paper["arr_0"])  # REG changes the samples
+    assert (out / "fronts.png").is_file()
