@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny ToyMLP-backed ``ConditionalDiffusion`` that trains in seconds on a CPU."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,3 +128,19 @@ def make_tiny_components(tokenizer, prediction_type: str = "epsilon", seed: int 
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                 scheduler=scheduler)
+
+
+@pytest.fixture
+def refused(capsys):
+    """``refused(call, pattern, output)``: ``call()`` exits with code 2 and one ``error:`` line matching the regex
+    ``pattern`` (no traceback), and left ``output`` unwritten: the CLIs' rule for bad input."""
+    def check(call, pattern: str, output) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            call()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+        assert re.search(pattern, err), err
+        assert not Path(output).exists()
+        return err
+    return check
