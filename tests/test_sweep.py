@@ -12,7 +12,8 @@ from PIL import Image
 import lightning_reg.sampling.cli as sample_cli
 from lightning_reg.cli import main as train_main
 from lightning_reg.guidance.reg import REG_MODES
-from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front
+from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front, write_table
+from lightning_reg.metrics.fronts import main as fronts_main
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
 from lightning_reg.metrics.fronts import read_table
@@ -101,6 +102,30 @@ def test_pareto_front_and_best_rows_of_a_hand_made_table():
     assert best_rows(TABLE, ("method",), "ed", "max")[("cosine",)] is TABLE[7]
     with pytest.raises(ValueError, match="'min' or 'max'"):
         best_rows(TABLE, ("method",), "ed", "lowest")
+
+
+def test_fronts_cli_puts_two_sweeps_on_one_figure(reference_sweep, tmp_path, capsys):
+    """Two tables (here the reference sweep's two methods, written apart) give one figure and every row."""
+    rows = read_table(reference_sweep / "sweep.csv")
+    write_table(tmp_path / "a.csv", rows[:4])
+    write_table(tmp_path / "b.csv", rows[4:])
+    fronts_main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--front", "energy_distance", "on_shape",
+                 "--output", str(tmp_path / "both.png")])
+    out = capsys.readouterr().out
+    assert Image.open(tmp_path / "both.png").size[0] >= 800
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows)  # the header and one line per row, in the tables' order
+    assert table[5].startswith(f"| interval | none | 1 | {float(rows[4]['energy_distance']):.4g} |")
+    line = next(line for line in out.splitlines() if re.match(r"interval\s+paper\s", line))
+    best = min(rows[6:], key=lambda r: float(r["energy_distance"]))
+    assert line.split()[2] == f"{float(best['w']):g}"
+    for bad, message in (([str(tmp_path / "missing.csv")], "missing.csv does not exist"),
+                         ([str(tmp_path / "a.csv"), "--front", "fid", "on_shape"], r"--front \['fid'\] are not")):
+        argv = bad + (["--front", "energy_distance", "on_shape"] if "--front" not in bad else [])
+        with pytest.raises(SystemExit) as exit_info:
+            fronts_main(argv + ["--output", str(tmp_path / "bad.png")])
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+        assert not (tmp_path / "bad.png").exists()
 
 
 def test_sweep_outputs(reference_sweep, capsys):
@@ -200,6 +225,19 @@ def test_shipped_reg_modes_sweep_parses():
     cfg = build_parser().parse_args(["--config", str(config)])
     assert [(m["method"], list(m["weights"])) for m in cfg.methods] == [("cfg", [1, 3])]
     assert list(cfg.reg) == list(REG_MODES) and cfg.num_samples >= 2000 and cfg.evaluation is not None
+
+
+def test_shipped_autoguidance_sweep_parses():
+    """The digits autoguidance sweep: the guide as the sweep's reference, >= 2 weights, REG none / paper / vjp,
+    >= 2,000 samples per setting, image metrics; its CFG side is the same config without the reference."""
+    config = Path(__file__).parents[1] / "configs" / "sweep_mnist_autoguidance.yaml"
+    cfg = build_parser().parse_args(["--config", str(config)])
+    assert [m["method"] for m in cfg.methods] == ["autoguidance"] and len(cfg.methods[0]["weights"]) >= 2
+    assert cfg.guidance["reference_checkpoint"].endswith("mnist_guide/version_0/checkpoints/last.ckpt")
+    assert list(cfg.reg) == ["none", "paper", "vjp"] and cfg.num_samples >= 2000 and cfg.evaluation is not None
+    cfg = build_parser().parse_args(["--config", str(config), "--guidance", "{}", "--methods",
+                                     "[{method: cfg, weights: [0.25, 0.5, 1, 2, 3]}]"])
+    assert cfg.guidance == {} and cfg.methods[0]["method"] == "cfg"
 
 
 def test_sweep_of_the_public_dit_layout_opens_its_checkpoint_once_and_writes_its_table(tmp_path, monkeypatch):

@@ -98,6 +98,10 @@ def test_print_config_shows_the_merged_config(workdir, capsys):
     (["mnist", "finetune_digits04"], {"classes": 5, "steps": 1200, "callbacks": 1, "data_classes": [0, 1, 2, 3, 4]}),
     (["mnist", "finetune_digits09"], {"classes": 10, "steps": 1200, "callbacks": 1,
                                       "init_from": "checkpoints/runs/digits04/version_0/checkpoints/last.ckpt"}),
+    (["mnist", "mnist_guide"], {"classes": 10, "steps": 600, "callbacks": 1, "net_args": {"base_channels": 16}}),
+    (["mnist", "edm2_digits"], {"net": "lightning_reg.models.edm2.EDM2Precond", "classes": 10, "steps": 1200,
+                                "callbacks": 2, "model": {"prediction": "edm", "label_dropout": 0.0,
+                                                          "uncertainty": True}}),
 ])
 def test_image_configs_parse(workdir, capsys, configs, expect):
     """The digits configs (and the fine-tuning overlays on top of ``mnist.yaml``) parse against the classes they
@@ -108,8 +112,10 @@ def test_image_configs_parse(workdir, capsys, configs, expect):
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     net = config["model"]["net"]
-    assert net["init_args"]["num_classes"] == expect["classes"]
-    assert net["class_path"] == expect.get("net", net["class_path"])
+    assert net["init_args"].get("num_classes", net["init_args"].get("label_dim")) == expect["classes"]
+    assert net["class_path"] == expect.get("net", "lightning_reg.models.unet.UNet")
+    assert {k: net["init_args"][k] for k in expect.get("net_args", {})} == expect.get("net_args", {})
+    assert {k: config["model"][k] for k in expect.get("model", {})} == expect.get("model", {})
     assert config["trainer"]["max_steps"] == expect["steps"]
     assert len(config["trainer"]["callbacks"]) == expect["callbacks"]
     assert config["data"]["init_args"].get("classes") == expect.get("data_classes")
@@ -236,3 +242,38 @@ def test_bad_ckpt_path_from_the_command_line_is_one_line(workdir, bad_checkpoint
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert_one_error_line(result.stderr, ["truncated.ckpt is not a PyTorch checkpoint"])
     assert files_under(workdir) == before
+
+
+@pytest.mark.timeout(300)
+def test_edm2_digits_overlay_trains_and_previews_unguided(workdir, capsys, one_thread):
+    """``configs/edm2_digits.yaml`` on top of ``mnist.yaml`` through train.py: an EDM2 network on digits (the
+    sklearn ones here) with EDM's loss and the learned uncertainty, its preview sampled unguided with Heun and
+    read by a classifier; the checkpoint is an EDM2 network under EDM's schedule."""
+    from lightning_reg.data.digits import prepare_digits
+    from lightning_reg.diffusion.schedules import EDMSchedule
+    from lightning_reg.models.edm2 import EDM2Precond
+    from test_classifier import classifier_checkpoint
+
+    prepare_digits("sklearn", workdir / "data")
+    clf = classifier_checkpoint(workdir / "clf.ckpt", image_size=16, channels=1, num_classes=10)
+    short = {"trainer": {"max_steps": 4, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
+                         "enable_progress_bar": False, "enable_model_summary": False,
+                         "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                        "init_args": {"save_last": True}},
+                                       {"class_path": "lightning_reg.callbacks.SamplingCallback",
+                                        "init_args": {"name": "preview", "num_samples": 10, "batch_size": 10,
+                                                      "sampler": "edm_heun", "steps": 2, "metrics": ["accuracy"],
+                                                      "settings": [{"method": "cfg", "scale": 0.0, "reg": "none"}],
+                                                      "feature_network": str(clf)}}],
+                         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": "runs", "name": "edm2_digits"}}},
+             "data": {"init_args": {"source": "sklearn", "batch_size": 8}}}
+    (workdir / "short.yaml").write_text(yaml.safe_dump(short))
+    main(["fit", "--config", "configs/mnist.yaml", "--config", "configs/edm2_digits.yaml", "--config", "short.yaml"])
+    log_dir = workdir / "runs" / "edm2_digits" / "version_0"
+    logged = (log_dir / "metrics.csv").read_text()
+    assert "preview/cfg_w0_none/accuracy" in logged.splitlines()[0] and "train/loss" in logged
+    model = ConditionalDiffusion.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt")
+    assert isinstance(model.net, EDM2Precond) and isinstance(model.schedule, EDMSchedule)
+    assert (model.schedule.p_mean, model.schedule.p_std) == (-0.8, 1.6) and model.hparams.uncertainty
+    assert model.net.data_shape == (1, 16, 16) and model.num_classes == 10

@@ -162,3 +162,50 @@ def summary(rows: list[dict], x: str, y: str) -> str:
         lines.append(f"{method:<14}{reg:<7}{float(row['w']):>8g}{float(row[x]):>18.4g}{float(row[y]):>16.4g}"
                      f"{float(row['time_per_sample_ms']):>11.3g}")
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict], metrics: Sequence[str]) -> str:
+    """``rows`` as a Markdown table: method, REG mode, ``w``, then ``metrics`` (4 significant digits)."""
+    lines = ["| method | reg | w | " + " | ".join(metrics) + " |", "|---" * (3 + len(metrics)) + "|"]
+    for row in rows:
+        values = [f"{float(row[m]):.4g}" if row.get(m) not in (None, "") else "" for m in metrics]
+        lines.append(f"| {row['method']} | {row['reg']} | {float(row['w']):g} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Several sweeps' tables on one figure: ``python -m lightning_reg.metrics.fronts a/sweep.csv b/sweep.csv
+    --front fid accuracy --output both.png`` (e.g. CFG and autoguidance, whose guiding files differ, so they
+    are two sweeps); prints the best row per curve and every row as a Markdown table."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    p.add_argument("tables", nargs="+", type=Path, help="sweep.csv files (their rows are concatenated in order)")
+    p.add_argument("--front", nargs=2, required=True, metavar=("X", "Y"), help=f"two of {sorted(METRIC_GOALS)}")
+    p.add_argument("--output", type=Path, required=True, help="the figure (.png)")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+
+    def refuse(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    rows = []
+    for table in args.tables:
+        if not table.is_file():
+            refuse(f"{table} does not exist; give the sweep.csv a sweep.py run wrote")
+        rows += read_table(table)
+    missing = [m for m in args.front if m not in METRIC_GOALS or not rows or m not in rows[0]]
+    if missing:
+        refuse(f"--front {missing} are not metrics of {[str(t) for t in args.tables]}; give two of "
+               f"{sorted(m for m in METRIC_GOALS if rows and m in rows[0])}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_fronts(args.output, rows, *args.front, title=args.title)
+    metrics = [m for m in METRIC_GOALS if m in rows[0]]
+    print(f"{len(rows)} rows of {len(args.tables)} tables in {args.output}\n{summary(rows, *args.front)}\n\n"
+          f"{markdown_table(rows, metrics)}")
+
+
+if __name__ == "__main__":
+    main()
