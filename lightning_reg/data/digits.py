@@ -27,6 +27,7 @@ import lightning as L
 import numpy as np
 
 from lightning_reg.data.images import ImageDataModule
+from lightning_reg.distributed import fail
 from lightning_reg.errors import ConfigError, one_line
 
 SOURCES = ("mnist", "sklearn")
@@ -216,8 +217,7 @@ def main(argv=None) -> None:
     try:
         path = prepare_digits(args.source, args.root)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
     print(path)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +19,7 @@ from torch import Tensor  # noqa: E402
 from lightning_reg.data.toy import ToyDistribution  # noqa: E402
 from lightning_reg.diffusion.denoiser import Denoiser  # noqa: E402
 from lightning_reg.diffusion.schedules import VPSchedule  # noqa: E402
+from lightning_reg.distributed import fail  # noqa: E402
 from lightning_reg.errors import ConfigError  # noqa: E402
 from lightning_reg.oracle import METHODS, ExactMixtureDenoiser  # noqa: E402
 
@@ -141,5 +141,4 @@ def main_guard(main: Callable[[list[str] | None], None]) -> None:
     try:
         main(None)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     --front fid accuracy --output both.png`` (e.g. CFG and autoguidance, whose guiding files differ, so they
     are two sweeps); prints the best row per curve and every row as a Markdown table."""
     import argparse
-    import sys
+
+    from lightning_reg.distributed import fail
 
     p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
     p.add_argument("tables", nargs="+", type=Path, help="sweep.csv files (their rows are concatenated in order)")
@@ -186,20 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, required=True, help="the figure (.png)")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-
-    def refuse(message: str) -> None:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
     rows = []
     for table in args.tables:
         if not table.is_file():
-            refuse(f"{table} does not exist; give the sweep.csv a sweep.py run wrote")
+            fail(f"{table} does not exist; give the sweep.csv a sweep.py run wrote")
         rows += read_table(table)
     missing = [m for m in args.front if m not in METRIC_GOALS or not rows or m not in rows[0]]
     if missing:
-        refuse(f"--front {missing} are not metrics of {[str(t) for t in args.tables]}; give two of "
-               f"{sorted(m for m in METRIC_GOALS if rows and m in rows[0])}")
+        fail(f"--front {missing} are not metrics of {[str(t) for t in args.tables]}; give two of "
+             f"{sorted(m for m in METRIC_GOALS if rows and m in rows[0])}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_fronts(args.output, rows, *args.front, title=args.title)
     metrics = [m for m in METRIC_GOALS if m in rows[0]]
