@@ -14,6 +14,7 @@ from lightning_reg.data.images import ImageDataModule
 from lightning_reg.distributed import fail
 from lightning_reg.errors import ConfigError, parse_error_message
 from lightning_reg.io.files import state_dict_mismatch
+from lightning_reg.io.yaml_budget import install_yaml_budget
 from lightning_reg.module import ConditionalDiffusion, read_checkpoint
 
 
@@ -94,10 +95,12 @@ def config_error_behind(err: BaseException) -> ConfigError | None:
 
 
 def quiet_lightning() -> None:
-    """Drop what Lightning prints that no user of this project can act on: its advertising tip and a
-    deprecation warning raised by its own code."""
+    """Drop what Lightning prints that no user of this project can act on: its advertising tip, the seed the
+    config set, and a deprecation warning raised by its own code."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith("💡 Tip"))
+    logging.getLogger("lightning.fabric.utilities.seed").addFilter(  # the config's own seed, said back
+        lambda record: "Seed set to" not in str(record.msg))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
@@ -105,6 +108,7 @@ def main(args=None, model_class: type[L.LightningModule] = ConditionalDiffusion)
     """Run the CLI over ``model_class`` (also the digits classifier's); bad flags, config keys and values end
     in one ``error: ...`` line and exit code 2."""
     quiet_lightning()
+    install_yaml_budget()
     distributed.handle_exit()
     try:
         TrainCLI(model_class, L.LightningDataModule, subclass_mode_data=True, args=args,

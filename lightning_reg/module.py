@@ -21,11 +21,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef, learned_variance_vlb
 from lightning_reg.diffusion.predictions import Prediction
-from lightning_reg.diffusion.schedules import EDMSchedule, NoiseSchedule, VPSchedule
+from lightning_reg.diffusion.schedules import SCHEDULES, EDMSchedule, NoiseSchedule, VPSchedule
 from lightning_reg.diffusion.text import TextDenoiser
 from lightning_reg.errors import ConfigError, one_line
-from lightning_reg.io.files import read_torch, require_keys, state_dict_mismatch, unwrap_state_dict
-from lightning_reg.models.edm2 import load_edm2
+from lightning_reg.io.files import build_within, read_torch, require_keys, state_dict_mismatch, unwrap_state_dict
+from lightning_reg.io.plain import check_arguments, plain_data
+from lightning_reg.models.dit import DiT
+from lightning_reg.models.edm2 import EDM2Precond, load_edm2
+from lightning_reg.models.mlp import ToyMLP
+from lightning_reg.models.unet import UNet
 
 CHECKPOINT_WHAT = "PyTorch checkpoint of a ConditionalDiffusion"
 EMA_PREFIX = "ema.module."  # the EMA weights of ``net`` in a checkpoint's state dict
@@ -232,15 +236,80 @@ def read_checkpoint(path, field: str) -> dict:
     return require_keys(read_torch(path, field, CHECKPOINT_WHAT), ["state_dict"], path, field, "Lightning checkpoint")
 
 
-def module_from_checkpoint(checkpoint: dict, path, field: str) -> ConditionalDiffusion:
-    """The ``ConditionalDiffusion`` of an already read checkpoint (its hyperparameters rebuild the backbone, as
-    ``load_from_checkpoint`` does, without reading the file again), on the CPU; a ConfigError if it is not one."""
-    from lightning.pytorch.core.saving import _load_state  # what load_from_checkpoint runs on the loaded dict
+# The classes a checkpoint's hyperparameters may name, by the ``class_path`` LightningCLI records: an allow-list,
+# so rebuilding a model never imports a name a file gives (docs/security.md). ``register_checkpoint_class`` adds
+# a backbone of one's own (in one's own Python code, before loading).
+CHECKPOINT_CLASSES: dict[str, dict[str, type]] = {"net": {}, "schedule": {}}
 
-    checkpoint = {**checkpoint, "hyper_parameters": dict(checkpoint.get("hyper_parameters") or {})}
+
+def register_checkpoint_class(cls: type, field: str = "net") -> type:
+    """Allow ``field`` (``net`` or ``schedule``) of a checkpoint's hyperparameters to name ``cls``."""
+    CHECKPOINT_CLASSES[field][f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+for _cls in (ToyMLP, UNet, DiT, EDM2Precond):
+    register_checkpoint_class(_cls)
+for _cls in SCHEDULES.values():
+    register_checkpoint_class(_cls, "schedule")
+
+# ``ConditionalDiffusion`` arguments a checkpoint may set besides ``net`` and ``schedule`` (``init_from`` names a
+# file: never taken from a file).
+CHECKPOINT_SCALARS = ("prediction", "label_dropout", "lr", "weight_decay", "warmup_steps", "ema_decay", "freeze",
+                      "uncertainty")
+
+
+def registered_class(spec, field: str, where: str) -> tuple[type, dict]:
+    """``(class, init_args)`` of a hyperparameter ``{class_path, init_args}`` whose class is registered for
+    ``field``; the name is looked up, never imported."""
+    allowed = CHECKPOINT_CLASSES[field]
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str) or set(spec) - {"class_path",
+                                                                                                 "init_args"}:
+        raise ConfigError(f"{where}.{field} is not {{class_path, init_args}} of a {field} class")
+    name = spec["class_path"]
+    if name not in allowed:
+        raise ConfigError(f"{where}.{field}.class_path {name[:100]!r} is not a {field} this project builds from a "
+                          f"file (nothing was imported); accepted: {sorted(allowed)} (docs/security.md)")
+    return allowed[name], spec.get("init_args") or {}
+
+
+def module_from_checkpoint(checkpoint: dict, path, field: str) -> ConditionalDiffusion:
+    """The ``ConditionalDiffusion`` of an already read checkpoint, rebuilt from its hyperparameters as *data*:
+    ``net`` and ``schedule`` name registered classes (``CHECKPOINT_CLASSES``), every argument is type-checked
+    (``io.check_arguments``) and the backbone's size is bounded by its weights; on the CPU. Anything else is one
+    ConfigError naming the field."""
     try:
-        return _load_state(ConditionalDiffusion, checkpoint, strict=True)
-    except (TypeError, ValueError, KeyError, RuntimeError, ImportError, AttributeError) as err:
-        # another module's hyperparameters, a backbone that no longer builds, or weights that do not fit
+        return rebuild(checkpoint, path, field).eval()
+    except ConfigError as err:
+        raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint: {err}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError, IndexError) as err:
+        # our own constructors refusing values of the right type (a width that does not divide), weights that
+        # do not fit the module
         raise ConfigError(f"{field} {path} is not a loadable ConditionalDiffusion checkpoint "
                           f"({type(err).__name__}: {one_line(err)})") from None
+
+
+def rebuild(checkpoint: dict, path, field: str) -> ConditionalDiffusion:
+    """``module_from_checkpoint``'s work; its errors name the hyperparameter at fault."""
+    where = "hyper_parameters"
+    state = unwrap_state_dict(checkpoint["state_dict"], path, field, under=())
+    hparams = plain_data(checkpoint.get("hyper_parameters") or {}, where)
+    if not isinstance(hparams, dict) or "net" not in hparams:
+        raise ConfigError(f"its {where} do not name the backbone (no 'net'), so it was not written by train.py")
+    unknown = sorted(set(hparams) - set(CHECKPOINT_SCALARS) - {"net", "schedule", "_instantiator"})
+    if unknown:
+        raise ConfigError(f"its {where} hold {unknown[0]!r}, not an argument a checkpoint may set; accepted: "
+                          f"{['net', 'schedule', *CHECKPOINT_SCALARS]}")
+    scalars = check_arguments(ConditionalDiffusion, {k: hparams[k] for k in CHECKPOINT_SCALARS if k in hparams}, where,
+                              complete=False)
+    net_cls, net_args = registered_class(hparams["net"], "net", where)
+    limit = max(sum(v.numel() for k, v in state.items() if k.startswith("net.")), 1)
+    net_args = check_arguments(net_cls, net_args, f"{where}.net.init_args", int_limit=limit)
+    schedule = None
+    if hparams.get("schedule") is not None:
+        schedule_cls, schedule_args = registered_class(hparams["schedule"], "schedule", where)
+        schedule = schedule_cls(**check_arguments(schedule_cls, schedule_args, f"{where}.schedule.init_args"))
+    model = build_within(lambda: ConditionalDiffusion(net_cls(**net_args), schedule, **scalars), state,
+                         f"network ({where}.net)")
+    model.load_state_dict(state, strict=True)
+    return model

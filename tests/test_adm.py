@@ -138,7 +138,7 @@ def test_sample_and_reference_sizes_that_differ_are_one_line(tmp_path, one_threa
 
 
 def test_inception_features_need_local_weights(tmp_path):
-    with pytest.raises(ConfigError, match="are not at .*weights-inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(ConfigError, match="hub/weights-inception-2015-12-05-6726825d.pth does not exist"):
         build_adm_evaluator(_write(tmp_path / "ref.npz", arr_0=_images(4, 8)),
                             inception_weights=tmp_path / "hub" / "weights-inception-2015-12-05-6726825d.pth")
 

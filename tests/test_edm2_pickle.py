@@ -142,3 +142,88 @@ def test_a_storage_blob_that_is_not_weights_only_is_refused():
     payload = b"\x80\x04ctorch.storage\n_load_from_bytes\nB" + struct.pack("<I", len(data)) + data + b"\x85R."
     with pytest.raises(UnsafePickleError, match="nested torch storage blob holds more than tensor data"):
         safe_load(payload)
+
+
+RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's _reconstruct: the global numpy pickles every array with
+
+
+@pytest.mark.parametrize("array", [np.arange(6, dtype=">f8").reshape(2, 3), np.asfortranarray(np.ones((2, 3), "f4")),
+                                   np.array([1, -2], np.int16), np.array([True, False])])
+def test_numeric_arrays_are_rebuilt_from_their_bytes(array):
+    """Byte order, Fortran order and the dtype are kept; the array is numpy's own pickle read by the stand-ins."""
+    rebuilt = safe_load(pickle.dumps(array, protocol=4)).array
+    assert rebuilt.dtype == array.dtype and rebuilt.flags.f_contiguous == array.flags.f_contiguous
+    np.testing.assert_array_equal(rebuilt, array)
+
+
+class Call:
+    """Pickles as ``fn(*args)``, then ``BUILD`` with ``state`` when one is given."""
+
+    def __init__(self, fn, *args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+FLAGGED_AS_OBJECT = Call(np.dtype, "f8", False, True, state=(3, "|", None, None, None, -1, -1, 63))
+
+
+@pytest.mark.parametrize("payload, message", [
+    (Call(np.ndarray, (2,), "O"), "calls numpy.ndarray itself"),
+    (Call(np.dtype, "O", False, True), "numpy array of dtype object"),
+    (Call(RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (2,), FLAGGED_AS_OBJECT, False, [{}, "x"])),
+     "pickled state is not a numeric array's"),
+    (Call(RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (1,), Call(np.dtype, "V8", False, True), False, b"\0" * 8)),
+     "numpy array of dtype |V8"),
+])
+def test_no_route_builds_an_object_array(payload, message):
+    """numpy's own ``__setstate__`` takes dtype flags that make a float64 array hold object pointers from a list;
+    every way to a non-numeric array (calling ``ndarray``, an object dtype, such flags, a void dtype) is refused."""
+    with pytest.raises(UnsafePickleError, match=message):
+        safe_load(pickle.dumps(payload, protocol=4))
+
+
+def test_newobj_of_ndarray_builds_nothing():
+    """``NEWOBJ`` skips ``__init__``: the stand-in it makes holds no array until its bytes are read."""
+    payload = b"\x80\x04cnumpy\nndarray\nK\x02\x85\x81."  # numpy.ndarray.__new__(ndarray, 2)
+    assert safe_load(payload).array is None
+
+
+def test_tensors_are_detached_and_within_their_storage(tmp_path):
+    """A stored parameter with ``requires_grad`` comes out a plain tensor; a view repeating its storage is refused."""
+    from edm2_files import read_tree, write_tree
+
+    tree = read_tree("guide")
+    parameters = tree["ema"].state["_modules"]["unet"].state["_parameters"]
+    parameters["out_gain"] = torch.nn.Parameter(torch.ones([], dtype=torch.float16))
+    snapshot = read_edm2_pickle(write_tree(tree, tmp_path / "grad.pkl"))
+    assert type(snapshot.state_dict["unet.out_gain"]) is torch.Tensor
+    assert not snapshot.state_dict["unet.out_gain"].requires_grad
+    parameters["out_gain"] = torch.ones(1, dtype=torch.float16).expand(3)
+    with pytest.raises(EDM2FileError, match=r"unet\.out_gain'\] is a view of 3 values over a storage of 1 "):
+        read_edm2_pickle(write_tree(tree, tmp_path / "strided.pkl"))
+
+
+def test_what_meta_json_records_is_checked_before_the_first_sample(monkeypatch, tmp_path, refused):
+    """What a source records of its files goes into ``meta.json`` checked when the job is built (a record made
+    cyclic here behind the reader's back): one line, nothing written, nothing sampled. It used to fail after the
+    last sample, with no ``meta.json``."""
+    import json
+
+    import lightning_reg.sources as sources
+    from lightning_reg.sampling.cli import main as sample_main
+    from test_latent import tiny_autoencoder
+
+    tiny_autoencoder().save_pretrained(tmp_path / "vae")
+    loop = []
+    loop.append(loop)
+    monkeypatch.setattr(sources, "snapshot_metadata", lambda snapshot: {"loss_kwargs": {"loop": loop}})
+    monkeypatch.setattr("lightning_reg.sampling.cli.generate", lambda *a, **k: pytest.fail("sampled"))
+    guidance = {"method": "cfg", "scale": 2.0, "convention": "w2", "reg": "none",
+                "reference_checkpoint": str(pkl("guide"))}
+    out = tmp_path / "out"
+    refused(lambda: sample_main(["--format", "edm2", "--checkpoint", str(pkl("main")), "--vae", str(tmp_path / "vae"),
+                                 "--guidance", json.dumps(guidance), "--sampler", "edm_heun", "--num_samples", "2",
+                                 "--output", str(out)]), r"meta\.json\.source\.loss_kwargs\.loop\[0\]: contains itself",
+            out)

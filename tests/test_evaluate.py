@@ -55,7 +55,7 @@ def test_writes_a_json_row_and_appends_csv_rows(run_dir):
                                    "--metrics", "[accuracy]"], r"one label in \[0, 4\) per sample"),
     ("bad output suffix", ["--output", "{out_txt}"], "must end in .json or .csv"),
     ("unknown metric", ["--metrics", "[fid, lpips]"], r"unknown \['lpips'\]"),
-    ("corrupt meta.json", ["--samples", "{wrong_meta}"], "meta.json \\(beside --samples\\) is not valid JSON"),
+    ("corrupt meta.json", ["--samples", "{wrong_meta}"], "meta.json .*meta.json is not a JSON object \\(JSONDecodeError"),
     ("corrupt reference", ["--reference", "{corrupt}"], r"--reference .*corrupt.npz is not a readable .npz"),
     ("reference options that do not fit", ["--reference", "digits:sklearn", "--reference_kwargs", "{{bogus: 1, root: {root}}}"],
      r"--reference_kwargs \['bogus'\] are not options of ImageDataModule"),

@@ -14,6 +14,19 @@ def test_read_prompts_strips_and_keeps_order(tmp_path):
     assert read_prompts(path) == ["a seven", "two dogs on a sofa", "A red dot"]
 
 
+def test_read_prompts_splits_lines_at_newlines_only(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("a cat\x85on a mat\u2028at noon\x0c\nthe end\r\n", encoding="utf-8")
+    assert read_prompts(path) == ["a cat\x85on a mat\u2028at noon", "the end"]  # \x0c is surrounding space
+
+
+def test_read_prompts_refuses_a_caption_longer_than_the_limit(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("fine\n" + "x" * 2_000 + "\n" + "y" * 2_001 + "\n")
+    with pytest.raises(ConfigError, match="line 3 has 2,001 characters; a caption may have at most 2,000"):
+        read_prompts(path)
+
+
 @pytest.mark.parametrize("text, message", [
     ("", "is empty: give one caption a line"),
     ("\n  \n", "is empty: give one caption a line"),
@@ -32,7 +45,7 @@ def test_read_prompts_missing_and_binary(tmp_path):
     with pytest.raises(ConfigError, match="--prompts .*nothing.txt does not exist"):
         read_prompts(tmp_path / "nothing.txt")
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00caption")
-    with pytest.raises(ConfigError, match="is not readable UTF-8 text"):
+    with pytest.raises(ConfigError, match="is not a caption file \\(not UTF-8 text"):
         read_prompts(tmp_path / "bad.txt")
 
 

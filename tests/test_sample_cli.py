@@ -145,8 +145,8 @@ def foreign_checkpoints(checkpoint: Path, folder: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("case, args, message", [
-    ("other", [], "is not a loadable ConditionalDiffusion checkpoint .*net"),
-    ("missing", [], r"is not a loadable ConditionalDiffusion checkpoint .*Missing key.*net\.x_proj\.weight"),
+    ("other", [], "is not a loadable ConditionalDiffusion checkpoint: .*no 'net'"),
+    ("missing", [], r"is not a loadable ConditionalDiffusion checkpoint: .*missing: net\.x_proj\.weight"),
     ("ok", ["--num_samples", "0"], "--num_samples must be a positive integer, got 0"),
     ("ok", ["--labels", "[0, 2]"], r"--labels: label ids must lie in \[0, 1\]"),
     ("ok", ["--guidance", "{method: classifier}"], "unknown guidance method 'classifier'"),

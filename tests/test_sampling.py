@@ -166,23 +166,46 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 
 def test_output_folder_fingerprint(tmp_path):
-    out = tmp_path / "run"
-    fp = {"seed": 0, "steps": 25}
-    writer.check_output(out, fp, overwrite=False)
+    out, shape = tmp_path / "run", (2,)
+    fp = {"seed": 0, "steps": 25, "num_samples": 4, "shard_size": 2}
+    other = {**fp, "seed": 1}
+    writer.check_output(out, fp, False, shape)
     assert not out.exists()  # checking creates nothing
-    writer.prepare_output(out, fp, overwrite=False)
+    writer.prepare_output(out, fp, False, shape)
     writer.write_shard(out, 0, torch.arange(2), torch.ones(2, 2), torch.zeros(2, dtype=torch.long))
     (out / "notes.txt").write_text("mine")
-    writer.check_output(out, dict(fp), overwrite=False)  # a restart of the same run is fine
+    writer.check_output(out, dict(fp), False, shape)  # a restart of the same run is fine
+    with pytest.raises(ConfigError, match=r"shard_00000.npz is not a sampling shard \(it holds 2 samples of shape "
+                                          r"\(2,\); this run's shard 0 holds 2 of shape \(3,\)\); delete it"):
+        writer.check_output(out, fp, False, (3,))
     with pytest.raises(ConfigError, match=r"arguments differ in \['seed'\].*--overwrite"):
-        writer.check_output(out, {"seed": 1, "steps": 25}, overwrite=False)
-    writer.prepare_output(out, {"seed": 1, "steps": 25}, overwrite=True)
+        writer.check_output(out, other, False, shape)
+    writer.prepare_output(out, other, True, shape)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.json"]  # only the run's files go
-    assert json.loads((out / "run.json").read_text()) == {"seed": 1, "steps": 25}
+    assert json.loads((out / "run.json").read_text()) == other
     (out / "run.json").unlink()
     writer.write_shard(out, 0, torch.arange(2), torch.ones(2, 2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ConfigError, match="has no run.json"):
-        writer.check_output(out, fp, overwrite=False)
+        writer.check_output(out, fp, False, shape)
+
+
+def test_links_among_a_runs_files_are_refused_before_anything_is_deleted(tmp_path):
+    out, elsewhere, shape = tmp_path / "run", tmp_path / "elsewhere", (2,)
+    fp = {"seed": 0, "num_samples": 2, "shard_size": 2}
+    writer.prepare_output(out, fp, False, shape)
+    elsewhere.mkdir()
+    (elsewhere / "000000.png").write_text("theirs")
+    (out / "images").symlink_to(elsewhere)
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"images is a link to .*elsewhere; a run never writes"):
+            writer.prepare_output(out, fp, overwrite, shape)
+    assert sorted(p.name for p in out.iterdir()) == ["images", "run.json"]
+    assert [p.read_text() for p in elsewhere.iterdir()] == ["theirs"]
+    linked = tmp_path / "linked"
+    linked.symlink_to(out)  # --output itself a link: the user's choice, followed
+    (out / "images").unlink()
+    writer.prepare_output(linked, fp, True, shape)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 
 
 # ---------------------------------------------------------------------------------------- callback

@@ -94,6 +94,10 @@ class Denoiser(nn.Module):
         return broadcast_coef(a, x), broadcast_coef(s, x)
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor) -> Tensor:
+        if not getattr(self.net, "trains_null_label", True) and self.num_classes and bool((y == self.null_label).any()):
+            raise ConfigError(f"{type(self.net).__name__} was trained without a null label (no label dropout), so "
+                              "classifier-free guidance has no unconditional prediction to use; guide it with a "
+                              "reference model ({method: autoguidance, reference_checkpoint: FILE})")
         a, s = self.coefficients(t, x)
         t = torch.as_tensor(t, dtype=torch.float64)
         net_t = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])

@@ -66,6 +66,8 @@ class NoiseSchedule(ABC):
         )
 
 
+MAX_TIMESTEPS = 1_000_000  # a DDPM chain of more steps than this is a mistake (or a file's attempt at memory)
+
 # VPSchedule sampling times: DiT/ADM respacing, then diffusers' timestep_spacing values
 SPACINGS = ("even", "leading", "trailing", "linspace")
 
@@ -88,8 +90,9 @@ class VPSchedule(NoiseSchedule):
     def __init__(self, num_timesteps: int = 1000, betas: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02, spacing: str = "even",
                  steps_offset: int = 0, final_alpha_one: bool = True):
-        if not isinstance(num_timesteps, int) or num_timesteps <= 0:
-            raise ConfigError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+        if not isinstance(num_timesteps, int) or not 0 < num_timesteps <= MAX_TIMESTEPS:
+            raise ConfigError(f"num_timesteps must be a positive integer of at most {MAX_TIMESTEPS:,}, got "
+                              f"{num_timesteps!r}")
         if betas in ("linear", "scaled_linear"):
             if not 0 < beta_start <= beta_end < 1:
                 raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")

@@ -10,7 +10,6 @@ and REG see the UNet alone, and REG differentiates the conditional UNet call onl
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,13 @@ from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import SPACINGS, VPSchedule
 from lightning_reg.errors import ConfigError, one_line
-from lightning_reg.io.files import quiet_loading
-from lightning_reg.io.vae import HUB_NAME
+from lightning_reg.io.pretrained import check_folder, load_pretrained, local_folder
 
 PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x and 2.x (one UNet, one CLIP text encoder, AutoencoderKL)
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # of model_index.json's components (SD 1.x/2.x)
 
 
 def schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") -> tuple[VPSchedule, Prediction]:
@@ -187,21 +186,8 @@ class TextToImage:
 
 def resolve_pipeline_folder(source: str, field: str = "--pipeline", cache_dir: str | None = None) -> Path:
     """A local pipeline folder, or a hub name's snapshot already in the Hugging Face cache; never downloads."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if not path.exists() and HUB_NAME.match(source) and not source.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(source, local_files_only=True, cache_dir=cache_dir))
-        except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and kin)
-            raise ConfigError(f"{field} {source} is neither a folder nor in the local Hugging Face cache, and "
-                              f"nothing is downloaded at run time: run `huggingface-cli download {source}` on a "
-                              "machine with network and copy the cache here, or give a local folder") from None
-    problem = "is a file" if path.exists() else "does not exist"
-    raise ConfigError(f"{field} {source} {problem}: give a diffusers pipeline folder (save_pretrained, with "
-                      "model_index.json) or a cached hub name such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    return local_folder(source, field, "a diffusers pipeline folder (save_pretrained, with model_index.json) or a "
+                                       "cached hub name such as stable-diffusion-v1-5/stable-diffusion-v1-5", cache_dir)
 
 
 def is_pipeline(source: str, cache_dir: str | None = None) -> bool:
@@ -213,47 +199,52 @@ def is_pipeline(source: str, cache_dir: str | None = None) -> bool:
         return False
 
 
+def check_model_index(index: dict, field: str) -> str:
+    """The pipeline class of ``model_index.json``; a class or component that would come from the folder's own
+    code (a custom pipeline, a library other than ``LIBRARIES``) or another pipeline kind is one ConfigError."""
+    kind = index.get("_class_name")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{field}: _class_name {str(kind)[:80]} names a custom pipeline, whose code is never run: "
+                          f"only {list(PIPELINES)} (SD 1.x/2.x) is covered")
+    for name, entry in index.items():
+        library = entry[0] if isinstance(entry, list) and entry and not name.startswith("_") else None
+        if library is not None and library not in LIBRARIES:
+            raise ConfigError(f"{field}: component {name[:40]!r} comes from {str(library)[:80]!r}, code that is "
+                              f"never run: a pipeline's components come from {list(LIBRARIES)}")
+    if kind not in PIPELINES:
+        raise ConfigError(f"{field} is a {kind} pipeline: only {list(PIPELINES)} (SD 1.x/2.x) is covered (SDXL, SD3 "
+                          "and Flux are not)")
+    return kind
+
+
 def load_text_to_image(source: str, *, negative_prompt: str = "", gradient_checkpointing: bool = False,
                        field: str = "--pipeline", cache_dir: str | None = None) -> TextToImage:
     """A ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) as a ``TextToImage``; one ConfigError line for a
-    missing folder, another pipeline kind, a missing or unloadable component or an unsupported scheduler."""
+    missing folder, another pipeline kind, code in the folder, a missing or unloadable component or an
+    unsupported scheduler. Every folder is vetted before a library reads it (``io.pretrained``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = resolve_pipeline_folder(source, field, cache_dir)
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
+    if not (folder / "model_index.json").is_file():
         raise ConfigError(f"{field} {source} has no model_index.json: it is not a diffusers pipeline folder")
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{field} {source}: model_index.json is not valid JSON ({one_line(err, 200)})") from None
-    kind = index.get("_class_name")
-    if kind not in PIPELINES:
-        raise ConfigError(f"{field} {source} is a {kind} pipeline: only {list(PIPELINES)} (SD 1.x/2.x) is "
-                          "covered (SDXL, SD3 and Flux are not)")
+    configs = check_folder(folder, field, "diffusers pipeline folder", weights=False)
+    kind = check_model_index(configs["model_index.json"], f"{field} {source}")
     missing = [name for name in COMPONENTS if not (folder / name).is_dir()]
     if missing:
         raise ConfigError(f"{field} {source} lacks the component folder(s) {missing}: a text-to-image pipeline "
                           f"needs {list(COMPONENTS)}")
-    scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    try:
-        scheduler_config = json.loads(scheduler_file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{field} {source}: cannot read scheduler/scheduler_config.json ({one_line(err, 200)})") \
-            from None
+    scheduler_config = check_folder(folder / "scheduler", field, "scheduler folder", weights=False).get(
+        "scheduler_config.json")
+    if scheduler_config is None:
+        raise ConfigError(f"{field} {source}: scheduler/scheduler_config.json does not exist")
     schedule, prediction = schedule_from_scheduler_config(scheduler_config, f"{field} {source} scheduler")
     loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                "tokenizer": CLIPTokenizer}
-    parts = {}
-    for name, cls in loaders.items():
-        try:
-            with quiet_loading():
-                low_memory = {"low_cpu_mem_usage": False} if name in ("unet", "vae") else {}  # no accelerate
-                parts[name] = cls.from_pretrained(str(folder / name), local_files_only=True, **low_memory)
-        except Exception as err:  # noqa: BLE001 - missing weights, another class, corrupt files ...
-            raise ConfigError(f"{field} {source}: {name} is not a loadable {cls.__name__} folder "
-                              f"({type(err).__name__}: {one_line(err, 300)})") from None
+    low_memory = {"low_cpu_mem_usage": False}  # diffusers without accelerate
+    parts = {name: load_pretrained(cls, folder / name, field, f"{cls.__name__} folder",
+                                   **(low_memory if name in ("unet", "vae") else {}))
+             for name, cls in loaders.items()}
     prompt_encoder = PromptEncoder(parts["tokenizer"], parts["text_encoder"])
     net = PromptUNet(parts["unet"].eval(), gradient_checkpointing)
     denoiser = TextDenoiser(net, schedule, prediction, LatentCodec(parts["vae"]), prompt_encoder([negative_prompt]),

@@ -11,19 +11,21 @@ so loading runs no code) on a ``torch.save`` zip archive, memory-mapped; ``check
 that a library will load itself. ``unwrap_state_dict`` finds the
 weights inside a checkpoint and ``load_weights`` loads them strictly, naming what differs
 (``state_dict_mismatch``). Writers go through ``atomic_write``: a file under its final name is complete.
+Text, JSON and ``.npz`` files are read within budgets (``read_text``, ``read_json``, ``NpzArchive``): sizes are
+checked before the contents are read or decompressed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +35,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.io.plain import plain_data
+
+MAX_JSON_BYTES = 16 << 20  # run.json, meta.json: a few KB when the project writes them
+MAX_NPZ_BYTES = 16 << 30  # what an .npz may declare uncompressed: 50,000 RGB 256 x 256 images are 9.2 GiB
 
 NOT_A_ZIP = ("it cannot be read as a torch weights file: not a torch.save zip archive, so truncated or in "
              "another format")
@@ -63,7 +69,8 @@ def read_torch(path, field: str, what: str = "PyTorch checkpoint", safe_globals:
     if not zipfile.is_zipfile(path):
         raise refuse(path, field, what, NOT_A_ZIP)
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
+        with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's remarks on the file's pickle protocol: the refusal says it all
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), one_line(err, 150))
@@ -129,29 +136,27 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, Tensor], path, fiel
     return module
 
 
+def build_within(build: Callable[[], nn.Module], weights: Mapping, what: str) -> nn.Module:
+    """``build()`` once its shapes, built on the meta device (no memory), equal those of ``weights`` (a state
+    dict read from the same file): arguments from a file cannot allocate more than the weights it holds."""
+    try:
+        with torch.device("meta"):
+            mismatch = state_dict_mismatch(build().state_dict(), weights)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as err:  # our constructors
+        raise ConfigError(f"its arguments do not build a {what} ({type(err).__name__}: {one_line(err)})") from None
+    if mismatch:
+        raise ConfigError(f"its weights do not fit the {what} it describes ({mismatch})")
+    return build()
+
+
 def file_sha256(path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextmanager
-def quiet_loading():
-    """transformers' "Loading weights" progress bar (on stderr) and the loaders' warnings off while loading
-    pretrained folders, so a failure is still one ``error:`` line; the bar's setting is restored after."""
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 def tree_sha256(path) -> str:
@@ -184,32 +189,130 @@ def write_json(path, data: dict) -> None:
     atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True, default=str), binary=False)
 
 
-def read_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def read_text(path, field: str, what: str, max_bytes: int) -> str:
+    """The UTF-8 text of the regular file ``path``, read to at most ``max_bytes`` bytes (a device or a pipe is not
+    a regular file); a missing, larger, unreadable or non-UTF-8 file is one ConfigError."""
+    path = require_file(path, field)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        raise refuse(path, field, what, f"it cannot be read: {type(err).__name__}: {one_line(err, 150)}") from None
+    if len(data) > max_bytes:
+        raise refuse(path, field, what, f"it is larger than {max_bytes:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise refuse(path, field, what, f"not UTF-8 text: {err.reason} at byte {err.start:,}") from None
+
+
+def read_json(path, field: str = "the file") -> dict:
+    """The JSON object in ``path`` (``run.json``, ``meta.json``: files the project wrote, read back) as plain data
+    of bounded size (``plain_data``); a file over ``MAX_JSON_BYTES``, not JSON or not an object is one ConfigError."""
+
+    text = read_text(path, field, "JSON object", MAX_JSON_BYTES)
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise refuse(path, field, "JSON object", f"{type(err).__name__}: {one_line(err, 150)}") from None
+    if not isinstance(value, dict):
+        raise refuse(path, field, "JSON object", f"it holds a {type(value).__name__}")
+    return plain_data(value, f"{field} {path}", finite=False)
+
+
+class NpzArchive:
+    """An ``.npz`` read within budget (``with NpzArchive(path, field, what) as npz``): opening checks what its
+    members declare in all (at most ``MAX_NPZ_BYTES`` uncompressed), ``header(key)`` reads one member's ``.npy``
+    header (numbers, not objects; exactly as many bytes as the member declares), both before any data is
+    decompressed; ``array(key)`` then reads the data. ``keys``: the arrays' names. Every problem is one
+    ConfigError ``<field> <path> is not a <what> (<problem>)``."""
+
+    def __init__(self, path, field: str, what: str = "readable .npz"):
+        self.path, self.field, self.what = require_file(path, field), field, what
+        self.archive = self._guarded(lambda: zipfile.ZipFile(self.path))
+        members = self.archive.infolist()
+        declared = sum(m.file_size for m in members)
+        if declared > MAX_NPZ_BYTES:
+            self.archive.close()
+            raise self.refuse(f"its members declare {declared:,} bytes uncompressed, over the {MAX_NPZ_BYTES:,} "
+                              "bytes an .npz may hold here (MAX_NPZ_BYTES)")
+        self.keys = [m.filename.removesuffix(".npy") for m in members if m.filename.endswith(".npy")]
+        self._headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+
+    def __enter__(self) -> "NpzArchive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.archive.close()
+
+    def refuse(self, problem: str) -> ConfigError:
+        return refuse(self.path, self.field, self.what, problem)
+
+    def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        """``(shape, dtype)`` of array ``key``, from its header alone."""
+        if key not in self._headers:
+            self._headers[key] = self._guarded(lambda: self._read_header(key))
+        return self._headers[key]
+
+    def array(self, key: str) -> np.ndarray:
+        """Array ``key``, once its header is checked: as many bytes in memory as the header declares."""
+        self.header(key)
+
+        def read() -> np.ndarray:
+            with self.archive.open(f"{key}.npy") as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+
+        return self._guarded(read)
+
+    def _read_header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        info = self.archive.getinfo(f"{key}.npy")
+        with self.archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise self.refuse(f"{key} is in .npy format {version[0]}.{version[1]}; only 1.0 and 2.0 are read")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)
+            data_offset = member.tell()
+        if dtype.hasobject:
+            raise self.refuse(f"{key} holds Python objects ({dtype}), which could run code when loaded; only "
+                              "arrays of numbers are read")
+        if any(n < 0 for n in shape):
+            raise self.refuse(f"{key} has the shape {shape}")
+        needed = data_offset + math.prod(shape) * dtype.itemsize
+        if needed != info.file_size:
+            raise self.refuse(f"{key}'s header ({dtype} {shape}) needs {needed:,} bytes, but the archive declares "
+                              f"{info.file_size:,}")
+        return tuple(shape), dtype
+
+    def _guarded(self, read: Callable):
+        try:
+            return read()
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a truncated, foreign or damaged archive fails in many ways
+            raise self.refuse(f"{type(err).__name__}: {one_line(err, 200)}") from None
 
 
 def read_npz_images(path, flag: str, image_keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(uint8 NHWC images under the first of image_keys, labels or None)`` of an ``.npz`` (labels from
-    ``labels`` or ``arr_1``); a missing, unreadable or ill-formed file is one ConfigError naming ``flag``."""
-    path = require_file(path, flag)
-    try:
-        with np.load(path) as data:  # allow_pickle is False: object arrays are refused
-            key = next((k for k in image_keys if k in data.files), None)
-            if key is None:
-                raise ConfigError(f"{flag} {path} holds {data.files}; expected uint8 N x H x W x C images under "
-                                  f"{' or '.join(repr(k) for k in image_keys)} (and optionally 'labels')")
-            images = data[key]
-            label_key = next((k for k in ("labels", "arr_1") if k in data.files), None)
-            labels = data[label_key] if label_key else None
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a truncated or non-npz file
-        raise ConfigError(f"{flag} {path} is not a readable .npz ({type(err).__name__}: {one_line(err)})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ConfigError(f"{flag} {path}: {key} must be uint8 images (N, H, W, C) with C 1 or 3, got "
-                          f"{images.dtype} {images.shape}")
-    return images, labels
+    """``(uint8 NHWC images under the first of image_keys, integer labels or None)`` of an ``.npz`` (labels from
+    ``labels`` or ``arr_1``), both checked from their headers before they are read (``NpzArchive``); a missing,
+    unreadable or ill-formed file is one ConfigError naming ``flag``."""
+    with NpzArchive(path, flag) as npz:
+        key = next((k for k in image_keys if k in npz.keys), None)
+        if key is None:
+            raise ConfigError(f"{flag} {npz.path} holds {npz.keys}; expected uint8 N x H x W x C images under "
+                              f"{' or '.join(repr(k) for k in image_keys)} (and optionally 'labels')")
+        shape, dtype = npz.header(key)
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
+            raise ConfigError(f"{flag} {npz.path}: {key} must be uint8 images (N, H, W, C) with C 1 or 3, got "
+                              f"{dtype} {shape}")
+        label_key = next((k for k in ("labels", "arr_1") if k in npz.keys), None)
+        if label_key is not None:
+            label_shape, label_dtype = npz.header(label_key)
+            if label_dtype.kind not in "iu" or label_shape != shape[:1]:
+                raise ConfigError(f"{flag} {npz.path}: {label_key} must be integer labels ({shape[0]},), one per "
+                                  f"image, got {label_dtype} {label_shape}")
+        return npz.array(key), npz.array(label_key) if label_key is not None else None
 
 
 def to_uint8_nhwc(images) -> np.ndarray:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +31,9 @@ from einops import rearrange
 from scipy import linalg
 from torch import Tensor, nn
 
-from lightning_reg.errors import ConfigError, check_names, one_line
-from lightning_reg.io.files import check_torch_weights
-from lightning_reg.metrics.images import INCEPTION_WEIGHTS, INCEPTION_WHAT
+from lightning_reg.errors import ConfigError, check_names
+from lightning_reg.io.files import NpzArchive
+from lightning_reg.metrics.images import inception_weights_file
 
 ADM_METRICS = ("fid", "sfid", "is", "precision", "recall")
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
@@ -117,11 +116,7 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
-        if not path.is_file():
-            raise ConfigError(f"the Inception weights (torch-fidelity's pt_inception-2015-12-05) are not at {path}: "
-                              f"copy {INCEPTION_WEIGHTS} there or pass their path")
-        check_torch_weights(path, "the Inception weights", INCEPTION_WHAT)  # torch-fidelity loads them unsafely
+        path = inception_weights_file(weights or None)  # vetted: torch-fidelity loads it without weights_only
         self.inception = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                      feature_extractor_weights_path=str(path))
         self._spatial: list[Tensor] = []
@@ -160,18 +155,6 @@ def extract_features(network: nn.Module, images_uint8_nhwc, device="cpu", batch_
     return {key: torch.cat(value) for key, value in parts.items()}
 
 
-def _npz_array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
-    """Shape and dtype of ``key`` in an npz without loading it (None if absent)."""
-    with zipfile.ZipFile(path) as archive:
-        if f"{key}.npy" not in archive.namelist():
-            return None
-        with archive.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
-            return tuple(shape), dtype
-
-
 @dataclass
 class AdmReference:
     """An ADM reference batch: its path, ``arr_0``'s shape (images load on demand) and stored statistics."""
@@ -185,8 +168,8 @@ class AdmReference:
         if self.image_shape is None:
             raise ConfigError(f"reference {self.path} has no images ('arr_0'); precision/recall and feature "
                               "networks other than Inception need them")
-        with np.load(self.path) as data:
-            return data["arr_0"]
+        with NpzArchive(self.path, "reference") as npz:
+            return npz.array("arr_0")
 
 
 def load_adm_reference(path) -> AdmReference:
@@ -196,24 +179,25 @@ def load_adm_reference(path) -> AdmReference:
     if not path.is_file():
         raise ConfigError(f"reference {path} does not exist (ADM's reference batches: VIRTUAL_imagenet256_labeled.npz "
                           "from openai/guided-diffusion's evaluations README)")
-    try:
-        header = _npz_array_header(path, "arr_0")
-        with np.load(path) as data:
-            keys = set(data.files)
-            stats = {name: FrechetStatistics(data[mu].astype(np.float64), data[sigma].astype(np.float64))
-                     for name, mu, sigma in (("pool", "mu", "sigma"), ("spatial", "mu_s", "sigma_s"))
-                     if {mu, sigma} <= keys}
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise ConfigError(f"reference {path} is not a readable .npz ({type(err).__name__}: {one_line(err)})") from None
-    image_shape = None if header is None else header[0]
-    if header is not None and (len(image_shape) != 4 or header[1] != np.uint8):
-        raise ConfigError(f"reference {path}: arr_0 must be uint8 (N, H, W, C) images, got {header[1]} {image_shape}")
-    for name, s in stats.items():
-        if s.mu.ndim != 1 or s.sigma.shape != (len(s.mu), len(s.mu)):
-            raise ConfigError(f"reference {path}: {name} statistics have mean {s.mu.shape} and covariance "
-                              f"{s.sigma.shape}; expected (D,) and (D, D)")
-    if image_shape is None and not stats:
-        raise ConfigError(f"reference {path} holds {sorted(keys)}: neither images 'arr_0' nor statistics 'mu'/'sigma'")
+    with NpzArchive(path, "reference") as npz:  # every array's header checked before it is read
+        image_shape = None
+        if "arr_0" in npz.keys:
+            image_shape, dtype = npz.header("arr_0")
+            if len(image_shape) != 4 or dtype != np.uint8:
+                raise ConfigError(f"reference {path}: arr_0 must be uint8 (N, H, W, C) images, got {dtype} "
+                                  f"{image_shape}")
+        stats = {}
+        for name, mu, sigma in (("pool", "mu", "sigma"), ("spatial", "mu_s", "sigma_s")):
+            if {mu, sigma} <= set(npz.keys):
+                (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = npz.header(mu), npz.header(sigma)
+                if (len(mu_shape) != 1 or sigma_shape != mu_shape * 2 or mu_dtype.kind not in "fiu"
+                        or sigma_dtype.kind not in "fiu"):
+                    raise ConfigError(f"reference {path}: {name} statistics have mean {mu_dtype} {mu_shape} and "
+                                      f"covariance {sigma_dtype} {sigma_shape}; expected real (D,) and (D, D)")
+                stats[name] = FrechetStatistics(npz.array(mu).astype(np.float64), npz.array(sigma).astype(np.float64))
+        if image_shape is None and not stats:
+            raise ConfigError(f"reference {path} holds {sorted(npz.keys)}: neither images 'arr_0' nor statistics "
+                              "'mu'/'sigma'")
     return AdmReference(path, image_shape, stats.get("pool"), stats.get("spatial"))
 
 

@@ -12,7 +12,6 @@ The checkpoint records the architecture (``feature_network``: image size, channe
 
 from __future__ import annotations
 
-import inspect
 
 import lightning as L
 import torch
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_reg.errors import ConfigError
-from lightning_reg.io.files import load_weights, read_torch, refuse, require_keys, unwrap_state_dict
+from lightning_reg.io.files import build_within, load_weights, read_torch, refuse, require_keys, unwrap_state_dict
+from lightning_reg.io.plain import check_arguments
 
 ARCH_KEY = "feature_network"  # the checkpoint entry that records the architecture
 
@@ -116,11 +116,13 @@ def load_feature_network(path, field: str = "feature network") -> FeatureNetwork
     checkpoint = read_torch(path, field, what, hint="train one with `python train_classifier.py fit --config "
                                                      "configs/mnist_classifier.yaml`")
     require_keys(checkpoint, [ARCH_KEY, "state_dict"], path, field, what)
-    arch = checkpoint[ARCH_KEY]
-    if not isinstance(arch, dict) or set(arch) - set(inspect.signature(DigitClassifier).parameters):
-        raise refuse(path, field, what, f"its {ARCH_KEY!r} entry {arch!r} is not DigitClassifier arguments")
-    classifier = DigitClassifier(**arch)
     weights = unwrap_state_dict(checkpoint["state_dict"], path, field, under=(), prefix="net.")
+    try:  # the architecture is data: typed arguments, sizes bounded by the weights the file holds
+        arch = check_arguments(DigitClassifier, checkpoint[ARCH_KEY], ARCH_KEY,
+                               int_limit=max(sum(w.numel() for w in weights.values()), 1))
+        classifier = build_within(lambda: DigitClassifier(**arch), weights, "DigitClassifier")
+    except ConfigError as err:
+        raise refuse(path, field, what, str(err)) from None
     return FeatureNetwork(load_weights(classifier, weights, path, field, what))
 
 

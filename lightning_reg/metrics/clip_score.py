@@ -12,11 +12,12 @@ from typing import Sequence
 
 import torch
 
-from lightning_reg.errors import ConfigError, one_line
-from lightning_reg.io.files import quiet_loading
+from lightning_reg.errors import ConfigError
+from lightning_reg.io.pretrained import check_folder, load_pretrained
 from lightning_reg.metrics.images import _images
 
 _BATCH = 100
+WHAT = "CLIP model and processor folder"
 
 
 class ProjectedCLIP(torch.nn.Module):
@@ -40,37 +41,35 @@ class ProjectedCLIP(torch.nn.Module):
 
 
 def clip_loader(folder: str | Path, field: str = "--clip-model"):
-    """A loader of ``(CLIPModel, CLIPProcessor)`` from a local folder, for ``CLIPScore``; checks the folder first."""
+    """A loader of ``(CLIPModel, CLIPProcessor)`` from a local folder, for ``CLIPScore``; the folder is vetted
+    now (``io.pretrained.check_folder``: data only, no custom code, weights checked) and again when loaded."""
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         problem = "has no config.json" if folder.is_dir() else "is not a folder"
         raise ConfigError(f"{field} {folder} {problem}: give a folder written by CLIPModel.save_pretrained and "
                           "CLIPProcessor.save_pretrained (e.g. a local copy of openai/clip-vit-base-patch16)")
+    check_folder(folder, field, WHAT)
 
     def load():
         from transformers import CLIPModel, CLIPProcessor
 
-        try:
-            with quiet_loading():
-                return (ProjectedCLIP(CLIPModel.from_pretrained(str(folder), local_files_only=True)),
-                        CLIPProcessor.from_pretrained(str(folder), local_files_only=True))
-        except Exception as err:  # noqa: BLE001 - missing processor files, another model type, corrupt weights
-            raise ConfigError(f"{field} {folder} is not a loadable CLIP model and processor folder "
-                              f"({type(err).__name__}: {one_line(err, 300)})") from None
+        return (ProjectedCLIP(load_pretrained(CLIPModel, folder, field, WHAT)),
+                load_pretrained(CLIPProcessor, folder, field, WHAT))
 
     return load
 
 
-def clip_score(images, prompts: Sequence[str], clip_model: str | Path, *, device="cpu",
-               batch_size: int = _BATCH) -> float:
-    """The CLIP score of uint8 (N, H, W, C) images against ``prompts`` (one per image), batches of ``batch_size``."""
+def clip_score(images, prompts: Sequence[str], clip_model: str | Path, *, device="cpu", batch_size: int = _BATCH,
+               field: str = "--clip-model") -> float:
+    """The CLIP score of uint8 (N, H, W, C) images against ``prompts`` (one per image), batches of ``batch_size``;
+    ``field`` names ``clip_model`` in errors."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     images, prompts = _images(images, "images"), list(prompts)
     if len(images) != len(prompts) or not prompts:
         raise ConfigError(f"CLIP score needs one caption per image, got {len(images)} images and {len(prompts)} "
                           "captions")
-    metric = CLIPScore(model_name_or_path=clip_loader(clip_model)).to(device)
+    metric = CLIPScore(model_name_or_path=clip_loader(clip_model, field)).to(device)
     for start in range(0, len(images), batch_size):
         metric.update(list(images[start:start + batch_size].to(device)), prompts[start:start + batch_size])
     return float(metric.compute())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import inspect
-import json
 import os
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from lightning_reg.distributed import fail
 from lightning_reg.errors import ConfigError, one_line, parse_error_message
-from lightning_reg.io.files import atomic_write, read_npz_images, to_uint8_nhwc, write_json
+from lightning_reg.io.files import atomic_write, read_json, read_npz_images, to_uint8_nhwc, write_json
+from lightning_reg.io.yaml_budget import install_yaml_budget
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
 
 INCEPTION = "inception"
@@ -58,11 +58,11 @@ class CLIPScoreEvaluator:
     """Image metrics (``inner``, or none) plus the CLIP score of each sample against its caption: ``labels`` are
     the captions' indices into ``prompts`` (``sample.py --prompts``; metrics.clip_score, a local CLIP folder)."""
 
-    def __init__(self, inner, prompts, clip: str, image_shape, device="cpu"):
+    def __init__(self, inner, prompts, clip: str, image_shape, device="cpu", field: str = "--evaluation.clip"):
         from lightning_reg.metrics.clip_score import clip_loader
 
-        clip_loader(clip, "--evaluation.clip")  # the folder checked now, loaded when scoring
-        self.inner, self.prompts, self.clip, self.device = inner, list(prompts), clip, device
+        clip_loader(clip, field)  # the folder checked now, loaded when scoring
+        self.inner, self.prompts, self.clip, self.device, self.field = inner, list(prompts), clip, device, field
         self.image_shape = tuple(image_shape)
         self.names = (list(inner.names) if inner is not None else []) + ["clip_score"]
 
@@ -77,7 +77,7 @@ class CLIPScoreEvaluator:
         if labels is None:
             raise ConfigError("CLIP score needs each sample's caption: the samples' labels index the prompts")
         return row | {"clip_score": clip_score(images, [self.prompts[int(i)] for i in labels], self.clip,
-                                               device=self.device)}
+                                               device=self.device, field=self.field)}
 
 
 def build_evaluator(distribution: str | None, evaluation: dict | None, num_classes: int, data_shape, sample_shape,
@@ -207,6 +207,7 @@ def write_row(path, row: dict) -> None:
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    install_yaml_budget()
     p = ArgumentParser(description="Image metrics of a samples.npz against reference images: one JSON/CSV row.",
                        exit_on_error=False, default_meta=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
@@ -248,12 +249,7 @@ def build_parser():
 
 def read_meta(path: Path) -> dict:
     """``sample.py``'s ``meta.json`` beside the samples (setting name, ``num_classes``), or ``{}`` if absent."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise ConfigError(f"{path} (beside --samples) is not valid JSON ({one_line(err, 200)}); fix or remove it") from None
+    return read_json(path, "--samples' meta.json") if os.path.lexists(path) else {}
 
 
 def run(cfg) -> dict:
@@ -322,7 +318,7 @@ def clip_run(cfg, images, labels, image_metrics: list[str]) -> dict:
     if image_metrics:
         inner = build_image_evaluator(image_metrics, image_shape, cfg.feature_network, cfg.inception_weights, None,
                                       cfg.device)
-    evaluator = CLIPScoreEvaluator(inner, captions, cfg.clip, image_shape, cfg.device)
+    evaluator = CLIPScoreEvaluator(inner, captions, cfg.clip, image_shape, cfg.device, "--clip")
     if {"fid", "kid"} & set(image_metrics):
         if cfg.reference is None:
             raise ConfigError("--reference is required for fid and kid: the real images to compare with")

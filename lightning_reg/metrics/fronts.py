@@ -10,18 +10,22 @@ are left out of fronts and best points.
   grid), the row with the best ``metric``: a curve's turning point, where more guidance stops helping.
 
 The sweep's table (``write_table`` / ``read_table``), figure (``save_fronts``) and summary (``summary``) live here.
+A table read back is checked (at most ``MAX_TABLE_BYTES`` and ``MAX_TABLE_ROWS``; the columns the figure reads;
+a number in every cell of a number column) before anything is drawn: a bad cell is one line naming it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from lightning_reg.io.files import atomic_write
+from lightning_reg.errors import ConfigError
+from lightning_reg.io.files import atomic_write, read_text
 
 GOALS = ("min", "max")
 REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--"}
@@ -29,6 +33,10 @@ LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params
 COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 METRIC_GOALS = {"energy_distance": "min", "sliced_wasserstein": "min", "log_likelihood": "max", "on_shape": "max",
                 "fid": "min", "kid": "min", "is": "max", "accuracy": "max", "clip_score": "max"}
+TABLE_COLUMNS = ("method", "reg", "w", "time_per_sample_ms")  # what the figure and the summary read
+NUMBER_COLUMNS = ("w", "weight", "num_samples", "time_per_sample_ms", "peak_memory_mib", *METRIC_GOALS)
+MAX_TABLE_BYTES = 16 << 20  # a sweep's table is a few KB
+MAX_TABLE_ROWS = 100_000
 
 
 def _value(row: Mapping, metric: str, goal: str) -> float:
@@ -93,9 +101,37 @@ def write_table(path: Path, rows: list[dict]) -> None:
 
 
 def read_table(path) -> list[dict]:
-    """``sweep.csv`` back as rows of strings."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """``sweep.csv`` back as rows of strings, checked: the ``TABLE_COLUMNS``, a number (``nan`` too) in every
+    cell of the ``NUMBER_COLUMNS`` it has, at most ``MAX_TABLE_ROWS`` rows; else one ConfigError naming the
+    row and column."""
+    hint = "give the sweep.csv a sweep.py run wrote"
+    reader = csv.DictReader(io.StringIO(read_text(path, "table", "sweep table", MAX_TABLE_BYTES), newline=""))
+    rows = []
+    try:
+        columns = reader.fieldnames or []
+        missing = [c for c in TABLE_COLUMNS if c not in columns]
+        if missing:
+            raise ConfigError(f"{path} has no column {missing[0]!r}; {hint}")
+        numbers = [c for c in NUMBER_COLUMNS if c in columns]
+        for row in reader:
+            if len(rows) == MAX_TABLE_ROWS:
+                raise ConfigError(f"{path} has more than {MAX_TABLE_ROWS:,} rows; {hint}")
+            rows.append(row)
+            bad = next((c for c in numbers if not _is_number(row[c])), None)
+            if bad:
+                raise ConfigError(f"{path}, row {len(rows)} (line {reader.line_num}), column {bad}: "
+                                  f"{str(row[bad])[:40]!r} is not a number; {hint}")
+    except csv.Error as err:
+        raise ConfigError(f"{path}, line {reader.reader.line_num}: not CSV ({err}); {hint}") from None
+    return rows
+
+
+def _is_number(cell: str | None) -> bool:
+    try:
+        float(cell)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -> None:
@@ -187,15 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, required=True, help="the figure (.png)")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    rows = []
+    rows, shared = [], set(METRIC_GOALS)
     for table in args.tables:
         if not table.is_file():
             fail(f"{table} does not exist; give the sweep.csv a sweep.py run wrote")
-        rows += read_table(table)
-    missing = [m for m in args.front if m not in METRIC_GOALS or not rows or m not in rows[0]]
+        try:
+            table_rows = read_table(table)
+        except ConfigError as err:
+            fail(str(err))
+        rows += table_rows
+        shared &= set(table_rows[0]) if table_rows else set()
+    missing = [m for m in args.front if m not in shared]
     if missing:
-        fail(f"--front {missing} are not metrics of {[str(t) for t in args.tables]}; give two of "
-             f"{sorted(m for m in METRIC_GOALS if rows and m in rows[0])}")
+        fail(f"--front {missing} are not metrics of {[str(t) for t in args.tables]}; give two of {sorted(shared)}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_fronts(args.output, rows, *args.front, title=args.title)
     metrics = [m for m in METRIC_GOALS if m in rows[0]]

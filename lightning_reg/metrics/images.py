@@ -1,8 +1,8 @@
 """Image metrics through torchmetrics: FID, Inception Score, KID and class accuracy (docs/theory.md §4: FID vs IS fronts).
 
 By default the features are torch-fidelity's Inception-v3 (``pt_inception-2015-12-05``), whose
-weights must already sit in the torch hub cache or at ``inception_weights`` (nothing is downloaded at
-run time here). A ``FeatureNetwork`` (the project's digits classifier, ``metrics.classifier``) stands in
+weights must already sit in the torch hub cache or at ``inception_weights`` (``inception_weights_file``:
+vetted, never downloaded). A ``FeatureNetwork`` (the project's digits classifier, ``metrics.classifier``) stands in
 for it offline: its penultimate features for FID and KID, its logits for IS and for ``accuracy`` (the
 share of samples it assigns to the label they were sampled for). Any other ``nn.Module`` mapping uint8
 NCHW images to (N, D) features can stand in too (IS reads its outputs as logits; no accuracy).
@@ -31,8 +31,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from lightning_reg.errors import ConfigError, check_names
-from lightning_reg.io.files import check_torch_weights
+from lightning_reg.errors import ConfigError, check_names, one_line
+from lightning_reg.io.files import atomic_write, check_torch_weights, read_torch
 from lightning_reg.metrics.classifier import FeatureNetwork
 
 IMAGE_METRICS = ("fid", "is", "kid", "accuracy")
@@ -51,29 +51,36 @@ def _images(images, name: str) -> Tensor:
     return rearrange(images, "n h w c -> n c h w")
 
 
+def inception_weights_file(inception_weights: str | os.PathLike | None = None) -> Path:
+    """The Inception-v3 weights file: ``inception_weights``, else the torch hub cache's copy, vetted with
+    ``check_torch_weights`` (torch-fidelity loads it without ``weights_only``); never downloaded: a missing
+    file is one ConfigError naming where it goes."""
+    if inception_weights is None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+        if not cached.is_file():
+            raise ConfigError(f"the Inception weights of FID/IS (torch-fidelity's pt_inception-2015-12-05) are not at "
+                              f"{cached}, and nothing is downloaded at run time: copy {INCEPTION_WEIGHTS} to that "
+                              "path, or give its path with --inception_weights (or use a classifier --feature_network)")
+        inception_weights = cached
+    return check_torch_weights(inception_weights, "inception_weights", INCEPTION_WHAT,
+                               f"it must be torch-fidelity's {INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
+
+
 class Inception(nn.Module):
-    """torch-fidelity's Inception-v3 (``pt_inception-2015-12-05``, from ``inception_weights`` or the torch hub
-    cache): uint8 NCHW images -> ``(pool features (N, 2048), IS logits (N, 1008))`` in one forward."""
+    """torch-fidelity's Inception-v3 (``pt_inception-2015-12-05``, from ``inception_weights_file``): uint8 NCHW
+    images -> ``(pool features (N, 2048), IS logits (N, 1008))`` in one forward."""
 
     def __init__(self, inception_weights: str | None = None):
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         super().__init__()
-        # torch-fidelity loads the file (or the torch hub cache's copy) itself, without weights_only: vet it first
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
-        if inception_weights is not None:
-            check_torch_weights(inception_weights, "inception_weights", INCEPTION_WHAT,
-                                f"it must be torch-fidelity's {INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
-        elif os.path.isfile(cached):
-            check_torch_weights(cached, "the torch hub cache's Inception weights", INCEPTION_WHAT)
+        path = inception_weights_file(inception_weights)
         try:
             self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                          feature_extractor_weights_path=inception_weights)
-        except OSError as err:  # urllib's URLError included: the weights are not cached and cannot be fetched
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
-            raise ConfigError(f"the FID Inception weights (torch-fidelity's pt_inception-2015-12-05) must be in the "
-                              f"torch hub cache: copy them to {path} (or pass inception_weights=<file>, or a "
-                              f"classifier feature network); fetching them failed: {err}") from err
+                                          feature_extractor_weights_path=str(path))
+        except Exception as err:  # noqa: BLE001 - load_state_dict on another object, other keys or shapes
+            raise ConfigError(f"inception_weights {path} is not a {INCEPTION_WHAT} (its weights do not fit: "
+                              f"{type(err).__name__}: {one_line(err, 200)})") from None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         features, logits = self.net._torch_fidelity_forward(images)
@@ -152,9 +159,9 @@ class ImageMetrics:
         self.readouts = readouts(self.network)
         self.reference_cache = None if reference_cache is None else Path(reference_cache)
         self.to(device)
-        num_features = self._num_features()
+        self.num_features = self._num_features()
         num_classes = getattr(feature_extractor, "num_classes", None)
-        self.metrics = {name: _build(name, num_features, num_classes).to(self.device) for name in self.names}
+        self.metrics = {name: _build(name, self.num_features, num_classes).to(self.device) for name in self.names}
         self.num_real = None
 
     def _num_features(self) -> int:
@@ -210,12 +217,17 @@ class ImageMetrics:
         digest.update(real.contiguous().numpy().tobytes())
         path = self.reference_cache / f"{digest.hexdigest()}.pt"
         if path.is_file():
-            return torch.load(path, map_location=self.device, weights_only=True)
+            features = read_torch(path, "reference_cache", "cached reference features file")
+            shape = (len(real), self.num_features)
+            if not (isinstance(features, Tensor) and features.is_floating_point() and features.shape == shape):
+                held = f"{features.dtype} {tuple(features.shape)}" if isinstance(features, Tensor) else \
+                    type(features).__name__
+                raise ConfigError(f"reference_cache {path} holds {held}, not the {shape} float features of the "
+                                  "reference images: delete it to recompute them")
+            return features
         features = self.features(real, "reference")[0]
         self.reference_cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(features.cpu(), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(features.cpu(), f))
         return features
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ unconditional network.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -230,6 +231,7 @@ class UNet(nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
+UNET_DEFAULTS = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
 UNET_ARGS = ("model_channels", "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks",
              "attn_resolutions", "label_balance", "concat_balance", "channels_per_head", "dropout",
              "res_balance", "attn_balance", "clip_act")
@@ -357,15 +359,23 @@ class EDM2Denoiser(Denoiser):
 
 
 def edm2_from_snapshot(snapshot: EDM2Snapshot, name: str = "EDM2 snapshot") -> EDM2Precond:
-    """An ``EDM2Precond`` built from a snapshot's constructor arguments with its state dict loaded strictly."""
+    """An ``EDM2Precond`` built from a snapshot's constructor arguments with its state dict loaded strictly.
+    Arguments that ask for more UNet blocks than the file has tensors are refused before any block is built
+    (a huge ``num_blocks`` would take hours); arguments of the wrong type or value are one line."""
     if snapshot.class_name != "Precond":
         raise ConfigError(f"{name} holds a {snapshot.class_name!r} network, not an EDM2 'Precond'")
+    arguments = {**UNET_DEFAULTS, **snapshot.init_kwargs}
+    levels, per_level = arguments["channel_mult"], arguments["num_blocks"]
+    if isinstance(levels, (list, tuple)) and isinstance(per_level, int) and \
+            len(levels) * (2 * per_level + 2) > len(snapshot.state_dict):
+        raise ConfigError(f"{name}: its arguments ask for {len(levels)} levels of {per_level:,} blocks, more blocks "
+                          f"than the file holds tensors ({len(snapshot.state_dict)}); refused")
     try:
         with torch.device("meta"):  # no random init: every tensor comes from the file
             net = EDM2Precond(**snapshot.init_kwargs)
-    except TypeError as err:
-        raise ConfigError(f"{name}: constructor arguments {snapshot.init_kwargs} do not fit EDM2Precond "
-                          f"({one_line(err)})") from None
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as err:
+        raise ConfigError(f"{name}: constructor arguments {json.dumps(snapshot.init_kwargs)[:300]} do not fit "
+                          f"EDM2Precond ({one_line(err)})") from None
     load_edm2_state_dict(net, snapshot.state_dict, name)
     return net.eval().requires_grad_(False)
 
@@ -387,6 +397,8 @@ def load_edm2_state_dict(net: EDM2Precond, state_dict: dict[str, Tensor], name: 
 
 SNAPSHOT_FIELDS = ("class_name", "init_kwargs", "encoder", "encoder_kwargs", "latent_scale", "latent_bias",
                    "loss_kwargs")
+METADATA_KEY = "edm2_snapshot"  # the safetensors metadata entry of the fields, as JSON
+MAX_METADATA_CHARS = 1_000_000
 
 
 def snapshot_metadata(snapshot: EDM2Snapshot) -> dict:
@@ -402,7 +414,7 @@ def save_edm2_safetensors(snapshot: EDM2Snapshot, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.contiguous() for k, v in snapshot.state_dict.items()}, tmp,
-                  metadata={"edm2_snapshot": json.dumps(meta)})
+                  metadata={METADATA_KEY: json.dumps(meta)})
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -410,17 +422,25 @@ def save_edm2_safetensors(snapshot: EDM2Snapshot, path: str | Path) -> Path:
 
 
 def read_edm2_safetensors(path: str | Path) -> EDM2Snapshot:
-    """An ``EDM2Snapshot`` from ``save_edm2_safetensors``'s file (no pickle involved)."""
+    """An ``EDM2Snapshot`` from ``save_edm2_safetensors``'s file (no pickle involved); its metadata must be one
+    JSON object of exactly ``SNAPSHOT_FIELDS``, checked as the pickle reader's fields are (``EDM2Snapshot``)."""
     try:
         with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {})["edm2_snapshot"])
+            header = (f.metadata() or {}).get(METADATA_KEY)
+            if header is None:
+                raise ValueError(f"no '{METADATA_KEY}' metadata")
+            if len(header) > MAX_METADATA_CHARS:
+                raise ValueError(f"its '{METADATA_KEY}' metadata has {len(header):,} characters; at most "
+                                 f"{MAX_METADATA_CHARS:,} are read")
+            meta = json.loads(header)
+            if not isinstance(meta, dict) or sorted(meta) != sorted(SNAPSHOT_FIELDS):
+                keys = [k[:40] for k in sorted(meta)[:12]] if isinstance(meta, dict) else type(meta).__name__
+                raise ValueError(f"its '{METADATA_KEY}' metadata must be a JSON object of the keys "
+                                 f"{list(SNAPSHOT_FIELDS)}, got {keys}")
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        return EDM2Snapshot(state_dict=state_dict, **meta)
+    except (OSError, ValueError, RecursionError, SafetensorError) as err:
         raise ConfigError(f"{path} is not an EDM2 safetensors file written by convert_edm2 ({one_line(err)})") from None
-    for key in ("latent_scale", "latent_bias"):
-        if meta[key] is not None:
-            meta[key] = np.asarray(meta[key], dtype=np.float32)
-    return EDM2Snapshot(state_dict=state_dict, **meta)
 
 
 def convert_edm2(path: str | Path) -> Path:

@@ -33,6 +33,7 @@ from lightning_reg.errors import ConfigError, one_line, parse_error_message
 from lightning_reg.guidance.base import Guidance
 from lightning_reg.guidance.methods import make_guidance
 from lightning_reg.io.files import file_sha256, to_uint8_nhwc, tree_sha256, write_json
+from lightning_reg.io.plain import plain_data
 from lightning_reg.metrics.evaluate import build_evaluator, read_samples
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import ToyEvaluator
@@ -81,7 +82,7 @@ class SamplingJob:
     fingerprint: dict
     evaluator: object | None  # metrics.evaluate.build_evaluator: toy metrics, image metrics or None
     prompts: list[str] | None = None  # the captions of --prompts
-    source_meta: dict | None = None  # what the model's source records of its files (EDM2: the snapshots)
+    record: dict | None = None  # what meta.json records that is known before sampling (``meta_record``)
 
     @classmethod
     def build(cls, config: SampleConfig, model: LoadedModel, evaluator=None) -> "SamplingJob":
@@ -98,7 +99,8 @@ class SamplingJob:
         if evaluator is None:
             evaluator = build_evaluator(config.distribution, config.evaluation, denoiser.num_classes,
                                         denoiser.data_shape, denoiser.sample_shape, config.seed, prompts)
-        job = cls(config, denoiser, guidance, labels, Path(config.output), {}, evaluator, prompts, model.source_meta)
+        job = cls(config, denoiser, guidance, labels, Path(config.output), {}, evaluator, prompts,
+                  cls.meta_record(config, model))
         try:  # sampler vs schedule, sampler options
             generate(denoiser, guidance, job.conditions(torch.tensor([0])), [0], sampler=config.sampler, steps=1,
                      seed=config.seed, batch_size=1, sampler_kwargs=config.sampler_kwargs, precision=config.precision)
@@ -116,9 +118,26 @@ class SamplingJob:
         if prompts is not None:
             fingerprint.update(labels="prompts", prompts_sha256=file_sha256(config.prompts),
                                negative_prompt=config.negative_prompt)
-        writer.check_output(config.output, fingerprint, config.overwrite)
+        writer.check_output(config.output, fingerprint, config.overwrite, denoiser.sample_shape)
         job.fingerprint = fingerprint
         return job
+
+    @staticmethod
+    def meta_record(config: SampleConfig, model: LoadedModel) -> dict:
+        """What ``meta.json`` records that is known before sampling (the files and what their source records of
+        them, the config, the shapes), checked as plain data of bounded size (``plain_data``): a value read from
+        a file that cannot be written is one line before the first sample, not a failure after the last."""
+        denoiser = model.denoiser
+        return plain_data({
+            "checkpoint": str(config.model_path), "checkpoint_sha256": model.checkpoint_sha256,
+            "reference_sha256": model.reference_sha256, "source": model.source_meta,
+            "config": config.as_dict(), "setting": setting_name(config.guidance), "seed": config.seed,
+            "sample_seed": "sample i: torch.Generator seeded by sha256(f'{seed}:{i}')[:8] (little-endian, 63 bits)",
+            "first_sample_seed": sample_seed(config.seed, 0),
+            "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
+                         "lightning_reg": version("lightning-reg")},
+            "num_classes": denoiser.num_classes, "data_shape": list(denoiser.data_shape),
+            "sample_shape": list(denoiser.sample_shape)}, "meta.json")
 
     @staticmethod
     def read_prompts(config: SampleConfig, denoiser: Denoiser) -> list[str] | None:
@@ -158,7 +177,7 @@ class SamplingJob:
         cfg, rank, world = self.config, fabric.global_rank, fabric.world_size
         ranges = writer.shard_ranges(cfg.num_samples, cfg.shard_size)
         if rank == 0:
-            writer.prepare_output(self.output, self.fingerprint, cfg.overwrite)
+            writer.prepare_output(self.output, self.fingerprint, cfg.overwrite, self.denoiser.sample_shape)
         fabric.barrier()
         missing = fabric.broadcast([k for k in range(len(ranges)) if not writer.shard_path(self.output, k).is_file()])
         todo = missing[:cfg.max_shards]
@@ -219,19 +238,8 @@ class SamplingJob:
             # network's rounding depends on the buffer it reads, not only on the values)
             samples, labels = read_samples(self.output / writer.SAMPLES_FILE)
         metrics = None if self.evaluator is None else self.evaluator(samples, labels)
-        meta = {
-            "checkpoint": str(cfg.model_path), "checkpoint_sha256": self.fingerprint["checkpoint_sha256"],
-            "reference_sha256": self.fingerprint["reference_sha256"], "source": self.source_meta,
-            "config": cfg.as_dict(), "setting": setting, "seed": cfg.seed,
-            "sample_seed": "sample i: torch.Generator seeded by sha256(f'{seed}:{i}')[:8] (little-endian, 63 bits)",
-            "first_sample_seed": sample_seed(cfg.seed, 0),
-            "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
-                         "lightning_reg": version("lightning-reg")},
-            "wall_time_s": round(wall_s, 3), "sampling_time_s": round(sampling_s, 3), "new_shards": new_shards,
-            "world_size": world_size, **cost,
-            "num_classes": self.denoiser.num_classes, "data_shape": list(self.denoiser.data_shape),
-            "sample_shape": list(self.denoiser.sample_shape),
-            "metrics": metrics}
+        meta = {**self.record, "wall_time_s": round(wall_s, 3), "sampling_time_s": round(sampling_s, 3),
+                "new_shards": new_shards, "world_size": world_size, **cost, "metrics": metrics}
         write_json(self.output / writer.META_FILE, meta)
         print(f"wrote {len(samples)} samples ({setting}) to {self.output / writer.SAMPLES_FILE}: sampling "
               f"{sampling_s:.1f} s ({new_shards} new shards), {wall_s:.1f} s in all, on {world_size} process(es)")

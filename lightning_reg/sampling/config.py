@@ -15,6 +15,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lightning_reg.data.prompts import read_prompts
 from lightning_reg.errors import ConfigError
+from lightning_reg.io.yaml_budget import install_yaml_budget
 from lightning_reg.sources import ModelSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -220,6 +221,7 @@ Config = TypeVar("Config", bound=SampleConfig)
 
 def build_parser(config_class: type[SampleConfig], description: str) -> ArgumentParser:
     """jsonargparse over ``config_class``'s fields, and ``--config file.yaml``."""
+    install_yaml_budget()
     p = ArgumentParser(description=description, exit_on_error=False, default_meta=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
     p.add_class_arguments(config_class, None, as_group=False)
