@@ -4,8 +4,9 @@ size before anything uses it (docs/security.md).
 
 ``plain_data(value, field)`` returns a copy made of ``dict`` (string keys), ``list``, ``str``, ``int``, finite
 ``float``, ``bool`` and ``None`` only (tuples become lists), walking at most ``max_items`` nodes to at most
-``max_depth`` levels, with strings of at most ``max_chars`` characters. Anything else (another type, a cycle,
-a tree that a pickle memo or YAML aliases expand past the budget, an infinite or NaN float) is one
+``max_depth`` levels, with strings of at most ``max_chars`` characters (``MAX_TOTAL_CHARS`` in all). Anything
+else (another type, a cycle, a tree that a pickle memo or YAML aliases expand past the budget, an infinite or
+NaN float) is one
 ``ConfigError`` naming ``field`` and the path inside it, found in time and memory bounded by the budget.
 """
 
@@ -23,19 +24,20 @@ from lightning_reg.errors import ConfigError
 MAX_ITEMS = 100_000
 MAX_DEPTH = 32
 MAX_CHARS = 100_000
+MAX_TOTAL_CHARS = 10_000_000  # of all strings together: one long string referenced many times stays bounded
 
 
 def plain_data(value, field: str, max_items: int = MAX_ITEMS, max_depth: int = MAX_DEPTH,
                max_chars: int = MAX_CHARS, finite: bool = True):
     """``value`` as JSON-able plain data within the budget (see the module docstring), or one ConfigError."""
-    count = 0
+    count = chars = 0
 
     def refuse(path: str, problem: str) -> ConfigError:
         shown = path if len(path) <= 80 else f"{path[:40]}...{path[-30:]}"
         return ConfigError(f"{field}{shown}: {problem}; refused (files are read as plain data of bounded size)")
 
     def copy(node, path: str, depth: int, ancestors: tuple[int, ...]):
-        nonlocal count
+        nonlocal count, chars
         count += 1
         if count > max_items:
             raise refuse(path, f"holds more than {max_items:,} values (a container repeated through the file's "
@@ -53,8 +55,10 @@ def plain_data(value, field: str, max_items: int = MAX_ITEMS, max_depth: int = M
                 raise refuse(path, f"is {node}, not a finite number")
             return float(node)
         if isinstance(node, str):
-            if len(node) > max_chars:
-                raise refuse(path, f"is a string of {len(node):,} characters (at most {max_chars:,})")
+            chars += len(node)
+            if len(node) > max_chars or chars > MAX_TOTAL_CHARS:
+                raise refuse(path, f"is a string of {len(node):,} characters (at most {max_chars:,}, and "
+                                   f"{MAX_TOTAL_CHARS:,} in all)")
             return str(node)
         if isinstance(node, (Mapping, list, tuple)):
             if id(node) in ancestors:
