@@ -18,8 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+from lightning_reg.diffusion.schedules import VPSchedule
+from lightning_reg.models.mlp import ToyMLP
+from lightning_reg.module import ConditionalDiffusion
 
 ZYGOTE = Path(__file__).with_name("zygote.py")
+NET = {"class_path": "lightning_reg.models.mlp.ToyMLP",
+       "init_args": {"num_classes": 2, "dim": 2, "hidden": 16, "blocks": 1, "embedding_dim": 8, "x_scale": 10.0}}
+SCHEDULE = {"class_path": "lightning_reg.diffusion.schedules.VPSchedule", "init_args": {"num_timesteps": 1000}}
 PAYLOAD_MARKER = "PWNED"  # every payload of the suite creates a file of this name in the attack's folder
 
 
@@ -99,6 +107,24 @@ def attack(zygote, tmp_path):
                        answer["timed_out"], cwd)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory):
+    """A checkpoint as ``train.py`` writes it (LightningCLI hyperparameters) of a tiny ToyMLP model."""
+    torch.manual_seed(0)
+    model = ConditionalDiffusion(ToyMLP(**NET["init_args"]), VPSchedule(), lr=1e-3)
+    checkpoint = {"state_dict": model.state_dict(), "pytorch-lightning_version": "2.6.6", "hyper_parameters": {
+        "_instantiator": "lightning.pytorch.cli.instantiate_module", "net": NET, "schedule": SCHEDULE,
+        "prediction": "eps", "label_dropout": 0.1, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 100,
+        "ema_decay": 0.999, "freeze": None, "uncertainty": False}}
+    path = tmp_path_factory.mktemp("genuine") / "genuine.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def sample_args(checkpoint, out, *extra):
+    return ["--checkpoint", checkpoint, "--output", out, "--num_samples", "4", "--steps", "2", *extra]
 
 
 def payload_pickle(folder: Path) -> bytes:

@@ -10,30 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PAYLOAD_MARKER, payload_pickle
-from lightning_reg.diffusion.schedules import VPSchedule
-from lightning_reg.models.mlp import ToyMLP
-from lightning_reg.module import ConditionalDiffusion
+from conftest import PAYLOAD_MARKER, payload_pickle, sample_args
 
-NET = {"class_path": "lightning_reg.models.mlp.ToyMLP",
-       "init_args": {"num_classes": 2, "dim": 2, "hidden": 16, "blocks": 1, "embedding_dim": 8, "x_scale": 10.0}}
-SCHEDULE = {"class_path": "lightning_reg.diffusion.schedules.VPSchedule", "init_args": {"num_timesteps": 1000}}
 # A module whose import has a side effect: what an attacker hopes a class_path will import.
 EVIL_MODULE = f"open(__file__.rsplit('/', 2)[0] + '/{PAYLOAD_MARKER}', 'w')\nclass Net:\n    pass\n"
-
-
-@pytest.fixture(scope="module")
-def genuine(tmp_path_factory):
-    """A checkpoint as ``train.py`` writes it (LightningCLI hyperparameters) of a tiny ToyMLP model."""
-    torch.manual_seed(0)
-    model = ConditionalDiffusion(ToyMLP(**NET["init_args"]), VPSchedule(), lr=1e-3)
-    checkpoint = {"state_dict": model.state_dict(), "pytorch-lightning_version": "2.6.6", "hyper_parameters": {
-        "_instantiator": "lightning.pytorch.cli.instantiate_module", "net": NET, "schedule": SCHEDULE,
-        "prediction": "eps", "label_dropout": 0.1, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 100,
-        "ema_decay": 0.999, "freeze": None, "uncertainty": False}}
-    path = tmp_path_factory.mktemp("genuine") / "genuine.ckpt"
-    torch.save(checkpoint, path)
-    return path
 
 
 def hostile(genuine, folder, name: str, edit) -> str:
@@ -52,10 +32,6 @@ def set_hparam(*keys, value):
             node = node[key]
         node[keys[-1]] = value
     return edit
-
-
-def sample_args(checkpoint, out, *extra):
-    return ["--checkpoint", checkpoint, "--output", out, "--num_samples", "4", "--steps", "2", *extra]
 
 
 def test_hostile_genuine_checkpoint_samples(attack, genuine, tmp_path):

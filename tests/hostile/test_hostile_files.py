@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_hostile_checkpoints import genuine, sample_args  # noqa: F401 (genuine: a fixture)
+from conftest import sample_args
+
 
 RUN_FILES = ["images", "run.json", "samples.npz", "meta.json", "prompts.txt", "shard_00000.npz"]
 BOMB_BYTES = 300_000_000  # what the zip bomb declares (and holds: zeros); its file is ~300 KB
