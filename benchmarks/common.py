@@ -146,7 +146,7 @@ def plain_training_step(module: ConditionalDiffusion, optimizer: torch.optim.Opt
                         scheduler: torch.optim.lr_scheduler.LRScheduler, x0: Tensor, y: Tensor) -> Tensor:
     """What ``ConditionalDiffusion`` does per batch under a Trainer, without one (and without logging):
     the label check, label dropout, the diffusion loss, backward, the AdamW and schedule steps, the EMA update."""
-    module.denoiser.check_labels(y, allow_null=True)
+    module.denoiser.conditioning.check(y, allow_null=True)
     loss = module.diffusion_loss(module.net, x0, module.drop_labels(y))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

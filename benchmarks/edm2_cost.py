@@ -88,8 +88,8 @@ def guided_calls(size: str, batch: int) -> tuple[dict, dict]:
         pair, _, reg = name.partition("+reg(")
         reg = reg.rstrip(")") or "none"
         if pair == "cfg":
-            denoiser, guidance = EDM2Denoiser(main, unconditional=uncond), make_guidance(
-                "cfg", scale=2.0, convention="w2", reg=reg)
+            denoiser, guidance = EDM2Denoiser(main), make_guidance(
+                "cfg", scale=2.0, convention="w2", reg=reg, reference=EDM2Denoiser(uncond))
         else:
             denoiser, guidance = EDM2Denoiser(main), make_guidance(
                 "autoguidance", scale=2.0, convention="w2", reg=reg, reference=EDM2Denoiser(guide))
@@ -188,7 +188,7 @@ def reader_rows(size: str, workdir: Path) -> list[dict]:
     pkl = workdir / f"edm2-img512-{size}-random.pkl"
     write_snapshot(net, kwargs, pkl)
     del net
-    from lightning_reg.models.edm2 import convert_edm2
+    from lightning_reg.sources.edm2 import convert_edm2
 
     safetensors = convert_edm2(pkl)
     rows = []

@@ -28,7 +28,8 @@ from guidance_cost import table
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import VPSchedule
-from lightning_reg.diffusion.text import PromptUNet, TextDenoiser
+from lightning_reg.diffusion.latent import LatentDenoiser
+from lightning_reg.models.stable_diffusion import PromptUNet, text_denoiser
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
@@ -46,7 +47,7 @@ METHODS = {  # name: (guidance, gradient checkpointing)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def sd15_denoiser(device: torch.device, dtype: torch.dtype) -> TextDenoiser:
+def sd15_denoiser(device: torch.device, dtype: torch.dtype) -> LatentDenoiser:
     """SD 1.5's UNet (random weights, frozen) and schedule; a tiny VAE stands in for the codec, which a
     guided step never runs."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -58,7 +59,7 @@ def sd15_denoiser(device: torch.device, dtype: torch.dtype) -> TextDenoiser:
     schedule = VPSchedule(1000, "scaled_linear", 0.00085, 0.012, spacing="leading", steps_offset=1,
                           final_alpha_one=False)
     null = torch.randn(PROMPT_TOKENS, SD15_UNET["cross_attention_dim"])
-    return TextDenoiser(PromptUNet(unet), schedule, Prediction("eps"), LatentCodec(vae), null).to(device, dtype).eval()
+    return text_denoiser(PromptUNet(unet), schedule, Prediction("eps"), LatentCodec(vae), null).to(device, dtype).eval()
 
 
 def guided_step(guided: GuidedDenoiser, unet, checkpointing: bool, x, t) -> None:
@@ -68,11 +69,11 @@ def guided_step(guided: GuidedDenoiser, unet, checkpointing: bool, x, t) -> None
         guided(x, t)
 
 
-def measure(model: TextDenoiser, batch: int, device: torch.device, repeats: int, warmup: int) -> dict[str, dict]:
+def measure(model: LatentDenoiser, batch: int, device: torch.device, repeats: int, warmup: int) -> dict[str, dict]:
     g = torch.Generator().manual_seed(batch)
-    dtype = model.null_embedding.dtype
+    dtype = model.conditioning.null_embedding.dtype
     x = torch.randn(batch, *model.data_shape, generator=g).to(device, dtype)
-    y = torch.randn(batch, *model.condition_shape, generator=g).to(device, dtype)
+    y = torch.randn(batch, *model.conditioning.shape, generator=g).to(device, dtype)
     t, unet = torch.tensor(500.0), model.net.unet
     steps = {name: partial(guided_step, GuidedDenoiser(model, make_guidance(**guidance), y), unet, checkpointing,
                            x, t) for name, (guidance, checkpointing) in METHODS.items()}

@@ -17,17 +17,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_reg.diffusion.samplers import get_sampler
-from lightning_reg.errors import ConfigError, check_names
-from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.errors import ConfigError, check_int, check_names
+from lightning_reg.guidance.guided import make_guidance
 from lightning_reg.io.files import to_uint8_nhwc
-from lightning_reg.metrics.evaluate import build_image_evaluator, evaluate_samples, loader_images
+from lightning_reg.metrics.evaluate import build_image_evaluator, evaluate_samples, image_metric_names, loader_images
 from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
-from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
+from lightning_reg.metrics.plots import image_grid, labelled_grids, save_figure, scatter_figure
 from lightning_reg.metrics.toy import TOY_METRICS, ToyEvaluator
-from lightning_reg.sampling.engine import balanced_labels, gather_by_index, generate, rank_indices, setting_name
+from lightning_reg.sampling.engine import (gather_by_index, generate, rank_indices, sample_conditions, sample_keys,
+                                           setting_name)
 from lightning_reg.sampling.writer import write_png
 
-DEFAULT_IMAGE_METRICS = ("fid", "is")
 DEFAULT_SETTINGS = ({"method": "cfg", "scale": 1.0, "reg": "none"}, {"method": "cfg", "scale": 1.0, "reg": "paper"},
                     {"method": "cfg", "scale": 1.0, "reg": "vjp"})
 GRID_IMAGES = 32  # images per setting in the logged grid (image data)
@@ -88,8 +88,7 @@ class SamplingCallback(L.Callback):
                  prompts: list[str] | None = None):
         for field, value in (("every_n_val_epochs", every_n_val_epochs), ("num_samples", num_samples),
                              ("steps", steps), ("batch_size", batch_size)):
-            if value < 1:
-                raise ConfigError(f"SamplingCallback {field} must be a positive integer, got {value}")
+            check_int(f"SamplingCallback {field}", value)
         settings = [dict(s) for s in (settings if settings is not None else DEFAULT_SETTINGS)]
         names = [setting_name(s) for s in settings]
         if not settings or len(set(names)) != len(names):
@@ -125,9 +124,7 @@ class SamplingCallback(L.Callback):
             self.toy_evaluator = ToyEvaluator(distribution, self.seed, requested)
             self.metrics = self.toy_evaluator.names
         elif len(data_shape) == 3:
-            default = DEFAULT_IMAGE_METRICS + (("accuracy",) if self.classifier_features else ())
-            self.metrics = check_names(default if requested is None else requested,
-                                       IMAGE_METRICS, "SamplingCallback metrics (image data)")
+            self.metrics = image_metric_names(requested, self.feature_network, "SamplingCallback metrics (image data)")
         elif requested:
             raise ConfigError(f"SamplingCallback metrics {list(requested)} need toy data with a known distribution "
                               "(a datamodule such as Toy1D or Toy2D) or images")
@@ -137,11 +134,6 @@ class SamplingCallback(L.Callback):
                                   "val_dataloader(); fit with a datamodule or set metrics: []")
             self.image_metrics = build_image_evaluator(self.metrics, data_shape, self.feature_network,
                                                        self.inception_weights, pl_module.denoiser.num_classes)
-
-    @property
-    def classifier_features(self) -> bool:
-        """Whether ``feature_network`` is a classifier (a checkpoint path; ``inception`` is not)."""
-        return isinstance(self.feature_network, str) and self.feature_network != "inception"
 
     @property
     def state_key(self) -> str:
@@ -196,8 +188,7 @@ class SamplingCallback(L.Callback):
                 self.log_image(trainer, f"{self.name}/grid", image)
         else:
             grids = {name: image_grid(to_uint8_nhwc(x[:GRID_IMAGES]), nrow=8) for name, x in samples.items()}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_png(path, np.concatenate(list(grids.values())))
+            write_png(path, labelled_grids(grids))  # each setting's grid under a caption naming it
             if self.logger_takes_images(trainer):
                 for name, grid in grids.items():
                     self.log_image(trainer, f"{self.name}/{name}/grid", grid)
@@ -207,12 +198,8 @@ class SamplingCallback(L.Callback):
         denoiser = pl_module.ema_denoiser()
         n, world = self.num_samples, trainer.world_size
         indices = rank_indices(n, trainer.global_rank, world)
-        if self.prompts is None:
-            labels = balanced_labels(n, denoiser.num_classes)
-            conditions = labels[indices]
-        else:  # caption indices; the captions' embeddings are the conditions
-            labels = torch.arange(n) % len(self.prompts)
-            conditions = denoiser.encode([self.prompts[int(i)] for i in labels[indices]])
+        labels = sample_keys(n, denoiser, prompts=self.prompts)  # classes, or caption lines with prompts
+        conditions = sample_conditions(denoiser, labels[indices], self.prompts)
         samples = {}
         for name, guidance in tqdm(self.guidances.items(), desc="sampling settings", leave=False,
                                    disable=not trainer.is_global_zero):

@@ -1,5 +1,6 @@
 """One exception type for bad user input, so entry points can print one clear line for it (``distributed.fail``)."""
 
+import math
 from argparse import ArgumentError
 
 
@@ -14,6 +15,27 @@ def check_names(names, allowed, field: str) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"{field}: unknown {unknown}; choose from {list(allowed)}")
     return names
+
+
+def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> int | None:
+    """An integer (not a bool) ``>= minimum``, or ``None`` when ``optional``; else a ConfigError naming ``name``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {kind}{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None) -> float:
+    """A finite number (not a bool) in ``[minimum, maximum]``, as a float; else a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+    return float(value)
 
 
 def one_line(err: BaseException, limit: int | None = 400) -> str:

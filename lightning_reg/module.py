@@ -4,9 +4,10 @@ Label dropout (Ho & Salimans 2022) replaces a label by the null id ``num_classes
 ``label_dropout`` so the same network also learns the unconditional prediction CFG needs. An EMA
 copy of the weights (``torch.optim.swa_utils.AveragedModel``) is used for validation and sampling.
 
-A text-to-image model (``ConditionalDiffusion.for_text``) trains its UNet on (image, caption) batches: the
-images are encoded by its VAE, the captions by its text encoder (both frozen), and caption dropout replaces an
-embedding by the empty prompt's (``Denoiser.null_condition``), the text version of label dropout.
+Conditions come from the denoiser (``Denoiser.training_batch``, ``diffusion/conditions.py``): class labels, or
+a text-to-image model's (``ConditionalDiffusion.for_text``) (image, caption) batches, the images encoded by its
+VAE and the captions by its text encoder (both frozen), where caption dropout replaces an embedding by the
+empty prompt's (``Conditioning.null``), the text version of label dropout; or a backbone's own conditioning.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from lightning_reg.diffusion import conditions
 from lightning_reg.diffusion.denoiser import Denoiser, broadcast_coef, learned_variance_vlb
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import SCHEDULES, EDMSchedule, NoiseSchedule, VPSchedule
-from lightning_reg.diffusion.text import TextDenoiser
 from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.io.files import build_within, read_torch, require_keys, state_dict_mismatch, unwrap_state_dict
 from lightning_reg.io.plain import check_arguments, plain_data
@@ -144,8 +145,8 @@ class ConditionalDiffusion(L.LightningModule):
             param.requires_grad_(not any(under(name, p) for p in prefixes))
 
     @classmethod
-    def for_text(cls, text: TextDenoiser, **kwargs) -> "ConditionalDiffusion":
-        """Fine-tuning of a text-to-image ``text`` denoiser's UNet (``diffusion.text``; its VAE and text encoder
+    def for_text(cls, text: Denoiser, **kwargs) -> "ConditionalDiffusion":
+        """Fine-tuning of a text-to-image ``text`` denoiser's UNet (``models.stable_diffusion``; its VAE and text encoder
         stay frozen). The UNet's weights train even where sampling froze them for gradient checkpointing."""
         text.net.requires_grad_(True)
         module = cls(text.net, text.schedule, text.prediction.kind, **kwargs)
@@ -158,23 +159,13 @@ class ConditionalDiffusion(L.LightningModule):
 
     def ema_denoiser(self) -> Denoiser:
         """The denoiser on the EMA weights (what validation and sampling use)."""
-        if isinstance(self.denoiser, TextDenoiser):
-            return self.denoiser.with_net(self.ema.module)
-        return Denoiser(self.ema.module, self.schedule, self.denoiser.prediction)
+        return self.denoiser.with_net(self.ema.module)
 
-    def drop_labels(self, y: Tensor) -> Tensor:
-        """Replace each condition (a label, or a prompt embedding) by the null one with probability
-        ``label_dropout``."""
-        drop = torch.rand(y.shape[:1], device=y.device) < self.hparams.label_dropout
-        return torch.where(drop.view(-1, *[1] * (y.ndim - 1)), self.denoiser.null_condition(y), y)
-
-    def model_inputs(self, batch) -> tuple[Tensor, Tensor]:
-        """``(x0, y)`` of a batch; a text model's ``(images, captions)`` become (its VAE's latents, the captions'
-        embeddings)."""
-        x0, y = batch
-        if isinstance(self.denoiser, TextDenoiser):
-            return self.denoiser.codec.encode(x0), self.denoiser.encode(list(y))
-        return x0, y
+    def drop_labels(self, y):
+        """Label dropout: each condition (a label, a prompt embedding, ...) replaced by the null one with
+        probability ``label_dropout``."""
+        drop = torch.rand(conditions.batch_size(y), device=self.device) < self.hparams.label_dropout
+        return self.denoiser.conditioning.drop(y, drop) if self.hparams.label_dropout else y
 
     def diffusion_loss(self, net: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
         """Unweighted MSE between ``net``'s output and the prediction target at a random time.
@@ -200,8 +191,8 @@ class ConditionalDiffusion(L.LightningModule):
         return mse + learned_variance_vlb(self.schedule, x0, x_t, t, x0_hat, v).mean()
 
     def training_step(self, batch, batch_idx):
-        x0, y = self.model_inputs(batch)
-        self.denoiser.check_labels(y, allow_null=True)
+        x0, y = self.denoiser.training_batch(batch)
+        self.denoiser.conditioning.check(y, allow_null=True)
         loss = self.diffusion_loss(self.net, x0, self.drop_labels(y))
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -219,7 +210,7 @@ class ConditionalDiffusion(L.LightningModule):
         self.ema.update_parameters(self.net)
 
     def validation_step(self, batch, batch_idx):
-        x0, y = self.model_inputs(batch)
+        x0, y = self.denoiser.training_batch(batch)
         loss = self.diffusion_loss(self.ema.module, x0, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 

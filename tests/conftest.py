@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny ToyMLP-backed ``ConditionalDiffusion`` that trains in seconds on a CPU."""
+"""Shared fixtures: a tiny ToyMLP-backed ``ConditionalDiffusion`` that trains in seconds on a CPU, the trained
+toy checkpoint of sample.py's and sweep.py's tests, tiny text-to-image components. Plain helpers shared by
+several modules are in ``helpers.py``."""
 
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TRAIN_CONFIG
 
 from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.models.mlp import ToyMLP
@@ -31,6 +34,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A ToyMLP trained 50 steps (``helpers.TRAIN_CONFIG``) through train.py's CLI (so the checkpoint rebuilds
+    the backbone), on one intra-op thread (see ``one_thread``): the tiny toy checkpoint of sample.py's,
+    sweep.py's and the multi-process tests."""
+    from lightning_reg.cli import main as train_main
+
+    folder = tmp_path_factory.mktemp("train")
+    config = folder / "tiny.yaml"
+    config.write_text(TRAIN_CONFIG)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(folder)])
+    finally:
+        torch.set_num_threads(previous)
+    (ckpt,) = folder.glob("checkpoints/*.ckpt")
+    return ckpt
 
 
 @pytest.fixture(scope="session")

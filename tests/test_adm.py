@@ -160,7 +160,7 @@ def test_evaluate_cli_adm_branch_with_the_digits_classifier(tmp_path, capsys, on
     """``evaluate.py --adm``: the one evaluation path, offline, with a digits classifier as the feature network."""
     import json
 
-    from test_classifier import classifier_checkpoint
+    from helpers import classifier_checkpoint
 
     from lightning_reg.data.digits import load_digit_arrays
     from lightning_reg.metrics.evaluate import main

@@ -1,18 +1,24 @@
 """SamplingCallback on images with the digits-classifier feature network: every metric per setting, and an
 image grid per setting in TensorBoard."""
 
+from io import BytesIO
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_classifier import classifier_checkpoint
+from helpers import classifier_checkpoint
 
 from lightning_reg.callbacks import SamplingCallback
 from lightning_reg.data.images import ImageDataModule
 from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
 from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.errors import ConfigError
+from lightning_reg.metrics.evaluate import image_metric_names
+from lightning_reg.metrics.plots import CAPTION_HEIGHT, caption_row
 from lightning_reg.models.unet import UNet
 from lightning_reg.module import ConditionalDiffusion
 
@@ -55,11 +61,23 @@ def test_callback_logs_every_metric_and_a_grid_per_setting(tmp_path, one_thread)
     assert keys <= set(tags["scalars"])
     assert sorted(p.name for p in (tmp_path / "tb" / "version_0" / "samples").iterdir()) == ["step_2.png", "step_4.png"]
 
+    # samples/step_4.png: each setting's grid (one row of 8) under a caption row naming it, in setting order
+    png = np.asarray(Image.open(tmp_path / "tb" / "version_0" / "samples" / "step_4.png"))
+    block = CAPTION_HEIGHT + 8
+    assert png.shape == (len(settings) * block, 8 * 8, 3)  # the 2 stacked grids (16 rows) + a caption row each
+    for i, s in enumerate(settings):
+        caption, images = png[i * block:i * block + CAPTION_HEIGHT], png[i * block + CAPTION_HEIGHT:(i + 1) * block]
+        assert (caption < 100).sum() > 20 and (caption > 200).any()  # dark text on a light row: not blank
+        np.testing.assert_array_equal(caption, caption_row(s, 8 * 8))
+        logged = Image.open(BytesIO(events.Images(f"sample/{s}/grid")[-1].encoded_image_string)).convert("RGB")
+        np.testing.assert_array_equal(images, np.asarray(logged))  # this setting's grid at step 4
+    assert not np.array_equal(png[:CAPTION_HEIGHT], png[block:block + CAPTION_HEIGHT])  # the names differ
+
 
 def test_callback_refuses_a_feature_network_for_other_classes_before_training(tmp_path):
     network = classifier_checkpoint(tmp_path / "clf.ckpt", image_size=8, channels=3, num_classes=2)
-    assert SamplingCallback(feature_network=str(network)).classifier_features  # default metrics add accuracy
-    assert not SamplingCallback(feature_network="inception").classifier_features
+    assert image_metric_names(None, str(network)) == ("fid", "is", "accuracy")  # a classifier adds accuracy
+    assert image_metric_names(None, "inception") == ("fid", "is")
     other = classifier_checkpoint(tmp_path / "clf10.ckpt", image_size=8, channels=3, num_classes=10)
     with pytest.raises(ConfigError, match="has 10 classes but the samples have 2"):
         fit(tmp_path, SamplingCallback(num_samples=8, steps=2, batch_size=8, feature_network=str(other)))

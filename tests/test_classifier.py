@@ -4,6 +4,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_CLASSIFIER as TINY, classifier_checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reg.data.digits import load_digit_arrays
@@ -11,19 +12,6 @@ from lightning_reg.errors import ConfigError
 from lightning_reg.cli import classifier_main as main
 from lightning_reg.metrics.classifier import ClassifierTraining, FeatureNetwork, load_feature_network
 from lightning_reg.metrics.evaluate import build_image_evaluator
-
-TINY = {"widths": (8, 16), "num_features": 32}
-
-
-def classifier_checkpoint(path, image_size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0):
-    """A checkpoint as ``ClassifierTraining`` writes it (its ``on_save_checkpoint``), of an untrained tiny net."""
-    torch.manual_seed(seed)
-    module = ClassifierTraining(num_classes, image_size, channels, **TINY)
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
-
 
 def digits_batch(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` scikit-learn 8x8 digits as uint8 (N, 1, 8, 8) and their labels."""

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from test_classifier import classifier_checkpoint
-from test_sample_cli import ARGS, checkpoint  # noqa: F401 - the session's tiny toy checkpoint
+from helpers import TOY_SAMPLE_ARGS as ARGS  # over conftest's session `checkpoint`
+from helpers import classifier_checkpoint
 
 from lightning_reg.data.digits import prepare_digits
-from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.guidance.guided import make_guidance
 from lightning_reg.sampling.cli import main as sample_main
 from lightning_reg.sampling.engine import balanced_labels, generate, rank_indices
 from lightning_reg.sources import load_denoiser
@@ -183,7 +183,7 @@ def sha256(path: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(LIMIT_S + 60)
-def test_two_node_samples_are_byte_identical_to_one_process(checkpoint, tmp_path):  # noqa: F811
+def test_two_node_samples_are_byte_identical_to_one_process(checkpoint, tmp_path):
     one = tmp_path / "one"
     sample_main(["--checkpoint", str(checkpoint), "--output", str(one), *ARGS])
     two = tmp_path / "two"
@@ -197,7 +197,7 @@ def test_two_node_samples_are_byte_identical_to_one_process(checkpoint, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(LIMIT_S + 60)
-def test_a_checkpoint_missing_on_one_node_ends_both_with_its_rank(checkpoint, tmp_path):  # noqa: F811
+def test_a_checkpoint_missing_on_one_node_ends_both_with_its_rank(checkpoint, tmp_path):
     out = tmp_path / "out"
     nodes = two_nodes([str(ROOT / "sample.py"), "--output", str(out), *ARGS, "--trainer.num_nodes", "2"], tmp_path,
                       (["--checkpoint", str(checkpoint)], ["--checkpoint", str(tmp_path / "only_on_node_0.ckpt")]))
@@ -211,7 +211,7 @@ def test_a_checkpoint_missing_on_one_node_ends_both_with_its_rank(checkpoint, tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(LIMIT_S + 60)
-def test_a_corrupt_shard_read_by_rank_0_ends_every_node(checkpoint, tmp_path):  # noqa: F811
+def test_a_corrupt_shard_read_by_rank_0_ends_every_node(checkpoint, tmp_path):
     out = tmp_path / "out"
     args = ["--checkpoint", str(checkpoint), "--output", str(out), *ARGS]
     sample_main([*args, "--max_shards", "1"])
@@ -252,7 +252,7 @@ def test_a_training_rank_that_raises_ends_every_process(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--trainer.num_nodes", "--trainer.devices"])
-def test_a_non_positive_process_count_is_one_line(checkpoint, tmp_path, capsys, flag):  # noqa: F811
+def test_a_non_positive_process_count_is_one_line(checkpoint, tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as exit_info:
         sample_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), flag, "0"])
     assert exit_info.value.code == 2
@@ -262,7 +262,7 @@ def test_a_non_positive_process_count_is_one_line(checkpoint, tmp_path, capsys, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(LIMIT_S + 60)
-def test_a_resume_checkpoint_missing_on_one_node_ends_both_with_its_rank(checkpoint, tmp_path):  # noqa: F811
+def test_a_resume_checkpoint_missing_on_one_node_ends_both_with_its_rank(checkpoint, tmp_path):
     config = train_config(tmp_path, TOY_NET, TOY_DATA, CALLBACK)
     missing = tmp_path / "only_on_node_0.ckpt"
     nodes = two_nodes([str(ROOT / "train.py"), "fit", "--config", str(config), "--trainer.num_nodes", "2"], tmp_path,

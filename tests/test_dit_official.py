@@ -145,7 +145,7 @@ def test_learned_sigma_channels_split_and_guided_as_the_authors(fixture, reg):
         eps = eps_from_x0(guided(x, t), x, a, s)
     want = _authors_guided_eps(net, x, t.expand(4), y, 4.0, s if reg == "paper" else None)
     torch.testing.assert_close(eps, want[:, :4], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(denoiser.learned_variance(), want[:, 4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(guided.learned_variance(), want[:, 4:], rtol=1e-5, atol=1e-5)
 
 
 def test_learned_sigma_needs_the_vp_schedule(fixture):
@@ -197,10 +197,10 @@ def test_ddpm_with_learned_variance_matches_the_public_p_sample(fixture):
             log_var = frac * math.log(beta[k]) + (1 - frac) * log_var_clipped[k]
             want = mean + (k != 0) * (0.5 * log_var).exp() * z.double()
         noises = iter(zs)
-        base = Denoiser(net, schedule, Prediction("eps"))
+        guided = GuidedDenoiser(Denoiser(net, schedule, Prediction("eps")), guidance, y)
         start = 249 - indices[0]
-        got = ddim(GuidedDenoiser(base, guidance, y), x0, schedule, 250, eta=1.0, times=times[start:start + 4],
-                   noise_sampler=lambda x: next(noises), learned_variance=base.learned_variance)
+        got = ddim(guided, x0, schedule, 250, eta=1.0, times=times[start:start + 4],
+                   noise_sampler=lambda x: next(noises), learned_variance=guided.learned_variance)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
         if indices[0] == 249:  # noise scale differs from the fixed posterior std: the learned variance is used
             fixed = ddim(GuidedDenoiser(Denoiser(net, schedule, Prediction("eps")), guidance, y), x0, schedule,

@@ -13,8 +13,8 @@ from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 from lightning_reg.guidance.methods import GUIDANCE
 from lightning_reg.models.edm2 import (EDM2_SIZES, EDM2Denoiser, EDM2Precond, edm2_denoiser_parts, edm2_img512_config,
-                                       convert_edm2, load_edm2, load_edm2_state_dict, mp_cat, mp_silu, mp_sum,
-                                       normalize)
+                                       load_edm2, load_edm2_state_dict, mp_cat, mp_silu, mp_sum, normalize)
+from lightning_reg.sources.edm2 import convert_edm2
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NETS = ("main", "guide", "uncond")
@@ -87,8 +87,9 @@ def test_strict_load_names_missing_unexpected_and_misshaped_tensors():
         load_edm2_state_dict(EDM2Precond(8, 4, 10, model_channels=8, channel_mult=[1, 2], num_blocks=1,
                                          attn_resolutions=[4], channels_per_head=8, logvar_channels=16), state, "x.pkl")
     message = str(err.value)
-    assert "\n" not in message and "missing ['unet.out_gain']" in message
-    assert "unexpected ['unet.extra.weight']" in message and "unet.out_conv.weight (4, 9, 3, 3) vs (4, 8, 3, 3)" in message
+    assert "\n" not in message and "x.pkl does not fit the EDM2 network: missing: unet.out_gain" in message
+    assert "unexpected: unet.extra.weight" in message
+    assert "shapes: unet.out_conv.weight (4, 9, 3, 3) (needs (4, 8, 3, 3))" in message
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -115,11 +116,11 @@ def test_gains_scale_in_their_stored_dtype_as_the_public_code_does(expected):
 
 # ---------------------------------------------------------------------------------------- guidance
 def pair(nets, kind: str, scale: float, **kwargs):
-    """EDM2's guidance pairs through our guidance: CFG's reference is the unconditional net (the null label's
-    rows are routed to it), autoguidance's the weaker conditional net given the same labels."""
+    """EDM2's guidance pairs through our guidance: CFG's reference is the unconditional net, autoguidance's the
+    weaker conditional net, each an ordinary guidance reference given the same labels."""
     if kind == "cfg":
-        return EDM2Denoiser(nets["main"], unconditional=nets["uncond"]), make_guidance(
-            "cfg", scale=scale, convention="w2", **kwargs)
+        return EDM2Denoiser(nets["main"]), make_guidance("cfg", scale=scale, convention="w2",
+                                                         reference=EDM2Denoiser(nets["uncond"]), **kwargs)
     return EDM2Denoiser(nets["main"]), make_guidance("autoguidance", scale=scale, convention="w2",
                                                      reference=EDM2Denoiser(nets["guide"]), **kwargs)
 
@@ -177,8 +178,9 @@ def test_every_method_and_reg_mode_runs_on_both_pairs(method, reg, stored_nets, 
     x, y = expected["x"][:2], expected["sample_labels"][:2]
     params = dict(scale=1.5, t_lo=0.28, t_hi=2.90) if method == "interval" else dict(scale=1.5)
     outs = {}
-    for kind, reference in (("cfg", None), ("autoguidance", EDM2Denoiser(stored_nets["guide"]))):
-        denoiser = EDM2Denoiser(stored_nets["main"], unconditional=stored_nets["uncond"] if kind == "cfg" else None)
+    for kind, reference in (("cfg", EDM2Denoiser(stored_nets["uncond"])),
+                            ("autoguidance", EDM2Denoiser(stored_nets["guide"]))):
+        denoiser = EDM2Denoiser(stored_nets["main"])
         for mode in dict.fromkeys(("none", reg)):
             guided = GuidedDenoiser(denoiser, make_guidance(method, reg=mode, reference=reference, **params), y)
             outs[kind, mode] = torch.stack([guided(x, torch.tensor(s)) for s in (2.0, 1.0)])
@@ -195,22 +197,22 @@ def tiny(label_dim: int = 10, resolution: int = 8, channels: int = 4) -> EDM2Pre
 
 
 def test_mismatched_networks_are_one_line(stored_nets):
-    main, uncond, guide = stored_nets["main"], stored_nets["uncond"], stored_nets["guide"]
+    main, uncond = stored_nets["main"], stored_nets["uncond"]
     cases = [
-        (lambda: EDM2Denoiser(uncond), "the main EDM2 network is unconditional (label_dim=0)"),
-        (lambda: EDM2Denoiser(main, unconditional=guide), "must be unconditional (label_dim=0), it has label_dim=10"),
-        (lambda: EDM2Denoiser(main, unconditional=tiny(0, resolution=16)),
-         "data_shape=(4, 16, 16) (sigma_data 0.5); the main network on (4, 8, 8)"),
-        (lambda: EDM2Denoiser(main, unconditional=tiny(0, channels=3)), "data_shape=(3, 8, 8)"),
+        (lambda: GuidedDenoiser(EDM2Denoiser(main), make_guidance(
+            "cfg", reference=EDM2Denoiser(tiny(0, resolution=16))), torch.tensor([1])),
+         "reference has num_classes=0, data_shape=(4, 16, 16); the model has num_classes=10, data_shape=(4, 8, 8)"),
+        (lambda: GuidedDenoiser(EDM2Denoiser(main), make_guidance(
+            "cfg", reference=EDM2Denoiser(tiny(0, channels=3))), torch.tensor([1])), "data_shape=(3, 8, 8)"),
         (lambda: GuidedDenoiser(EDM2Denoiser(main), make_guidance(
             "autoguidance", reference=EDM2Denoiser(tiny(resolution=16))), torch.tensor([1])),
          "data_shape=(4, 16, 16); the model has num_classes=10, data_shape=(4, 8, 8)"),
         (lambda: GuidedDenoiser(EDM2Denoiser(main), make_guidance(
             "autoguidance", reference=EDM2Denoiser(tiny(channels=3))), torch.tensor([1])), "data_shape=(3, 8, 8)"),
-        (lambda: GuidedDenoiser(EDM2Denoiser(main), make_guidance("cfg", scale=1.0), torch.tensor([1]))(
-            torch.zeros(1, 4, 8, 8), torch.tensor(1.0)), "EDM2 networks have no null label"),
-        (lambda: GuidedDenoiser(EDM2Denoiser(main, uncond), make_guidance("cfg"), torch.tensor([10])),
-         "label ids must lie in [0, 9]"),
+        (lambda: GuidedDenoiser(EDM2Denoiser(main), make_guidance("cfg", scale=1.0), torch.tensor([1])),
+         "EDM2Precond was trained without a null condition"),
+        (lambda: GuidedDenoiser(EDM2Denoiser(main), make_guidance("cfg", reference=EDM2Denoiser(uncond)),
+                                torch.tensor([10])), "label ids must lie in [0, 9]"),
     ]
     for build, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -240,7 +242,7 @@ def test_convert_once_to_safetensors_then_load_without_pickle(tmp_path, expected
 
     for name in ("read_edm2_pickle", "safe_load", "SafeUnpickler"):
         monkeypatch.setattr(f"lightning_reg.io.edm2_pickle.{name}", no_pickle)
-    monkeypatch.setattr("lightning_reg.models.edm2.read_edm2_pickle", no_pickle)
+    monkeypatch.setattr("lightning_reg.io.edm2.read_edm2_pickle", no_pickle)
     net, snapshot = load_edm2(written)
     assert snapshot.init_kwargs == expected["config"]["main"] and snapshot.encoder == "StabilityVAEEncoder"
     assert snapshot.loss_kwargs == snap_pkl.loss_kwargs and snapshot.latent_scale.tolist() == snap_pkl.latent_scale.tolist()

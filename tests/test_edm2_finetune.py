@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reg.diffusion.schedules import EDMSchedule
 from lightning_reg.errors import ConfigError
-from lightning_reg.models.edm2 import EDM2Precond, load_edm2, normalize
+from lightning_reg.models.edm2 import EDM2Precond, load_edm2
 from lightning_reg.module import ConditionalDiffusion
 
 MAIN = Path(__file__).parent / "fixtures" / "edm2_official_tiny_main.pkl"

@@ -211,14 +211,14 @@ def test_what_meta_json_records_is_checked_before_the_first_sample(monkeypatch, 
     last sample, with no ``meta.json``."""
     import json
 
-    import lightning_reg.sources as sources
+    import lightning_reg.sources.edm2 as edm2_source
     from lightning_reg.sampling.cli import main as sample_main
-    from test_latent import tiny_autoencoder
+    from helpers import tiny_autoencoder
 
     tiny_autoencoder().save_pretrained(tmp_path / "vae")
     loop = []
     loop.append(loop)
-    monkeypatch.setattr(sources, "snapshot_metadata", lambda snapshot: {"loss_kwargs": {"loop": loop}})
+    monkeypatch.setattr(edm2_source, "snapshot_metadata", lambda snapshot: {"loss_kwargs": {"loop": loop}})
     monkeypatch.setattr("lightning_reg.sampling.cli.generate", lambda *a, **k: pytest.fail("sampled"))
     guidance = {"method": "cfg", "scale": 2.0, "convention": "w2", "reg": "none",
                 "reference_checkpoint": str(pkl("guide"))}

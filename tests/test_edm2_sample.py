@@ -3,6 +3,7 @@ the reference condition (CFG: the unconditional net; autoguidance: the weaker ne
 the snapshot's per-channel scale/bias, pixel networks, and one-line errors that write nothing."""
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -16,7 +17,8 @@ from lightning_reg.diffusion.samplers import edm_heun
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 from lightning_reg.io.files import to_uint8_nhwc
 from lightning_reg.io.vae import load_autoencoder
-from lightning_reg.models.edm2 import EDM2Denoiser, EDM2Precond, load_edm2, save_edm2_safetensors
+from lightning_reg.io.edm2 import save_edm2_safetensors
+from lightning_reg.models.edm2 import EDM2Denoiser, EDM2Precond, load_edm2
 from lightning_reg.sampling.cli import main as sample_main
 from lightning_reg.sampling.engine import PerSampleNoise
 
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory) -> Path:
-    from test_latent import tiny_autoencoder
+    from helpers import tiny_autoencoder
 
     folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
     tiny_autoencoder().save_pretrained(folder)
@@ -48,10 +50,7 @@ def run(checkpoint: Path, out: Path, params: dict, *args: str) -> None:
 def direct_samples(main: EDM2Precond, reference: Path, reg: str, codec=None) -> np.ndarray:
     """Our guided Heun by hand: the pair as docs/edm2.md builds it, the per-sample noise of ``sample.py``."""
     ref_net = load_edm2(reference)[0]
-    if ref_net.label_dim:
-        model, ref = EDM2Denoiser(main, codec=codec), EDM2Denoiser(ref_net)
-    else:
-        model, ref = EDM2Denoiser(main, unconditional=ref_net, codec=codec), None
+    model, ref = EDM2Denoiser(main, codec=codec), EDM2Denoiser(ref_net)  # CFG's unconditional net or a weaker one
     noise = PerSampleNoise(3, [0, 1, 2])
     guided = GuidedDenoiser(model, make_guidance("cfg", scale=2.0, convention="w2", reg=reg, reference=ref),
                             torch.tensor([7, 2, 9]))
@@ -137,8 +136,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
     ("uncond", "guide", r"--checkpoint .*uncond\.pkl: the main EDM2 network is unconditional"),
     ("main", "truncated", r"--guidance\.reference_checkpoint: .*truncated\.pkl"),
     ("main", "dit", r"--guidance\.reference_checkpoint: .*DiT\.pt"),
-    ("main", "uncond16", r"uncond16\.safetensors: the unconditional EDM2 network works on data_shape=\(4, 16, 16\)"),
-    ("main", "uncond3", r"uncond3\.safetensors: the unconditional EDM2 network works on data_shape=\(3, 8, 8\)"),
+    ("main", "uncond16", r"uncond16\.safetensors: .*reference has num_classes=0, data_shape=\(4, 16, 16\)"),
+    ("main", "uncond3", r"uncond3\.safetensors: .*reference has num_classes=0, data_shape=\(3, 8, 8\)"),
     ("main", "guide16", r"reference has num_classes=10, data_shape=\(4, 16, 16\); the model has .*\(4, 8, 8\)"),
     ("main", "guide3", r"reference has num_classes=10, data_shape=\(3, 8, 8\); the model has .*\(4, 8, 8\)"),
 ])
@@ -152,10 +151,10 @@ def test_sweep_of_an_edm2_pair_reads_each_file_once_and_equals_sample_py(vae, tm
     """``sweep.py`` over the CFG pair (the guiding file in the shared ``--guidance``), REG none / paper / vjp at
     EDM2's ``g`` (w2) 1 and 2, image metrics on a classifier: each snapshot is read once for all settings, and a
     setting's samples are those of the same ``sample.py`` run."""
-    import lightning_reg.models.edm2 as edm2
+    import lightning_reg.io.edm2 as edm2
     from lightning_reg.metrics.fronts import read_table
     from lightning_reg.sampling.sweep import main as sweep_main
-    from test_classifier import classifier_checkpoint
+    from helpers import classifier_checkpoint
 
     clf = classifier_checkpoint(tmp_path / "clf.ckpt", image_size=64, channels=3, num_classes=10)
     np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
@@ -174,6 +173,9 @@ def test_sweep_of_an_edm2_pair_reads_each_file_once_and_equals_sample_py(vae, tm
     assert [r["setting"] for r in rows] == [f"cfg_w2x{g}_{reg}" for reg in ("none", "paper", "vjp") for g in (1, 2)]
     assert [float(r["w"]) for r in rows] == [0.0, 1.0] * 3 and all(0 <= float(r["accuracy"]) <= 1 for r in rows)
     assert sorted(reads) == [MAIN.name, UNCOND.name]
+    fingerprint = json.loads((out / "sweep.json").read_text())  # the guiding file by its sha256, not its path
+    assert fingerprint["reference_sha256"] == hashlib.sha256(UNCOND.read_bytes()).hexdigest()
+    assert str(UNCOND) not in json.dumps(fingerprint)
     run(MAIN, tmp_path / "single", guidance(UNCOND, "vjp"), "--vae", str(vae))
     with np.load(out / "cfg_w2x2_vjp" / "samples.npz") as swept, np.load(tmp_path / "single" / "samples.npz") as one:
         np.testing.assert_array_equal(swept["arr_0"], one["arr_0"])
@@ -205,7 +207,7 @@ def test_shipped_edm2_configs_parse_and_name_the_paper_rows(preset):
     variants = [cfg.guidance] + [yaml.safe_load(v) for v in re.findall(r"--guidance '(.*)'", path.read_text())]
     assert {v["reg"] for v in variants} == {"none", "paper", "vjp"}
     for v in variants:
-        assert Path(v["reference_checkpoint"]).name == guide and v["scale"] == pytest.approx(g)
+        assert Path(v.pop("reference_checkpoint")).name == guide and v["scale"] == pytest.approx(g)
         make_guidance(**v)
     assert [v["convention"] for v in variants].count("w") == 1  # the REG authors' reading, documented
     sweep = sweep_parser().parse_args(["--config", str(CONFIGS / f"sweep_edm2_{preset}.yaml")])
@@ -248,8 +250,8 @@ def test_bf16_autocast_keeps_the_stored_weights_and_stays_close(reg):
     from lightning_reg.sampling.engine import generate
 
     main, uncond = load_edm2(MAIN)[0], load_edm2(UNCOND)[0]
-    model = EDM2Denoiser(main, unconditional=uncond)
-    g = make_guidance("cfg", scale=2.0, convention="w2", reg=reg)
+    model = EDM2Denoiser(main)
+    g = make_guidance("cfg", scale=2.0, convention="w2", reg=reg, reference=EDM2Denoiser(uncond))
     runs = {p: generate(model, g, [1, 2, 3], [0, 1, 2], sampler="edm_heun", steps=8, seed=0, batch_size=3,
                         precision=p) for p in ("fp32", "bf16")}
     assert runs["bf16"].dtype == torch.float32 and {p.dtype for p in model.parameters()} == {torch.float16}

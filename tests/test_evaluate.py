@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_classifier import classifier_checkpoint
+from helpers import classifier_checkpoint
 
 from lightning_reg.data.digits import load_digit_arrays
 from lightning_reg.data.synthetic_images import make_synthetic_image_dataset

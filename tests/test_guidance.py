@@ -11,83 +11,18 @@ import math
 
 import pytest
 import torch
-from einops import rearrange
 from torch import nn
+from helpers import A, BIAS, NULL, NUM_CLASSES, Counting, LinearEps, SmoothNet, linear_model, vp_s
 
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction, eps_from_x0
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, VPSchedule
 from lightning_reg.errors import ConfigError
-from lightning_reg.guidance import Conditional, GuidedDenoiser, make_guidance
+from lightning_reg.guidance import GuidedDenoiser, make_guidance
 from lightning_reg.models.mlp import ToyMLP
 
-NUM_CLASSES = 2
-NULL = NUM_CLASSES
 TOL = dict(rtol=0, atol=1e-10)
-# a fixed non-diagonal, non-symmetric matrix; its column sums A^T 1 = (0.5, 0.6, 0.3)
-A = torch.tensor([[0.3, -0.2, 0.5], [0.1, 0.4, -0.3], [0.1, 0.4, 0.1]], dtype=torch.float64)
-BIAS = torch.tensor([[1.0, -2.0, 0.5], [-0.5, 1.5, 2.0], [0.2, 0.1, -0.3]], dtype=torch.float64)  # last row: null
-
-
-class LinearEps(nn.Module):
-    """``eps = A x + b_y`` on the flattened sample; ``A`` is (D, D) for ``D = prod(data_shape)``."""
-
-    def __init__(self, a: torch.Tensor, bias: torch.Tensor, data_shape=(3,)):
-        super().__init__()
-        self.num_classes, self.data_shape = bias.shape[0] - 1, tuple(data_shape)
-        self.register_buffer("a", a)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x, t, y):
-        flat = rearrange(x, "b ... -> b (...)")
-        out = flat @ self.a.T + self.bias[y]
-        return out.reshape(x.shape)
-
-
-class SmoothNet(nn.Module):
-    """A nonlinear float64 backbone ``tanh(W1 x + e_y + t c) @ W2`` with fixed random weights."""
-
-    def __init__(self, dim: int = 3, hidden: int = 16, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.num_classes, self.data_shape = NUM_CLASSES, (dim,)
-        self.w1 = nn.Parameter(torch.randn(hidden, dim, generator=g, dtype=torch.float64))
-        self.w2 = nn.Parameter(torch.randn(dim, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5)
-        self.emb = nn.Parameter(torch.randn(NUM_CLASSES + 1, hidden, generator=g, dtype=torch.float64))
-        self.c = nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64) * 1e-3)
-
-    def forward(self, x, t, y):
-        return torch.tanh(x @ self.w1.T + self.emb[y] + t[:, None] * self.c) @ self.w2.T
-
-
-class Counting(nn.Module):
-    """Wraps a backbone; records each call's batch size and grad mode, and counts backward passes."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net, self.num_classes, self.data_shape = net, net.num_classes, net.data_shape
-        self.calls, self.backwards = [], 0
-
-    def forward(self, x, t, y):
-        out = self.net(x, t, y)
-        self.calls.append((x.shape[0], torch.is_grad_enabled()))
-        if out.requires_grad:
-            out.register_hook(self._count_backward)
-        return out
-
-    def _count_backward(self, grad):
-        self.backwards += 1
-
-
-def vp_s(t: int, T: int = 1000) -> tuple[float, float]:
-    """``(a_t, s_t)`` of DDPM linear betas 1e-4..0.02, computed here from the definition."""
-    abar = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / (T - 1)) for i in range(t + 1))
-    return math.sqrt(abar), math.sqrt(1 - abar)
-
-
-def linear_model(a=A, bias=BIAS, data_shape=(3,)) -> Denoiser:
-    return Denoiser(LinearEps(a, bias, data_shape), VPSchedule(1000), Prediction("eps"))
 
 
 @pytest.fixture
@@ -224,7 +159,7 @@ def test_zero_weight_is_conditional_with_one_forward(xy, reg):
     t = torch.tensor(400.0)
     with torch.no_grad():
         out = GuidedDenoiser(model, make_guidance("cfg", scale=0.0, reg=reg), y)(x, t)
-        conditional = GuidedDenoiser(model, Conditional(), y)(x, t)
+        conditional = GuidedDenoiser(model, make_guidance("conditional"), y)(x, t)
         plain = model(x, t, y)
     assert net.calls == [(5, False)] * 3 and net.backwards == 0
     torch.testing.assert_close(out, conditional, rtol=0, atol=0)
@@ -281,16 +216,16 @@ def test_weight_schedules_match_formulas():
     model = linear_model()
     # cosine (MDT), w2 = 3 (w = 2), power s = 2, at t = 600 of T = 1000: p = 0.4, p^s = 0.16
     w2_t = 3 * (1 - math.cos(math.pi * 0.16)) / 2
-    assert make_guidance("cosine", scale=2.0, power=2.0).weight(torch.tensor(600.0), model) == pytest.approx(
+    assert make_guidance("cosine", scale=2.0, power=2.0).rule.weight(torch.tensor(600.0), model.schedule) == pytest.approx(
         w2_t - 1, abs=1e-12)
     # cos(0.16 pi) = 0.87631: early in sampling the term is negative and points to eps_u
     assert w2_t - 1 == pytest.approx(-0.81446, abs=1e-5)
     # linear from w = 2 to w_end = 0.5; t = 250: p = 0.75, w(t) = 2 - 1.5 * 0.75
-    assert make_guidance("linear", scale=2.0, scale_end=0.5).weight(torch.tensor(250.0), model) == pytest.approx(
+    assert make_guidance("linear", scale=2.0, scale_end=0.5).rule.weight(torch.tensor(250.0), model.schedule) == pytest.approx(
         0.875, abs=1e-12)
-    assert make_guidance("linear", scale=2.0).weight(torch.tensor(0.0), model) == pytest.approx(0.0, abs=1e-12)
+    assert make_guidance("linear", scale=2.0).rule.weight(torch.tensor(0.0), model.schedule) == pytest.approx(0.0, abs=1e-12)
     interval = make_guidance("interval", scale=1.5, t_lo=205, t_hi=502)
-    assert [interval.weight(torch.tensor(t), model) for t in (204.0, 205.0, 400.0, 502.0, 503.0)] == [
+    assert [interval.rule.weight(torch.tensor(t), model.schedule) for t in (204.0, 205.0, 400.0, 502.0, 503.0)] == [
         0.0, 1.5, 1.5, 1.5, 0.0]
 
 
@@ -412,7 +347,7 @@ def test_bad_parameters_raise_config_error(params, message):
 @pytest.mark.parametrize("guidance, message", [
     (lambda: make_guidance("cfg", guidance_channels=[0, 3]), r"guidance_channels \[3\] outside the model's 3"),
     (lambda: make_guidance("autoguidance"), "autoguidance needs a reference model: set reference_checkpoint"),
-    (lambda: make_guidance("autoguidance", reference_checkpoint="weak.ckpt"), "'weak.ckpt' is set but was not loaded"),
+    (lambda: make_guidance("autoguidance", reference_checkpoint="weak.ckpt"), "reference_checkpoint names a file: sample.py and sweep.py load it"),
     (lambda: make_guidance("autoguidance", reference=linear_model(bias=torch.zeros(4, 3, dtype=torch.float64))),
      "reference has num_classes=3"),
     (lambda: make_guidance("autoguidance", reference=linear_model(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_guidance import A, BIAS, NULL, Counting, LinearEps, linear_model, vp_s
+from helpers import A, BIAS, NULL, Counting, LinearEps, linear_model, vp_s
 
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction
@@ -349,7 +349,7 @@ def test_formulas_agree_with_diffusers_guiders(xy):
     ({"method": "apg", "momentum": float("inf")}, "apg momentum must be a finite number"),
     ({"method": "cfg_zero_star", "zero_init_steps": -1}, "zero_init_steps must be an integer >= 0, got -1"),
     ({"method": "cfg_zero_star", "zero_init_steps": 1.5}, "zero_init_steps must be an integer >= 0, got 1.5"),
-    ({"method": "cfg", "guidance_rescale": 1.5}, "cfg guidance_rescale must be <= 1"),
+    ({"method": "cfg", "guidance_rescale": 1.5}, "guidance_rescale must be <= 1"),
     ({"method": "interval", "start": -0.1}, "interval start must be >= 0"),
     ({"method": "linear", "start": 0.6, "stop": 0.4}, "linear stop must be >= 0.6"),
     ({"method": "cosine", "stop": 1.2}, "cosine stop must be <= 1"),

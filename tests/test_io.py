@@ -13,11 +13,11 @@ import torch
 
 from lightning_reg.errors import ConfigError
 from lightning_reg.io import load_autoencoder, read_npz_images, read_torch
+from lightning_reg.io.files import atomic_path, atomic_write
 from lightning_reg.metrics.classifier import load_feature_network
 from lightning_reg.models.dit import read_state_dict
 from lightning_reg.sources import SOURCES, ModelSpec, load_model
-from test_classifier import classifier_checkpoint
-from test_latent import tiny_autoencoder
+from helpers import classifier_checkpoint, tiny_autoencoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dit_official_tiny.pt"
 
@@ -119,6 +119,25 @@ def test_registered_sources_and_their_data():
         load_model(ModelSpec("x.pkl", format="pkl"))
 
 
+def test_sources_guess_by_priority_and_name_the_owner_of_an_option():
+    """Format guessing follows ``priority``, not registration order; another format's option is refused with its
+    owner's words (``option_hint``), or else generically with the owner's noun and ``--format``."""
+    from lightning_reg.sources import by_priority, owner_of, source_of
+
+    assert [s.name for s in by_priority()] == ["diffusers", "dit", "lightning", "edm2"]
+    assert source_of(ModelSpec("x.ckpt")).name == "lightning"
+    assert source_of(ModelSpec("x.pt", model="DiT-S/8")).name == "dit"
+    assert (owner_of("num_heads").name, owner_of("negative_prompt").name, owner_of("vae")) == ("dit", "diffusers", None)
+    edm2, dit = SOURCES["edm2"], SOURCES["dit"]
+    with pytest.raises(ConfigError, match=r"^--num_heads is for a public DiT checkpoint: give --model too"):
+        edm2.check(ModelSpec("x.pkl", format="edm2", num_heads=4))
+    with pytest.raises(ConfigError, match=r"^--negative_prompt is for a diffusers text-to-image pipeline "
+                                          r"\(--checkpoint\), not a torch weights file of a DiT$"):
+        dit.check(ModelSpec("x.pt", model="DiT-S/8", vae="v", negative_prompt="blurry"))
+    assert edm2.refuse_option("x", dit) == ("--x is for a EDM2 snapshot (.pkl or .safetensors) (--format "
+                                           "edm2), not a torch weights file of a DiT")
+
+
 @pytest.mark.parametrize("kind", ["code", "truncated", "foreign"])
 def test_inception_weights_are_vetted_before_torch_fidelity_loads_them(good_files, tmp_path, kind):
     """torch-fidelity loads its weights file without ``weights_only``: both Inception readers vet it first."""
@@ -133,3 +152,30 @@ def test_inception_weights_are_vetted_before_torch_fidelity_loads_them(good_file
             build()
         assert str(path) in str(err.value) and "Inception-v3" in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
+
+
+def test_atomic_path_renames_a_whole_file_or_folder_and_leaves_nothing_on_failure(tmp_path):
+    with atomic_path(tmp_path / "new" / "a.npz") as tmp:  # the folder is created; the name keeps its suffix
+        assert tmp.name == "a.npz" and tmp.parent.parent == tmp_path / "new"
+        np.savez(tmp, x=np.arange(3))
+        assert not (tmp_path / "new" / "a.npz").exists()  # nothing under the final name until the block ends
+    assert np.load(tmp_path / "new" / "a.npz")["x"].tolist() == [0, 1, 2]
+    with atomic_path(tmp_path / "new" / "dataset") as tmp:  # a folder, as datasets' save_to_disk writes one
+        (tmp / "part").mkdir(parents=True)
+        (tmp / "part" / "data.txt").write_text("x")
+    assert (tmp_path / "new" / "dataset" / "part" / "data.txt").read_text() == "x"
+    atomic_write(tmp_path / "new" / "rows.csv", lambda f: f.write("a,b\r\n1,2\n"), binary=False)
+    assert (tmp_path / "new" / "rows.csv").read_bytes() == b"a,b\r\n1,2\n"  # text as given, no translation
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "new" / "a.npz", broken)
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "new" / "dataset") as tmp:
+            tmp.mkdir()
+            raise RuntimeError
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["a.npz", "dataset", "rows.csv"]
+    assert np.load(tmp_path / "new" / "a.npz")["x"].tolist() == [0, 1, 2]  # the complete file stays

@@ -4,6 +4,7 @@ through the VAE."""
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_autoencoder, tiny_latent_dit, train_tiny_dit
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reg.diffusion.denoiser import Denoiser
@@ -18,32 +19,11 @@ from lightning_reg.models.dit import DiT
 from lightning_reg.sampling.engine import generate
 
 
-def tiny_autoencoder():
-    """4 blocks, like the SD VAE: downsampling by 8, 4 latent channels; 18k parameters."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 8, 8),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
-
-
 @pytest.fixture(scope="session")
 def vae_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
     tiny_autoencoder().save_pretrained(folder)
     return folder
-
-
-def tiny_latent_dit(num_classes: int = 3) -> DiT:
-    """A DiT on 4x4x4 latents (32x32 images), its zero-initialised layers perturbed so REG has a gradient."""
-    torch.manual_seed(1)
-    net = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
-              num_classes=num_classes)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net.eval()
 
 
 def test_round_trip_shapes_and_scale(vae_folder, one_thread):
@@ -133,8 +113,6 @@ def test_latent_images_encode_batches_on_their_device(vae_folder, one_thread):
 def test_train_on_latents_then_sample_decoded_images(vae_folder, tmp_path, one_thread):
     """train.py on ``LatentImages`` (the model sees 4x4x4 latents), then sample.py ``--vae`` (32x32 RGB images)."""
     import numpy as np
-
-    from test_sample_cli import train_tiny_dit
 
     from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
     from lightning_reg.sampling.cli import main as sample_main

@@ -68,3 +68,53 @@ def test_the_checker_reads_imports_inside_functions_and_relative_ones():
     assert (line, "lightning_reg.metrics.classifier") in found  # inside classifier_main
     assert all(module.startswith(("lightning_reg", "lightning", "logging", "warnings", "argparse", "__future__"))
                for _, module in found)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (``from pkg import name`` counts ``pkg.name`` when that is a
+    module, else ``pkg``)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                edges |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph, state, cycles = module_graph(), {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_cycle_checker_sees_a_cycle(tmp_path, monkeypatch):
+    graph = module_graph()
+    assert "lightning_reg.guidance.reg" in graph["lightning_reg.guidance.guided"]
+    assert "lightning_reg.diffusion.conditions" in graph["lightning_reg.guidance.branches"]  # from pkg import module

@@ -16,6 +16,7 @@ from lightning_reg.errors import ConfigError
 from lightning_reg.metrics import (ImageMetrics, energy_distance, image_grid, image_metrics, mean_log_likelihood,
                                    on_shape_fraction, save_figure, scatter_figure, sliced_wasserstein, toy_metrics)
 from lightning_reg.metrics.classifier import DigitClassifier, FeatureNetwork
+from lightning_reg.metrics.plots import CAPTION_HEIGHT, caption_row, labelled_grids
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -293,6 +294,22 @@ def test_image_grid_layout():
     assert grid.shape == (3 * 4, 3 * 5, 3) and grid.dtype == np.uint8
     assert grid[0, 0, 0] == 1 and grid[0, 5, 0] == 2 and grid[4, 0, 0] == 4 and grid[8, 0, 0] == 7
     assert (grid[8:, 5:] == 0).all()  # two blank tiles pad the last row
+
+
+def test_labelled_grids_put_a_caption_row_above_each_grid_in_order():
+    grids = {"cfg_w1_none": np.full((4, 40, 3), 10, np.uint8), "cfg_w3_paper": np.full((8, 40, 3), 20, np.uint8)}
+    out = labelled_grids(grids)
+    assert out.shape == (2 * CAPTION_HEIGHT + 4 + 8, 40, 3) and out.dtype == np.uint8
+    first, second = out[:CAPTION_HEIGHT], out[CAPTION_HEIGHT + 4:2 * CAPTION_HEIGHT + 4]
+    for caption, name in ((first, "cfg_w1_none"), (second, "cfg_w3_paper")):
+        assert (caption < 128).any() and (caption > 128).any()  # a smaller font for 40 pixels, not blank
+        np.testing.assert_array_equal(caption, caption_row(name, 40))
+    assert (out[CAPTION_HEIGHT:CAPTION_HEIGHT + 4] == 10).all() and (out[-8:] == 20).all()
+    assert not np.array_equal(first, second)
+    with pytest.raises(ConfigError, match="all of one width"):
+        labelled_grids({"a": grids["cfg_w1_none"], "b": np.zeros((4, 16, 3), np.uint8)})
+    with pytest.raises(ConfigError, match="at least one"):
+        labelled_grids({})
 
 
 # ---------------------------------------------------------------- one feature pass per evaluation

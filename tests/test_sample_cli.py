@@ -12,48 +12,14 @@ import lightning
 import numpy as np
 import pytest
 import torch
+from helpers import TOY_SAMPLE_ARGS as ARGS  # 30 samples in 3 shards of 10 over the session's `checkpoint`
+from helpers import train_tiny_dit
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_reg.cli import main as train_main
 from lightning_reg.sampling.cli import main as sample_main
 from lightning_reg.sampling.engine import balanced_labels
 
 ROOT = Path(__file__).parents[1]
-TRAIN_CONFIG = """
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_steps: 50
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  limit_val_batches: 0
-model:
-  net:
-    class_path: lightning_reg.models.mlp.ToyMLP
-    init_args: {num_classes: 2, dim: 2, hidden: 32, blocks: 1, x_scale: 1.0}
-  lr: 0.005
-  warmup_steps: 5
-  ema_decay: 0.5
-data:
-  class_path: lightning_reg.data.toy.Toy2D
-  init_args: {num_train: 2048, num_val: 128, batch_size: 128}
-"""
-# 30 samples in 3 shards of 10, batches of 4 inside a shard.
-ARGS = ["--num_samples", "30", "--shard_size", "10", "--batch_size", "4", "--steps", "6", "--seed", "5",
-        "--guidance", "{method: cfg, scale: 1.0, reg: paper}"]
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """A ToyMLP trained 50 steps through train.py's CLI (so the checkpoint rebuilds the backbone)."""
-    folder = tmp_path_factory.mktemp("train")
-    config = folder / "tiny.yaml"
-    config.write_text(TRAIN_CONFIG)
-    train_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(folder)])
-    (ckpt,) = folder.glob("checkpoints/*.ckpt")
-    return ckpt
 
 
 @pytest.fixture(scope="module")
@@ -178,17 +144,41 @@ def test_another_runs_folder_is_refused_and_left_alone(reference_run, checkpoint
     assert {p.name: p.stat().st_mtime_ns for p in reference_run.iterdir()} == files
 
 
-def train_tiny_dit(folder: Path, image_size: int, channels: int, *data_args: str) -> Path:
-    """train.py, 2 steps of a 3-class DiT (width 32, depth 1) on ``image_size`` x ``channels`` inputs from the
-    data module ``data_args``; its checkpoint."""
-    train_main(["fit", "--seed_everything", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-                "--trainer.default_root_dir", str(folder), "--trainer.accelerator", "cpu",
-                "--model.net", "lightning_reg.models.dit.DiT", "--model.net.num_classes", "3",
-                "--model.net.input_size", str(image_size), "--model.net.in_channels", str(channels),
-                "--model.net.hidden_size", "32", "--model.net.depth", "1", "--model.net.num_heads", "2", *data_args])
-    (ckpt,) = folder.glob("checkpoints/*.ckpt")
-    return ckpt
+def test_fingerprint_holds_what_decides_the_samples(tmp_path):
+    """One policy (``SampleConfig.fingerprint``, each field marked by what it decides): where, how fast and how
+    much at once a run goes, and its metrics, do not count; every option that decides the samples does; the
+    files count by their sha256 (the loaded model's, or the prompts'), never by their paths."""
+    from lightning_reg.sampling.config import SampleConfig
+    from lightning_reg.sampling.writer import fingerprint_changes
+
+    for name, text in (("p.txt", "a seven\n"), ("q.txt", "a seven\n"), ("r.txt", "an ox\n")):
+        (tmp_path / name).write_text(text)
+    guidance = {"method": "cfg", "scale": 1.0, "reg": "paper", "reference_checkpoint": "guide.ckpt"}
+    base = {"checkpoint": "a.ckpt", "output": "out", "guidance": guidance, "prompts": str(tmp_path / "p.txt")}
+
+    fingerprint = SampleConfig(**base).fingerprint("c" * 64, "r" * 64)
+
+    def changes(sha256=("c" * 64, "r" * 64), **change) -> list[str]:
+        return fingerprint_changes(fingerprint, SampleConfig(**{**base, **change}).fingerprint(*sha256))
+
+    assert fingerprint["guidance"] == {"method": "cfg", "scale": 1.0, "reg": "paper"}
+    assert (fingerprint["checkpoint_sha256"], fingerprint["reference_sha256"]) == ("c" * 64, "r" * 64)
+    assert not {"checkpoint", "prompts", "output", "batch_size", "trainer", "evaluation"} & set(fingerprint)
+    for same in ({"output": "elsewhere"}, {"overwrite": True}, {"max_shards": 1}, {"batch_size": 7},
+                 {"compile": True}, {"gradient_checkpointing": True}, {"trainer": {"devices": 2, "num_nodes": 2}},
+                 {"distribution": "toy2d"}, {"checkpoint": "b.ckpt"}, {"prompts": str(tmp_path / "q.txt")},
+                 {"guidance": {**guidance, "reference_checkpoint": "moved.ckpt"}}):
+        assert changes(**same) == [], same
+    for key, value in {"format": "dit", "model": "DiT-S/8", "image_size": 64, "num_heads": 4, "vae": "vae",
+                       "negative_prompt": "blurry", "precision": "bf16", "ema": False, "sampler": "ddim",
+                       "sampler_kwargs": {"eta": 0.5}, "steps": 3, "num_samples": 7, "seed": 1, "shard_size": 5,
+                       "guidance": {**guidance, "scale": 2.0}}.items():
+        assert changes(**{key: value}) == [key], key
+    assert changes(prompts=str(tmp_path / "r.txt")) == ["prompts_sha256"]
+    assert changes(("d" * 64, "r" * 64)) == ["checkpoint_sha256"] and changes(("c" * 64, None)) == ["reference_sha256"]
+    assert changes(labels=[1], prompts=None) == ["labels", "prompts_sha256"]
+    for field in SampleConfig.__dataclass_fields__.values():
+        assert field.metadata.get("decides", "samples") in ("samples", "metrics", "content", "run"), field.name
 
 
 def test_image_checkpoint_gives_uint8_samples_and_pngs(tmp_path):
@@ -220,7 +210,7 @@ def test_bf16_autocast_samples_close_to_fp32(reference_run, checkpoint, tmp_path
 @pytest.mark.parametrize("reg", ["paper", "vjp"])
 def test_reg_under_bf16_autocast(reg, one_thread):
     """REG's backward pass under autocast: its correction (REG minus CFG) in bf16 matches fp32's to bf16 rounding."""
-    from test_latent import tiny_latent_dit
+    from helpers import tiny_latent_dit
 
     from lightning_reg.diffusion.denoiser import Denoiser
     from lightning_reg.diffusion.predictions import Prediction
@@ -260,7 +250,7 @@ def test_compiled_backbone_samples_like_eager(reference_run, checkpoint, tmp_pat
 @pytest.fixture(scope="module")
 def public_dit(tmp_path_factory):
     """A DiT-S/8 state dict in the public layout (10 classes, 8x8x4 latents: 64x64 images) and a tiny VAE."""
-    from test_latent import tiny_autoencoder
+    from helpers import tiny_autoencoder
 
     from lightning_reg.models.dit import DIT_CONFIGS, DiT
 
@@ -312,4 +302,4 @@ def test_dit_xl2_config_and_its_variants_parse():
     for params in variants:
         for reg in ("none", "paper", "vjp"):
             guidance = make_guidance(**{**params, "reg": reg})
-            assert guidance.guidance_channels == [0, 1, 2] and guidance.convention == "w2" and guidance.w == 0.5
+            assert guidance.branches.channels == [0, 1, 2] and guidance.rule.convention == "w2" and guidance.w == 0.5

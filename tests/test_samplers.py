@@ -106,11 +106,11 @@ def test_non_finite_sample_names_the_step():
 
 def test_label_ids_outside_the_model_are_refused():
     model = Denoiser(ToyMLP(num_classes=3), VPSchedule(), Prediction("eps"))
-    model.check_labels(torch.tensor([0, 2]))
-    model.check_labels(torch.tensor([3]), allow_null=True)  # the null label, allowed in training
+    model.conditioning.check(torch.tensor([0, 2]))
+    model.conditioning.check(torch.tensor([3]), allow_null=True)  # the null label, allowed in training
     with pytest.raises(ConfigError, match=r"label ids must lie in \[0, 2\] .*num_classes=3.*max 3"):
-        model.check_labels(torch.tensor([0, 3]))
+        model.conditioning.check(torch.tensor([0, 3]))
     with pytest.raises(ConfigError, match=r"label ids must lie in \[0, 2\].*min -1"):
-        model.check_labels(torch.tensor([-1, 1]))
+        model.conditioning.check(torch.tensor([-1, 1]))
     with pytest.raises(ConfigError, match=r"label ids must lie in \[0, 2\] .*num_classes=3"):
         GuidedDenoiser(model, make_guidance("cfg", scale=1.0), torch.tensor([1, 5]))

@@ -10,14 +10,12 @@ import torch
 from PIL import Image
 
 import lightning_reg.sampling.cli as sample_cli
-from lightning_reg.cli import main as train_main
 from lightning_reg.guidance.reg import REG_MODES
 from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front, write_table
 from lightning_reg.metrics.fronts import main as fronts_main
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
 from lightning_reg.metrics.fronts import read_table
-from test_sample_cli import TRAIN_CONFIG  # the tiny ToyMLP of sample.py's tests
 
 STEPS = 4
 # 2 methods x 2 weights x 2 REG modes = 8 settings of 12 samples in 2 shards (one generate call per shard).
@@ -37,16 +35,6 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A ToyMLP trained 50 steps through train.py's CLI (so the checkpoint rebuilds the backbone)."""
-    folder = tmp_path_factory.mktemp("train")
-    (folder / "tiny.yaml").write_text(TRAIN_CONFIG)
-    train_main(["fit", "--config", str(folder / "tiny.yaml"), "--trainer.default_root_dir", str(folder)])
-    (ckpt,) = folder.glob("checkpoints/*.ckpt")
-    return ckpt
 
 
 @pytest.fixture
@@ -199,15 +187,33 @@ def test_folder_of_another_sweep_is_refused_and_left_alone(reference_sweep, chec
     (["--methods", "[{method: cosine, weights: [2, 0.5]}]", "--convention", "w2"],
      r"--methods\[0\] \(cosine\) weight 0.5: scale=0.5 is below 1 \(w2 convention\)"),
     (["--methods", "[{method: cfg, weights: [1], reg: vjp}]"], r"\['reg'\] are set by the sweep"),
+    (["--methods", "[{method: autoguidance, weights: [1], reference_checkpoint: weak.ckpt}]"],
+     r"--methods\[0\] \(autoguidance\): reference_checkpoint is the sweep's guiding file: give it in --guidance"),
     (["--reg", "[none, half]"], r"--reg: unknown REG modes \['half'\]"),
     (["--distribution", "null"], "a sweep needs metrics"),
     (["--front", "[fid, on_shape]"], "--front must name two of the computed metrics"),
-    (["--sample_options", "{seed: 1}"], r"--sample_options: \['seed'\] are set by the sweep"),
     (["--sampler", "euler"], "unknown sampler 'euler'"),
 ])
 def test_bad_input_one_line_and_nothing_written(checkpoint, tmp_path, refused, change, message):
     out = tmp_path / "out"
     refused(lambda: sweep_main(["--checkpoint", str(checkpoint), "--output", str(out), *SWEEP, *change]), message, out)
+
+
+def test_sweep_fingerprint_holds_the_metrics_options_too():
+    """``SweepConfig.fingerprint``: the sample options as a run's, and the metrics' (its table holds them); the
+    grid is left to the sweep's list of settings, and the figure's --front and --max_settings do not count."""
+    from lightning_reg.sampling.config import SweepConfig
+
+    base = {"checkpoint": "a.ckpt", "output": "out", "distribution": "toy2d",
+            "methods": [{"method": "cfg", "weights": [1]}], "guidance": {"reference_checkpoint": "guide.ckpt"}}
+    fingerprint = SweepConfig(**base).fingerprint("c" * 64, "r" * 64)
+    assert fingerprint["distribution"] == "toy2d" and fingerprint["reference_sha256"] == "r" * 64
+    assert not {"methods", "reg", "convention", "guidance", "front", "max_settings", "batch_size"} & set(fingerprint)
+    other = SweepConfig(**{**base, "distribution": None, "evaluation": {"metrics": ["fid"]}}).fingerprint("c" * 64)
+    assert sorted(k for k in fingerprint if fingerprint[k] != other[k]) == ["distribution", "evaluation",
+                                                                             "reference_sha256"]
+    for field in SweepConfig.__dataclass_fields__.values():
+        assert field.metadata.get("decides", "samples") in ("samples", "metrics", "content", "grid", "run"), field
 
 
 @pytest.mark.parametrize("name, data_key", [("sweep_toy2d", "distribution"), ("sweep_mnist", "evaluation")])
@@ -247,8 +253,7 @@ def test_sweep_of_the_public_dit_layout_opens_its_checkpoint_once_and_writes_its
     import numpy as np
 
     import lightning_reg.io.files as io_files
-    from test_classifier import classifier_checkpoint
-    from test_latent import tiny_autoencoder
+    from helpers import classifier_checkpoint, tiny_autoencoder
 
     fixture = torch.load(Path(__file__).parent / "fixtures" / "dit_official_tiny.pt", weights_only=True)
     dit = tmp_path / "dit.pt"

@@ -9,7 +9,9 @@ import torch
 from lightning_reg.callbacks import SamplingCallback
 from lightning_reg.data.digits import CaptionedDigits
 from lightning_reg.diffusion.latent import LatentCodec
-from lightning_reg.diffusion.text import PromptEncoder, PromptUNet, TextDenoiser, schedule_from_scheduler_config
+from lightning_reg.diffusion.latent import LatentDenoiser
+from lightning_reg.models.stable_diffusion import PromptEncoder, PromptUNet, text_denoiser as build_text_denoiser
+from lightning_reg.sources.diffusers import schedule_from_scheduler_config
 from lightning_reg.module import ConditionalDiffusion
 
 CAPTION = "digit {name}"  # within the tiny tokenizer's 16 tokens ("a handwritten digit {name}" by default)
@@ -20,8 +22,8 @@ def text_denoiser(clip_tokenizer, tiny_components):
     parts = tiny_components(clip_tokenizer, seed=1)
     encoder = PromptEncoder(parts["tokenizer"], parts["text_encoder"])
     schedule, prediction = schedule_from_scheduler_config(parts["scheduler"].config)
-    return TextDenoiser(PromptUNet(parts["unet"], gradient_checkpointing=True), schedule, prediction,
-                        LatentCodec(parts["vae"]), encoder([""]), encoder)
+    return build_text_denoiser(PromptUNet(parts["unet"], gradient_checkpointing=True), schedule, prediction,
+                               LatentCodec(parts["vae"]), encoder([""]), encoder)
 
 
 def test_captioned_digits_pairs():
@@ -36,10 +38,10 @@ def test_captioned_digits_pairs():
 
 def test_caption_dropout_replaces_whole_embeddings_by_the_empty_prompt(text_denoiser):
     module = ConditionalDiffusion.for_text(text_denoiser, label_dropout=0.5)
-    y = text_denoiser.encode(["digit one", "digit two"] * 16)
+    y = text_denoiser.conditioning.make(["digit one", "digit two"] * 16)
     torch.manual_seed(0)
     dropped = module.drop_labels(y)
-    null = dropped == text_denoiser.null_embedding
+    null = dropped == text_denoiser.conditioning.null_embedding
     kept = dropped == y
     rows_null, rows_kept = null.flatten(1).all(1), kept.flatten(1).all(1)
     assert torch.all(rows_null ^ rows_kept) and 4 < int(rows_null.sum()) < 28  # whole rows, about half
@@ -70,7 +72,7 @@ def test_finetune_on_captioned_digits_with_reg_sampling_at_validation(text_denoi
             assert torch.equal(v, frozen[k]), k
     assert (tmp_path / "samples" / "step_10.png").is_file()  # the callback's grid: 2 settings x 2 captions
     ema = module.ema_denoiser()
-    assert isinstance(ema, TextDenoiser) and ema.net is module.ema.module
+    assert isinstance(ema, LatentDenoiser) and ema.net is module.ema.module and ema.conditioning.takes_prompts
     x, _ = callback.sample(trainer, module)
     assert set(x) == {"cfg_w2_none", "cfg_w2_paper"} and x["cfg_w2_none"].shape == (2, 3, 16, 16)
     assert not torch.equal(x["cfg_w2_none"], x["cfg_w2_paper"])  # REG changes the samples

@@ -1,4 +1,4 @@
-"""``sample.py --pipeline FOLDER --prompts FILE`` on the tiny diffusers components: sample ``i`` takes caption ``i``,
+"""``sample.py --checkpoint FOLDER --prompts FILE`` on the tiny diffusers components: sample ``i`` takes caption ``i``,
 1 vs 2 DDP processes and an interrupted run give the same ``samples.npz`` bytes, the prompts are written beside it,
 and bad input is one line with nothing written."""
 
@@ -41,7 +41,7 @@ def prompts_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference_run(tiny_pipeline, prompts_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "out"
-    sample_main(["--pipeline", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out), *ARGS])
+    sample_main(["--checkpoint", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out), *ARGS])
     return out
 
 
@@ -55,11 +55,11 @@ def test_prompt_samples_are_the_engine_s_with_caption_i(reference_run, tiny_pipe
     assert (reference_run / "prompts.txt").read_text().splitlines() == [PROMPTS[i] for i in (0, 1, 2, 0, 1)]
     denoiser = load_model(ModelSpec(str(tiny_pipeline)))  # the format detected from model_index.json
     guidance = make_guidance("cfg", scale=2.0, reg="paper")
-    expected = generate(denoiser, guidance, denoiser.encode([PROMPTS[i] for i in (0, 1, 2, 0, 1)]), range(5),
+    expected = generate(denoiser, guidance, denoiser.conditioning.make([PROMPTS[i] for i in (0, 1, 2, 0, 1)]), range(5),
                         sampler="ddim", sampler_kwargs={"eta": 0.0}, steps=3, seed=4, batch_size=5)
     assert np.abs(samples.astype(int) - ((expected.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()).max() <= 1
     run = json.loads((reference_run / "run.json").read_text())
-    assert run["labels"] == "prompts" and run["negative_prompt"] == ""
+    assert run["labels"] is None and run["negative_prompt"] == ""  # the captions decide the conditions
     assert run["prompts_sha256"] == hashlib.sha256(("\n".join(PROMPTS) + "\n").encode()).hexdigest()
     meta = json.loads((reference_run / "meta.json").read_text())
     assert meta["num_classes"] == 0 and meta["data_shape"] == [4, 8, 8] and meta["sample_shape"] == [3, 16, 16]
@@ -86,7 +86,7 @@ def test_prompts_over_two_ddp_processes_equal_one(reference_run, tiny_pipeline, 
 def test_interrupted_prompt_run_resumes_to_the_same_bytes(reference_run, tiny_pipeline, prompts_file, tmp_path,
                                                           capsys, one_thread):
     out = tmp_path / "resumed"
-    args = ["--pipeline", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out), *ARGS]
+    args = ["--checkpoint", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out), *ARGS]
     sample_main([*args, "--max_shards", "1"])
     assert sorted(p.name for p in out.iterdir()) == ["run.json", "shard_00000.npz"]
     sample_main(args)
@@ -127,7 +127,7 @@ def edited_pipeline(folder: Path, tmp_path: Path, edit: str) -> Path:
 def test_bad_prompt_input_one_line_and_nothing_written(tiny_pipeline, tmp_path, refused, prompts, edit, extra,
                                                        message):
     folder = edited_pipeline(tiny_pipeline, tmp_path, edit) if edit else tiny_pipeline
-    args = ["--pipeline", str(folder), "--output", str(tmp_path / "out"), "--num_samples", "2", "--steps", "2", *extra]
+    args = ["--checkpoint", str(folder), "--output", str(tmp_path / "out"), "--num_samples", "2", "--steps", "2", *extra]
     if prompts is not None:
         (tmp_path / "p.txt").write_text(prompts)
         args += ["--prompts", str(tmp_path / "p.txt")]
@@ -194,7 +194,7 @@ def test_sweep_over_prompts_writes_fid_and_clip_score_rows(tiny_pipeline, prompt
     real = tmp_path / "real.npz"
     np.savez(real, arr_0=np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
     out = tmp_path / "sweep"
-    sweep_main(["--pipeline", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out),
+    sweep_main(["--checkpoint", str(tiny_pipeline), "--prompts", str(prompts_file), "--output", str(out),
                 "--methods", "[{method: cfg, weights: [1, 3]}]", "--reg", "[none, paper]", "--num_samples", "3",
                 "--shard_size", "3", "--batch_size", "3", "--steps", "2", "--sampler", "ddim",
                 "--evaluation", f"{{metrics: [fid, clip_score], clip: {clip_folder}, reference: {real}, "

@@ -10,8 +10,8 @@ import torch
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.samplers import ddim
-from lightning_reg.diffusion.text import (PromptEncoder, PromptUNet, TextDenoiser, load_text_to_image,
-                                          schedule_from_scheduler_config)
+from lightning_reg.models.stable_diffusion import PromptEncoder, PromptUNet, text_denoiser
+from lightning_reg.sources.diffusers import load_text_to_image, schedule_from_scheduler_config
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 
@@ -19,10 +19,10 @@ PREDICTION_TYPES = ["epsilon", "v_prediction"]
 LATENT = (4, 8, 8)
 
 
-def our_denoiser(parts: dict, null_embedding, gradient_checkpointing: bool = False) -> TextDenoiser:
+def our_denoiser(parts: dict, null_embedding, gradient_checkpointing: bool = False):
     schedule, prediction = schedule_from_scheduler_config(parts["scheduler"].config)
-    return TextDenoiser(PromptUNet(parts["unet"], gradient_checkpointing), schedule, prediction,
-                        LatentCodec(parts["vae"]), null_embedding).eval()
+    return text_denoiser(PromptUNet(parts["unet"], gradient_checkpointing), schedule, prediction,
+                         LatentCodec(parts["vae"]), null_embedding).eval()
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_load_a_pipeline_folder(pipeline_folder, sd_parts, one_thread):
         "num_timesteps": 1000, "betas": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
         "spacing": "leading", "steps_offset": 1, "final_alpha_one": False, "alpha_bar": None}
     parts = sd_parts["v_prediction"]
-    torch.testing.assert_close(denoiser.null_embedding, embeddings(parts, ["blurry"])[0])
+    torch.testing.assert_close(denoiser.conditioning.null_embedding, embeddings(parts, ["blurry"])[0])
     y = loaded.prompt_encoder(PROMPTS)
     torch.testing.assert_close(y, embeddings(parts, PROMPTS))
     x = torch.randn(2, *LATENT)
@@ -181,7 +181,7 @@ def test_load_a_pipeline_folder(pipeline_folder, sd_parts, one_thread):
         out = parts["unet"](x, torch.full((2,), 21.0), encoder_hidden_states=y).sample
     a, s = denoiser.coefficients(torch.tensor(21.0), x)
     torch.testing.assert_close(denoiser(x, torch.tensor(21.0), y), a * x - s * out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(denoiser.null_condition(y), denoiser.null_embedding.expand(2, 16, 8))
+    torch.testing.assert_close(denoiser.conditioning.null(y), denoiser.conditioning.null_embedding.expand(2, 16, 8))
 
 
 def test_bad_conditions_and_long_prompts(sd_parts, one_thread):
@@ -191,7 +191,7 @@ def test_bad_conditions_and_long_prompts(sd_parts, one_thread):
     with pytest.raises(ConfigError, match=r"prompt embedding \(B, 16, 8\).*torch.int64 \(2,\)"):
         GuidedDenoiser(denoiser, make_guidance("cfg"), torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match=r"prompt embedding \(B, 16, 8\).*\(2, 77, 8\)"):
-        denoiser.check_labels(torch.zeros(2, 77, 8))
+        denoiser.conditioning.check(torch.zeros(2, 77, 8))
     long = "a very long caption that goes on and on"
     with pytest.warns(UserWarning, match=r"prompt 1 has \d+ tokens, more than the text encoder's 16: truncated"):
         y = encoder(["short", long])

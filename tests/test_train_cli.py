@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from lightning_reg.cli import main
+from lightning_reg.metrics.plots import CAPTION_HEIGHT
 from lightning_reg.module import ConditionalDiffusion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +165,8 @@ def test_image_config_trains_and_samples_on_a_local_dataset(workdir, capsys):
     assert model.hparams.label_dropout == 0.1 and model.denoiser.data_shape == (3, 32, 32)
     grid = run / "samples" / "step_2.png"
     from PIL import Image
-    assert np.asarray(Image.open(grid)).shape == (2 * 32, 8 * 32, 3)  # one row of 8 per setting: none, paper
+    # one row of 8 per setting (none, paper), each under its caption row
+    assert np.asarray(Image.open(grid)).shape == (2 * (CAPTION_HEIGHT + 32), 8 * 32, 3)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +254,7 @@ def test_edm2_digits_overlay_trains_and_previews_unguided(workdir, capsys, one_t
     from lightning_reg.data.digits import prepare_digits
     from lightning_reg.diffusion.schedules import EDMSchedule
     from lightning_reg.models.edm2 import EDM2Precond
-    from test_classifier import classifier_checkpoint
+    from helpers import classifier_checkpoint
 
     prepare_digits("sklearn", workdir / "data")
     clf = classifier_checkpoint(workdir / "clf.ckpt", image_size=16, channels=1, num_classes=10)

@@ -97,13 +97,14 @@ def test_gradient_wrt_x_is_finite_and_per_sample():
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_learned_sigma_goes_through_the_shared_path():
-    """``learn_sigma``: the Denoiser returns x-shaped estimates and keeps the conditional rows' variance; the
+    """``learn_sigma``: the Denoiser returns x-shaped estimates and, asked, the variance of every row; the
     loss adds the VLB term and stays finite (the UNet used to take ``out_channels``, which no path split)."""
     torch.manual_seed(0)
     module = ConditionalDiffusion(UNet(**TINY, learn_sigma=True))
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     assert module.denoiser(x, torch.tensor(500.0), y).shape == x.shape
-    assert module.denoiser.variance_interpolation.shape == (3, 1, 8, 8)  # label 3 is the null label
+    x0, v = module.denoiser(x, torch.tensor(500.0), y, variance=True)
+    assert x0.shape == v.shape == x.shape and not v.requires_grad
     assert torch.isfinite(module.diffusion_loss(module.net, x, y))
 
 

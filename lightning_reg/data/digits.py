@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from lightning_reg.data.images import ImageDataModule
 from lightning_reg.distributed import fail
 from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.io.files import atomic_path
 
 SOURCES = ("mnist", "sklearn")
 TEST_FRACTION = 0.2
@@ -103,20 +103,15 @@ def prepare_digits(source: str = "mnist", root: str | os.PathLike = "data") -> P
             {"image": [Image.fromarray(im, mode="L") for im in images[mask]], "label": labels[mask].tolist()},
             features=features)
 
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one line of our own instead of two bars per split
     try:
-        datasets.DatasetDict({"train": split(~test), "test": split(test)}).save_to_disk(str(tmp))
-        try:
-            tmp.rename(path)
-        except OSError:  # another process finished first
-            if not is_prepared(path):
-                raise
+        with atomic_path(path) as tmp:
+            datasets.DatasetDict({"train": split(~test), "test": split(test)}).save_to_disk(str(tmp))
     except OSError as err:
-        raise ConfigError(f"could not write the digits dataset to {path}: {one_line(err, 300)}") from None
+        if not is_prepared(path):  # else another process finished first
+            raise ConfigError(f"could not write the digits dataset to {path}: {one_line(err, 300)}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if bars_were_on:
             datasets.enable_progress_bars()
     print(f"prepared {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -1,11 +1,13 @@
 """The denoiser ``D(x, t, y) = x0_hat``: a backbone read through its schedule and prediction target.
 
+``y`` is a condition of the denoiser's ``conditioning`` (``diffusion/conditions.py``): class ids by default, or
+what the backbone's own ``conditioning`` attribute defines.
+
 Learned variance (improved DDPM, Nichol & Dhariwal 2021; DiT): a backbone with ``learn_sigma = True``
-returns ``2C`` channels, the prediction and a variance interpolation ``v`` in [-1, 1]. ``D`` returns
-``x0_hat`` from the first ``C`` and keeps ``v`` of the conditional rows (label not null) of its last
-call with any: guidance stays a rule on ``x0_hat`` and samplers stay functions of ``D(x, t)``; the DDPM
-sampler is handed ``learned_variance`` (this denoiser's method) explicitly and asks it after each call.
-As the public DiT sampler does, ``v`` comes from the conditional branch, never guided.
+returns ``2C`` channels, the prediction and a variance interpolation ``v`` in [-1, 1]. ``D(x, t, y,
+variance=True)`` returns ``(x0_hat, v)``; guidance hands ``v`` of the conditional branch on to the sampler
+with its guided ``x0_hat`` (``GuidedDenoiser.learned_variance``), as the public DiT sampler does: ``v`` is
+never guided, and nothing is kept in the denoiser between calls.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lightning_reg.diffusion.conditions import ClassLabels, Condition, Conditioning
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule
 from lightning_reg.errors import ConfigError
@@ -29,10 +32,12 @@ def broadcast_coef(c: Tensor, x: Tensor) -> Tensor:
 class Denoiser(nn.Module):
     """Wraps a backbone ``net(x, t, y)`` (attributes ``num_classes``, ``data_shape``).
 
-    The label ``num_classes`` is the null label that classifier-free guidance uses (``null_condition``).
+    ``conditioning``: what ``y`` is; default the backbone's own ``conditioning`` attribute if it has one, else
+    class labels with the null label ``num_classes`` (``ClassLabels``; none if ``net.trains_null_label`` is false).
     """
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction):
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction,
+                 conditioning: Conditioning | None = None):
         super().__init__()
         for attr in ("num_classes", "data_shape"):
             if not hasattr(net, attr):
@@ -44,8 +49,15 @@ class Denoiser(nn.Module):
         if getattr(net, "learn_sigma", False) and schedule.name != "vp":
             raise ConfigError(f"a backbone with learn_sigma (a learned DDPM variance) needs the 'vp' schedule, "
                               f"not {schedule.name!r}")
-        self.net, self.schedule, self.prediction = net, schedule, prediction
-        self.variance_interpolation: Tensor | None = None
+        if conditioning is None:
+            conditioning = getattr(net, "conditioning", None)
+        if conditioning is None:
+            conditioning = ClassLabels(net.num_classes, getattr(net, "trains_null_label", True))
+        self.net, self.schedule, self.prediction, self.conditioning = net, schedule, prediction, conditioning
+
+    def with_net(self, net: nn.Module) -> "Denoiser":
+        """This denoiser over another copy of its backbone (the EMA weights), sharing everything else."""
+        return Denoiser(net, self.schedule, self.prediction, self.conditioning).train(self.training)
 
     @property
     def learn_sigma(self) -> bool:
@@ -56,23 +68,8 @@ class Denoiser(nn.Module):
         return self.net.num_classes
 
     @property
-    def null_label(self) -> int:
-        return self.net.num_classes
-
-    @property
     def data_shape(self) -> tuple[int, ...]:
         return tuple(self.net.data_shape)
-
-    def null_condition(self, y: Tensor) -> Tensor:
-        """The condition of the CFG reference prediction for the batch of conditions ``y`` (same batch): here the
-        null label ``num_classes`` of label dropout (docs/theory.md §3). Other conditionings implement their own
-        (an empty-prompt embedding); guidance only ever asks this method."""
-        return torch.full_like(y, self.null_label)
-
-    def learned_variance(self) -> Tensor | None:
-        """``v`` of the conditional rows of the last call (improved DDPM eq. 15's interpolation); ``None`` when
-        the backbone has no learned sigma. ``generate`` hands this method to the sampler."""
-        return self.variance_interpolation if self.learn_sigma else None
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -88,34 +85,28 @@ class Denoiser(nn.Module):
         """A finished chain's ``x0`` as a sample: itself here (``LatentDenoiser`` decodes latents to images)."""
         return x0
 
+    def training_batch(self, batch) -> tuple[Tensor, Condition]:
+        """``(x0, y)`` of a datamodule batch ``(data, keys)``: the keys (class ids, captions) made conditions."""
+        x0, keys = batch
+        return x0, self.conditioning.make(keys)
+
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(a_t, s_t)`` broadcastable against ``x``."""
         a, s = self.schedule.alpha_sigma(t)
         return broadcast_coef(a, x), broadcast_coef(s, x)
 
-    def forward(self, x: Tensor, t: Tensor | float, y: Tensor) -> Tensor:
-        if not getattr(self.net, "trains_null_label", True) and self.num_classes and bool((y == self.null_label).any()):
-            raise ConfigError(f"{type(self.net).__name__} was trained without a null label (no label dropout), so "
-                              "classifier-free guidance has no unconditional prediction to use; guide it with a "
-                              "reference model ({method: autoguidance, reference_checkpoint: FILE})")
+    def forward(self, x: Tensor, t: Tensor | float, y: Condition, variance: bool = False):
+        """``x0_hat``; with ``variance``, ``(x0_hat, v)`` (``v``: the learned variance interpolation, or ``None``)."""
         a, s = self.coefficients(t, x)
         t = torch.as_tensor(t, dtype=torch.float64)
         net_t = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
         out = self.net(self.prediction.input_scale(a, s) * x, net_t, y)
+        v = None
         if self.learn_sigma:
             out, v = out.chunk(2, dim=1)
-            conditional = y != self.null_label
-            if conditional.any():
-                self.variance_interpolation = v[conditional].detach()
-        return self.prediction.to_x0(out, x, a, s)
-
-    def check_labels(self, y: Tensor, allow_null: bool = False) -> None:
-        """Refuse labels outside ``[0, num_classes)`` (``num_classes`` itself if ``allow_null``)."""
-        top = self.num_classes + int(allow_null)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= top):
-            raise ConfigError(
-                f"label ids must lie in [0, {top - 1}] for a model with num_classes={self.num_classes}; "
-                f"got min {int(y.min())}, max {int(y.max())}")
+            v = v.detach()
+        x0 = self.prediction.to_x0(out, x, a, s)
+        return (x0, v) if variance else x0
 
 
 def learned_log_variance(v: Tensor, beta: Tensor, posterior_variance: Tensor) -> Tensor:

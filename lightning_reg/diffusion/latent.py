@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_reg.diffusion.conditions import Condition, Conditioning
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule
@@ -83,11 +84,13 @@ class ChannelLatentCodec(LatentCodec):
 class LatentDenoiser(Denoiser):
     """A ``Denoiser`` whose ``data_shape`` is the latent shape; ``decode`` maps its samples to images.
 
-    ``forward`` is the backbone's alone: the samplers, guidance and REG see latents only.
+    ``forward`` is the backbone's alone: the samplers, guidance and REG see latents only. A training batch of
+    images is encoded by the codec (text-to-image fine-tuning; ``data.latent.LatentImages`` encodes DiT's).
     """
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction, codec: LatentCodec):
-        super().__init__(net, schedule, prediction)
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction, codec: LatentCodec,
+                 conditioning: Conditioning | None = None):
+        super().__init__(net, schedule, prediction, conditioning)
         if self.data_shape[0] != codec.latent_channels:
             raise ConfigError(f"the backbone works on {self.data_shape[0]} channels but the VAE's latents have "
                               f"{codec.latent_channels}")
@@ -95,8 +98,15 @@ class LatentDenoiser(Denoiser):
 
     @classmethod
     def over(cls, denoiser: Denoiser, codec: LatentCodec) -> "LatentDenoiser":
-        """``denoiser``'s backbone, schedule and prediction over ``codec``'s latent space."""
-        return cls(denoiser.net, denoiser.schedule, denoiser.prediction, codec)
+        """``denoiser``'s backbone, schedule, prediction and conditioning over ``codec``'s latent space."""
+        return cls(denoiser.net, denoiser.schedule, denoiser.prediction, codec, denoiser.conditioning)
+
+    def with_net(self, net: nn.Module) -> "LatentDenoiser":
+        return LatentDenoiser(net, self.schedule, self.prediction, self.codec, self.conditioning).train(self.training)
+
+    def training_batch(self, batch) -> tuple[Tensor, Condition]:
+        images, keys = batch
+        return self.codec.encode(images), self.conditioning.make(keys)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_int
 
 
 def _as_tensor(t: Tensor | float) -> Tensor:
@@ -56,8 +56,7 @@ class NoiseSchedule(ABC):
         """Sampling progress ``p``: 0 at the noisiest time, 1 at the clean end (docs/theory.md, notation)."""
 
     def check_steps(self, steps: int) -> None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+        check_int("steps", steps)
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and vars(self).keys() == vars(other).keys() and all(

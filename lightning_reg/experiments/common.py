@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import matplotlib
 
@@ -20,7 +19,8 @@ from lightning_reg.data.toy import ToyDistribution  # noqa: E402
 from lightning_reg.diffusion.denoiser import Denoiser  # noqa: E402
 from lightning_reg.diffusion.schedules import VPSchedule  # noqa: E402
 from lightning_reg.distributed import fail  # noqa: E402
-from lightning_reg.errors import ConfigError  # noqa: E402
+from lightning_reg.errors import ConfigError, check_int, check_number  # noqa: E402
+from lightning_reg.io.files import atomic_write  # noqa: E402
 from lightning_reg.oracle import METHODS, ExactMixtureDenoiser  # noqa: E402
 
 LABELS = {"cfg": "CFG  grad log R_t", "reg_paper": "REG (paper)", "reg_vjp": "REG (vjp)",
@@ -52,10 +52,8 @@ def parser(description: str, steps: int, rollouts: int, out: str) -> argparse.Ar
 def prepare(args: argparse.Namespace) -> None:
     """Check the shared flags, then set the thread count and the seed."""
     for field in ("steps", "num_timesteps", "rollouts", "batch_size", "threads"):
-        if getattr(args, field) < 1:
-            raise ConfigError(f"--{field.replace('_', '-')} must be a positive integer, got {getattr(args, field)}")
-    if args.w < 0:
-        raise ConfigError(f"--w must be >= 0, got {args.w}")
+        check_int(f"--{field.replace('_', '-')}", getattr(args, field))
+    check_number("--w", args.w, minimum=0)
     if args.steps > args.num_timesteps:
         raise ConfigError(f"--steps {args.steps} exceeds --num-timesteps {args.num_timesteps}")
     torch.set_num_threads(args.threads)
@@ -102,35 +100,24 @@ def print_table(rows: list[dict]) -> None:
     print(f"steps where REG (paper) is not closer to the oracle than CFG: {worse or 'none'}")
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(out: Path, rows: list[dict], figures: dict[str, plt.Figure], estimates: dict,
                   tables: dict[str, list[dict]] | None = None) -> None:
     """Write ``errors.csv`` (``rows``), ``<name>.csv`` for each of ``tables``, ``estimates.pt`` (times and every
     method's estimates) and the figures, each file atomically, after all computing is done."""
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "estimates.pt", lambda path: torch.save(estimates, path))
+    atomic_write(out / "estimates.pt", lambda f: torch.save(estimates, f))
 
-    def csv_writer(table: list[dict]) -> Callable[[Path], None]:
-        def write(path: Path) -> None:
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(table[0]))
-                writer.writeheader()
-                writer.writerows(table)
+    def csv_writer(table: list[dict]) -> Callable[[IO[str]], None]:
+        def write(f: IO[str]) -> None:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
         return write
 
     tables = {"errors": rows, **(tables or {})}
     for name, table in tables.items():
-        _atomic(out / f"{name}.csv", csv_writer(table))
+        atomic_write(out / f"{name}.csv", csv_writer(table), binary=False)
     for name, fig in figures.items():
-        _atomic(out / f"{name}.png", lambda path: fig.savefig(path, dpi=110, bbox_inches="tight", format="png"))
+        atomic_write(out / f"{name}.png", lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
         plt.close(fig)
     print(f"wrote {', '.join(f'{n}.csv' for n in tables)}, estimates.pt, {', '.join(f'{n}.png' for n in figures)} "
           f"in {out}")

@@ -15,7 +15,7 @@ import torch
 from matplotlib.colors import LogNorm
 
 from lightning_reg.data.toy import toy1d_distribution
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import check_int
 from lightning_reg.experiments.common import (LABELS, STYLES, dtype_of, error_table, load_denoiser, main_guard,
                                               parser, prepare, print_table, write_outputs)
 from lightning_reg.oracle import METHODS, density_ratio_log_reward, guidance_gradients
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid", type=int, default=200, help="points on x in [-1, 2]")
     args = p.parse_args(argv)
     prepare(args)
-    if args.grid < 2:
-        raise ConfigError(f"--grid must be at least 2, got {args.grid}")
+    check_int("--grid", args.grid, minimum=2)
     distribution = toy1d_distribution()
     denoiser = load_denoiser(args, distribution)
     x = torch.linspace(-1.0, 2.0, args.grid, dtype=dtype_of(denoiser))[:, None]

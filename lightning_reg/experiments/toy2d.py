@@ -22,7 +22,7 @@ from einops import rearrange
 
 from lightning_reg.data.toy import TOY2D_TASKS, toy2d_distribution
 from lightning_reg.diffusion.samplers import get_sampler
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_int
 from lightning_reg.experiments.common import (LABELS, STYLES, dtype_of, error_table, load_denoiser, main_guard,
                                               parser, prepare, print_table, write_outputs)
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     prepare(args)
     distribution = toy2d_distribution(args.task)
-    if args.grid < 2 or args.samples < 1:
-        raise ConfigError(f"--grid must be at least 2 and --samples positive, got {args.grid}, {args.samples}")
+    check_int("--grid", args.grid, minimum=2)
+    check_int("--samples", args.samples)
     if args.label not in range(distribution.num_classes):
         names = TOY2D_TASKS[args.task][0]
         raise ConfigError(f"--label must be 0 ({names[0]}) or 1 ({names[1]}) for --task {args.task}, got {args.label}")

@@ -1,10 +1,14 @@
-"""Guidance methods and REG (docs/theory.md §2-3)."""
+"""Guidance (docs/theory.md §2-3): rules (``rule``, ``methods``), branches (``branches``), REG (``reg``), composed
+in ``guided``."""
 
-from lightning_reg.guidance.base import ChainState, Guidance, GuidedDenoiser, GuidanceStep
+from lightning_reg.guidance.branches import Branches
+from lightning_reg.guidance.guided import Guidance, GuidedDenoiser, make_guidance
 from lightning_reg.guidance.methods import (APG, CFG, GUIDANCE, Autoguidance, CFGZeroStar, Conditional, CosineCFG,
-                                            IntervalCFG, LinearCFG, make_guidance)
-from lightning_reg.guidance.reg import REG_MODES, rectified_guidance
+                                            IntervalCFG, LinearCFG)
+from lightning_reg.guidance.reg import REG_MODES, Rectifier, rectified_guidance
+from lightning_reg.guidance.rule import GuidanceRule
+from lightning_reg.guidance.step import ChainState, GuidanceStep
 
-__all__ = ["ChainState", "Guidance", "GuidedDenoiser", "GuidanceStep", "APG", "CFG", "CFGZeroStar", "GUIDANCE",
-           "Autoguidance", "Conditional", "CosineCFG", "IntervalCFG", "LinearCFG", "make_guidance", "REG_MODES",
-           "rectified_guidance"]
+__all__ = ["APG", "Autoguidance", "Branches", "CFG", "CFGZeroStar", "ChainState", "Conditional", "CosineCFG",
+           "GUIDANCE", "Guidance", "GuidanceRule", "GuidanceStep", "GuidedDenoiser", "IntervalCFG", "LinearCFG",
+           "REG_MODES", "Rectifier", "make_guidance", "rectified_guidance"]

@@ -1,4 +1,5 @@
-"""Guidance methods (docs/theory.md §3), one small class each; every one takes every REG mode (``reg.py``)."""
+"""Guidance methods (docs/theory.md §3): one small rule each (``rule.py``); every one takes every branch option
+(``branches.py``) and every REG mode (``reg.py``), composed by ``guided.make_guidance``."""
 
 from __future__ import annotations
 
@@ -6,26 +7,27 @@ import math
 
 import torch
 
-from lightning_reg.errors import ConfigError
-from lightning_reg.guidance.base import Guidance, GuidanceStep, check_finite, sample_dims
+from lightning_reg.errors import ConfigError, check_int, check_number
+from lightning_reg.guidance.rule import GuidanceRule
+from lightning_reg.guidance.step import sample_dims
 
 
-class Conditional(Guidance):
+class Conditional(GuidanceRule):
     """No guidance: the conditional prediction alone (``w = 0``)."""
 
     name = "conditional"
 
-    def __init__(self, reg: str = "none", **kwargs):
-        super().__init__(scale=0.0, convention="w", reg=reg, **kwargs)
+    def __init__(self, **kwargs):
+        super().__init__(scale=0.0, convention="w", **kwargs)
 
 
-class CFG(Guidance):
+class CFG(GuidanceRule):
     """Classifier-free guidance with a constant weight: ``eps_c + w (eps_c - eps_null)``."""
 
     name = "cfg"
 
 
-class IntervalCFG(Guidance):
+class IntervalCFG(GuidanceRule):
     """CFG only for ``t_lo <= t <= t_hi`` (Kynkäänniemi et al. 2024), the conditional prediction outside.
 
     Times are in the schedule's own unit: DDPM index for ``vp`` (DiT: [205, 502] of 1000), sigma for
@@ -36,16 +38,16 @@ class IntervalCFG(Guidance):
 
     def __init__(self, scale: float = 1.0, t_lo: float = 0.0, t_hi: float = float("inf"), **kwargs):
         super().__init__(scale, **kwargs)
-        self.t_lo = check_finite("interval t_lo", t_lo)
-        self.t_hi = t_hi if t_hi == float("inf") else check_finite("interval t_hi", t_hi)
+        self.t_lo = check_number("interval t_lo", t_lo)
+        self.t_hi = t_hi if t_hi == float("inf") else check_number("interval t_hi", t_hi)
         if self.t_lo > self.t_hi:
             raise ConfigError(f"inverted guidance interval: t_lo={t_lo} > t_hi={t_hi}")
 
-    def weight(self, t, model):
+    def weight(self, t, schedule):
         return self.w if self.t_lo <= float(t) <= self.t_hi else 0.0
 
 
-class LinearCFG(Guidance):
+class LinearCFG(GuidanceRule):
     """Weight moving linearly with sampling progress ``p``: ``w(t) = w + (w_end - w) * p``.
 
     ``scale_end`` is read in the same convention as ``scale``; unset, it is "no guidance" (``w_end = 0``).
@@ -56,14 +58,18 @@ class LinearCFG(Guidance):
     def __init__(self, scale: float = 1.0, scale_end: float | None = None, **kwargs):
         super().__init__(scale, **kwargs)
         self.w_end = 0.0 if scale_end is None else self.to_w(
-            check_finite("linear scale_end", scale_end), self.convention, "scale_end")
+            check_number("linear scale_end", scale_end), self.convention, "scale_end")
 
-    def weight(self, t, model):
-        p = model.schedule.progress(t)
+    @property
+    def guides(self):
+        return self.w > 0 or self.w_end > 0
+
+    def weight(self, t, schedule):
+        p = schedule.progress(t)
         return self.w + (self.w_end - self.w) * p
 
 
-class CosineCFG(Guidance):
+class CosineCFG(GuidanceRule):
     """MDT's cosine schedule ``w2(t) = w2 * (1 - cos(pi p^s)) / 2`` applied as ``eps_u + w2(t) d``.
 
     In our convention the guidance term is ``(w2(t) - 1) d``, and that is what REG multiplies. (The
@@ -75,30 +81,24 @@ class CosineCFG(Guidance):
 
     def __init__(self, scale: float = 1.0, power: float = 1.0, **kwargs):
         super().__init__(scale, **kwargs)
-        self.power = check_finite("cosine power", power, minimum=0.0)
+        self.power = check_number("cosine power", power, minimum=0.0)
 
-    def weight(self, t, model):
+    def weight(self, t, schedule):
         w2 = self.w + 1.0
-        p = model.schedule.progress(t)
+        p = schedule.progress(t)
         return w2 * (1 - math.cos(math.pi * p ** self.power)) / 2 - 1.0
 
 
-class Autoguidance(Guidance):
-    """Autoguidance (Karras et al. 2024): CFG's rule with a weaker model given the *same* labels as the
-    reference (``reference``, a smaller or earlier ``Denoiser``; ``sample.py`` loads it from
+class Autoguidance(GuidanceRule):
+    """Autoguidance (Karras et al. 2024): CFG's rule with a weaker model given the *same* conditions as the
+    reference (the branches' ``reference``, a smaller or earlier ``Denoiser``; ``sample.py`` loads it from
     ``reference_checkpoint``). Every other method takes a ``reference`` the same way."""
 
     name = "autoguidance"
     needs_reference_model = True
 
-    def bind(self, model):
-        if self.reference is None and not self.reference_checkpoint:
-            raise ConfigError("autoguidance needs a reference model: set reference_checkpoint (a weaker or "
-                              "earlier checkpoint of the same task)")
-        super().bind(model)
 
-
-class APG(Guidance):
+class APG(GuidanceRule):
     """Adaptive projected guidance (Sadat et al. 2024, Algorithm 1) on the denoised prediction ``x0``.
 
     ``d = x0_c - x0_ref``; with ``momentum`` beta, ``d`` is replaced by the chain's running ``m = d + beta m``;
@@ -112,9 +112,9 @@ class APG(Guidance):
     def __init__(self, scale: float = 1.0, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
                  **kwargs):
         super().__init__(scale, **kwargs)
-        self.eta = check_finite("apg eta", eta)
-        self.norm_threshold = check_finite("apg norm_threshold", norm_threshold, minimum=0.0)
-        self.momentum = check_finite("apg momentum", momentum)
+        self.eta = check_number("apg eta", eta)
+        self.norm_threshold = check_number("apg norm_threshold", norm_threshold, minimum=0.0)
+        self.momentum = check_number("apg momentum", momentum)
 
     def guidance_term(self, x0_c, x0_ref, w, step):
         d = x0_c - x0_ref
@@ -130,7 +130,7 @@ class APG(Guidance):
         return w * (d - parallel + self.eta * parallel)
 
 
-class CFGZeroStar(Guidance):
+class CFGZeroStar(GuidanceRule):
     """CFG-Zero* (Fan et al. 2025) on the flow velocity ``v = eps - x0`` (every schedule, ``GuidanceStep``).
 
     ``v = v_c + w (v_c - s* v_ref)`` with the per-sample optimised scale ``s* = <v_c, v_ref> / ||v_ref||^2``;
@@ -143,9 +143,7 @@ class CFGZeroStar(Guidance):
 
     def __init__(self, scale: float = 1.0, zero_init_steps: int = 1, **kwargs):
         super().__init__(scale, **kwargs)
-        if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, int) or zero_init_steps < 0:
-            raise ConfigError(f"cfg_zero_star zero_init_steps must be an integer >= 0, got {zero_init_steps!r}")
-        self.zero_init_steps = zero_init_steps
+        self.zero_init_steps = check_int("cfg_zero_star zero_init_steps", zero_init_steps, minimum=0)
 
     def guidance_term(self, x0_c, x0_ref, w, step):
         v_c, v_ref = step.velocity(x0_c), step.velocity(x0_ref)
@@ -154,25 +152,11 @@ class CFGZeroStar(Guidance):
         s_star = (v_c * v_ref).sum(dim=dims, keepdim=True) / norm2
         return step.x0_from_velocity(v_c + w * (v_c - s_star * v_ref)) - step.x0_from_velocity(v_c)
 
-    def guided_x0(self, model, x, t, y, state):
-        if self.weight_at(t, model) == 0 or state.step >= self.zero_init_steps:  # unguided steps are not zeroed
-            return super().guided_x0(model, x, t, y, state)
-        zeroed = GuidanceStep(model, x, t, state).x0_from_velocity(torch.zeros_like(x))
-        if self.guidance_channels is None:
-            return zeroed
-        x0_c = model(x, t, y)
-        return x0_c + self._masked(zeroed - x0_c)
+    def replacement(self, step):
+        if step.state.step >= self.zero_init_steps:
+            return None
+        return step.x0_from_velocity(torch.zeros_like(step.x))
 
 
 GUIDANCE = {cls.name: cls for cls in (Conditional, CFG, IntervalCFG, LinearCFG, CosineCFG, Autoguidance, APG,
                                       CFGZeroStar)}
-
-
-def make_guidance(method: str = "cfg", **params) -> Guidance:
-    """A guidance method by name plus its parameters, e.g. ``make_guidance("cfg", scale=1, reg="paper")``."""
-    if method not in GUIDANCE:
-        raise ConfigError(f"unknown guidance method {method!r}; choose one of {sorted(GUIDANCE)}")
-    try:
-        return GUIDANCE[method](**params)
-    except TypeError as err:
-        raise ConfigError(f"bad parameters for guidance {method!r}: {err}") from None

@@ -1,9 +1,9 @@
 """REG, the rectified gradient (Gao et al., ICML 2025; docs/theory.md §2), written once for every guidance method.
 
 Guidance adds a term ``g`` to the conditional estimate (CFG: ``g = w(t) * (x0_c - x0_ref)``; APG,
-CFG-Zero* and guidance rescale: other functions of the two predictions, ``base.py``). REG multiplies
-whatever ``g`` a method returns by the chain-rule factor through the denoised estimate, in any
-parameterisation:
+CFG-Zero* and guidance rescale: other functions of the two predictions; ``rule.py``, ``branches.py``). REG is a
+strategy over both: it multiplies whatever ``g`` a method returns by the chain-rule factor through the denoised
+estimate, in any parameterisation:
 
 * ``paper``: ``x0_bar = x0_c + f ⊙ g`` with ``f = a_t * grad_x(1^T x0_c) = a_t J^T 1`` (the authors'
   form; in eps units ``eps_c + w * d ⊙ (1 - s_t * grad_x(1^T eps_c))``)
@@ -11,7 +11,7 @@ parameterisation:
   units ``eps_c + w * (d - s_t * J_eps^T d)``)
 
 Both cost one forward of the conditional branch with a graph plus one backward pass to ``x`` only;
-the forward runs with detached weights (``torch.func.functional_call``), so the graph keeps only what
+the forward runs with detached weights (``branches.DifferentiableBranch``), so the graph keeps only what
 ``d/dx`` needs (no layer inputs saved for weight gradients) and no weight ``.grad`` is ever touched.
 Three cheaper forms of ``paper`` (docs/guidance.md, "Cheaper REG"; measured in benchmarks/):
 
@@ -25,28 +25,29 @@ Three cheaper forms of ``paper`` (docs/guidance.md, "Cheaper REG"; measured in b
 * ``graph_free``: for an ideal eps-model ``J`` is symmetric (a scaled Hessian of ``log p_t``), so
   ``J^T 1 ≈ J 1``, the derivative along the all-ones direction: the central difference
   ``(x0_c(x + h 1) - x0_c(x - h 1)) / 2h`` with ``h = FD_STEP * s_t``, run with the reference as CFG's branches
-  are (``Guidance.branch_layout``: one forward of 3B, or three of B), with no autograd graph. ``x0_c`` is then the mean of the two probes, ``x0_c(x) + O(h^2)``; both are
+  are (``Branches.layout``: one forward of 3B, or three of B), with no autograd graph. ``x0_c`` is then the mean of the two probes, ``x0_c(x) + O(h^2)``; both are
   exact for a denoiser quadratic in ``x``.
 
 Inference mode: tensors made under ``torch.inference_mode()`` (Lightning's validation and
 ``trainer.predict``, for instance) can never be saved for backward, and ``enable_grad`` alone does not
 lift that. So the differentiable forward runs under ``inference_mode(False)`` and ``enable_grad()`` on
 *clones* of ``x``, ``t`` and ``y`` (normal tensors: an embedding saves its label ids for backward);
-the results are detached, so no graph outlives the step.
+the results are detached, so no graph outlives the step. The learned variance (DiT) comes from the same
+conditional forward as ``x0_c``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
-from lightning_reg.errors import ConfigError
-
-if TYPE_CHECKING:
-    from lightning_reg.guidance.base import Guidance, GuidanceStep
+from lightning_reg.diffusion.conditions import Condition
+from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.errors import ConfigError, check_int
+from lightning_reg.guidance.branches import Branches
+from lightning_reg.guidance.step import GuidanceStep
 
 REG_MODES = ("none", "paper", "vjp", "reuse", "window", "graph_free")
 AUTOGRAD_FORMS = ("paper", "vjp")
@@ -55,22 +56,22 @@ FD_STEP = 1e-2  # graph_free's finite-difference step in units of s_t
 DEFAULT_EVERY = 2
 DEFAULT_WINDOW = (0.0, 0.5)
 
+Term = Callable[[Tensor, Tensor], Tensor]  # (x0_c, x0_ref) -> the applied guidance term g
 
-def rectified_guidance(conditional: nn.Module, x: Tensor, t: Tensor | float, y: Tensor, a_t: Tensor,
+
+def rectified_guidance(conditional: Callable[[Tensor], Tensor], x: Tensor, a_t: Tensor,
                        guidance_term: Callable[[Tensor], Tensor], mode: str) -> tuple[Tensor, Tensor]:
     """``(x0_c, a_t * factor(g))`` for the autograd forms ``mode`` in (``paper``, ``vjp``); the guided estimate
     is their sum.
 
-    ``conditional(x, t, y)`` is the conditional denoiser ``x0_c``, run with detached weights so the graph
-    holds only what ``d/dx`` needs; ``guidance_term(x0_c)`` returns the weighted, channel-masked ``g``
-    (a constant: the reference prediction carries no graph).
+    ``conditional(x)`` is the conditional denoiser ``x0_c`` (``Branches.differentiable``: detached weights);
+    ``guidance_term(x0_c)`` returns the applied ``g`` (a constant: the reference prediction carries no graph).
     """
     if mode not in AUTOGRAD_FORMS:
         raise ValueError(f"REG mode {mode!r} has no autograd rectification; expected 'paper' or 'vjp'")
     with torch.inference_mode(False), torch.enable_grad():
         x_in = x.detach().clone().requires_grad_(True)
-        weights = {name: p.detach() for name, p in conditional.named_parameters()}
-        x0_c = functional_call(conditional, weights, (x_in, t.clone() if isinstance(t, Tensor) else t, y.clone()))
+        x0_c = conditional(x_in)
         g = guidance_term(x0_c.detach())
         # paper: grad_x(1^T x0_c) ⊙ g;  vjp: J^T g.  An x0_c that ignores x has factor 0.
         outputs, grad_outputs = (x0_c.sum(), None) if mode == "paper" else (x0_c, g)
@@ -80,9 +81,9 @@ def rectified_guidance(conditional: nn.Module, x: Tensor, t: Tensor | float, y: 
     return x0_c.detach(), a_t * rectified
 
 
-def paper_factor(conditional: nn.Module, x: Tensor, t: Tensor | float, y: Tensor, a_t: Tensor) -> tuple[Tensor, Tensor]:
+def paper_factor(conditional: Callable[[Tensor], Tensor], x: Tensor, a_t: Tensor) -> tuple[Tensor, Tensor]:
     """``(x0_c, f)`` with the paper form's factor ``f = a_t * grad_x(1^T x0_c)`` by autograd."""
-    return rectified_guidance(conditional, x, t, y, a_t, torch.ones_like, "paper")
+    return rectified_guidance(conditional, x, a_t, torch.ones_like, "paper")
 
 
 def reused_factor(f: Tensor, a_then: Tensor, s_then: Tensor, a_now: Tensor, s_now: Tensor,
@@ -96,17 +97,15 @@ def reused_factor(f: Tensor, a_then: Tensor, s_then: Tensor, a_now: Tensor, s_no
     raise ValueError(f"unknown reuse space {space!r}; expected 'eps' or 'x0'")
 
 
-def finite_difference_factor(guidance: "Guidance", model, x: Tensor, t: Tensor | float, y: Tensor,
-                             step: "GuidanceStep") -> tuple[Tensor, Tensor, Tensor]:
-    """``(x0_c, x0_ref, f)`` from 3B rows without graph: ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h``, i.e.
-    ``a_t J 1`` in place of the paper's ``a_t J^T 1``; ``x0_c`` the mean of the two probes, ``h = FD_STEP * s_t``."""
+def finite_difference_factor(branches: Branches, model: Denoiser, x: Tensor, t, y: Condition, step: GuidanceStep):
+    """``(x0_c, x0_ref, f, v_c)`` from 3B rows without graph: ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h``,
+    i.e. ``a_t J 1`` in place of the paper's ``a_t J^T 1``; ``x0_c`` (and a learned variance ``v_c``) the mean of
+    the two probes, ``h = FD_STEP * s_t``."""
     h = FD_STEP * step.s
-    x0_probes, x0_ref = guidance.conditional_and_reference(model, x, t, y, x_cond=torch.cat([x + h, x - h]))
+    x0_probes, x0_ref, v = branches.predict(model, x, t, y, x_cond=torch.cat([x + h, x - h]))
     x0_plus, x0_minus = x0_probes.chunk(2)
-    v = getattr(model, "variance_interpolation", None)
-    if v is not None and len(v) == 2 * len(x):  # batched: the probes' mean, as x0_c; split: the x - h probe's
-        model.variance_interpolation = sum(v.chunk(2)) / 2
-    return (x0_plus + x0_minus) / 2, x0_ref, step.a * (x0_plus - x0_minus) / (2 * h)
+    v = None if v is None else sum(v.chunk(2)) / 2
+    return (x0_plus + x0_minus) / 2, x0_ref, step.a * (x0_plus - x0_minus) / (2 * h), v
 
 
 class Rectifier:
@@ -115,8 +114,7 @@ class Rectifier:
     def __init__(self, mode: str = "none", every: int = DEFAULT_EVERY, window: Sequence[float] = DEFAULT_WINDOW):
         if mode not in REG_MODES:
             raise ConfigError(f"unknown REG mode {mode!r}; choose one of {list(REG_MODES)}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"reg_every must be an integer >= 1 (reuse's factor every k guided calls), got {every!r}")
+        check_int("reg_every", every)
         window = tuple(window)
         if (len(window) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)
                 or not 0.0 <= window[0] <= window[1] <= 1.0):
@@ -130,7 +128,7 @@ class Rectifier:
             return self.window[0] <= progress <= self.window[1]
         return self.mode != "none"
 
-    def cached_factor(self, x: Tensor, step: "GuidanceStep") -> Tensor | None:
+    def cached_factor(self, x: Tensor, step: GuidanceStep) -> Tensor | None:
         """``reuse``: the chain's factor carried to this call while it is fresh (fewer than ``every`` guided calls
         since it was computed), else ``None``."""
         cache = step.state.values.get("reg_factor") if self.mode == "reuse" else None
@@ -139,26 +137,29 @@ class Rectifier:
         cache["left"] -= 1
         return reused_factor(cache["f"], cache["a"], cache["s"], step.a, step.s)
 
-    def guided_x0(self, guidance: "Guidance", model, x: Tensor, t: Tensor | float, y: Tensor, w: float,
-                  step: "GuidanceStep") -> Tensor:
-        """``x0_c + g`` with ``g`` rectified (channels outside ``guidance_channels`` keep ``x0_c``)."""
+    def guided(self, term: Term, branches: Branches, model: Denoiser, x: Tensor, t, y: Condition,
+               step: GuidanceStep) -> tuple[Tensor, Tensor | None]:
+        """``(x0_c + g rectified, v_c)`` (channels outside the branches' mask keep ``x0_c``; ``vjp``'s
+        rectification of the masked term is masked again, since ``J^T`` mixes channels)."""
         f = self.cached_factor(x, step)
         with torch.no_grad():
             if self.mode == "graph_free":
-                x0_c, x0_ref, f = finite_difference_factor(guidance, model, x, t, y, step)
+                x0_c, x0_ref, f, v = finite_difference_factor(branches, model, x, t, y, step)
             elif f is not None:  # reuse: CFG's own forward
-                x0_c, x0_ref = guidance.conditional_and_reference(model, x, t, y)
+                x0_c, x0_ref, v = branches.predict(model, x, t, y)
             else:
-                x0_ref = guidance.reference_x0(model, x, t, y)
+                x0_ref = branches.reference_prediction(model, x, t, y)
         if self.mode == "vjp":
-            x0_c, rectified = rectified_guidance(model, x, t, y, step.a,
-                                                 lambda x0_c: guidance._term(x0_c, x0_ref, w, step), "vjp")
-            return x0_c + guidance._masked(rectified)
+            branch = branches.differentiable(model, t, y)
+            x0_c, rectified = rectified_guidance(branch, x, step.a, lambda x0_c: term(x0_c, x0_ref), "vjp")
+            return x0_c + branches.mask(rectified), branch.variance
         if f is None:
-            x0_c, f = paper_factor(model, x, t, y, step.a)
+            branch = branches.differentiable(model, t, y)
+            x0_c, f = paper_factor(branch, x, step.a)
+            v = branch.variance
             if self.mode == "reuse":
                 step.state.values["reg_factor"] = {"left": self.every - 1, "f": f, "a": step.a, "s": step.s}
-        return x0_c + guidance._masked(f * guidance._term(x0_c, x0_ref, w, step))
+        return x0_c + branches.mask(f * term(x0_c, x0_ref)), v
 
     def __repr__(self):
         return f"Rectifier({self.mode!r}, every={self.every}, window={list(self.window)})"

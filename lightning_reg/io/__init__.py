@@ -2,7 +2,8 @@
 
 It imports nothing of the project but ``errors``: ``files`` (torch files, state dicts, npz, atomic writes),
 ``pretrained`` (third-party pretrained folders, vetted, then loaded offline), ``vae`` (the Stable Diffusion VAE),
-``edm2_pickle`` (the official EDM2 snapshots). Model formats built on these readers live in ``lightning_reg.sources``.
+``edm2_pickle`` (the official EDM2 snapshots), ``edm2`` (their safetensors form; either form read). Model formats
+built on these readers live in ``lightning_reg.sources``.
 """
 
 from lightning_reg.io.files import (atomic_write, check_torch_weights, file_sha256, load_weights,

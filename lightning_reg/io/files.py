@@ -10,7 +10,8 @@ Every reader answers bad input with one ``ConfigError`` line in one vocabulary::
 so loading runs no code) on a ``torch.save`` zip archive, memory-mapped; ``check_torch_weights`` vets a file
 that a library will load itself. ``unwrap_state_dict`` finds the
 weights inside a checkpoint and ``load_weights`` loads them strictly, naming what differs
-(``state_dict_mismatch``). Writers go through ``atomic_write``: a file under its final name is complete.
+(``state_dict_mismatch``). Writers go through ``atomic_path`` (a file or folder written under a temporary name,
+then renamed) or ``atomic_write`` (the same, for a writer of an open file): a file under its final name is complete.
 Text, JSON and ``.npz`` files are read within budgets (``read_text``, ``read_json``, ``NpzArchive``): sizes are
 checked before the contents are read or decompressed.
 """
@@ -22,10 +23,12 @@ import json
 import math
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -171,18 +174,29 @@ def tree_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path, write: Callable[[object], None], binary: bool = True) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s file or folder to, renamed to ``path`` (``os.replace``) when the block
+    ends without an error and removed when it raises: a file under its final name is complete.
+
+    The temporary path has ``path``'s own name (a writer that adds a missing ``.npz`` finds it) inside a fresh
+    hidden folder beside ``path`` (the same file system, so the rename is atomic); ``path``'s folder is created."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield folder / path.name
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def atomic_write(path, write: Callable[[object], None], binary: bool = True) -> None:
+    """Call ``write(file)`` on a file opened at ``atomic_path(path)``: binary, or UTF-8 text with no line-ending
+    translation (``newline=""``, as ``csv`` needs)."""
+    text = {} if binary else {"encoding": "utf-8", "newline": ""}
+    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", **text) as f:
+        write(f)
 
 
 def write_json(path, data: dict) -> None:

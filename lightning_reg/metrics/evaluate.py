@@ -26,15 +26,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_reg.distributed import fail
-from lightning_reg.errors import ConfigError, one_line, parse_error_message
+from lightning_reg.errors import ConfigError, check_int, check_names, one_line, parse_error_message
 from lightning_reg.io.files import atomic_write, read_json, read_npz_images, to_uint8_nhwc, write_json
 from lightning_reg.io.yaml_budget import install_yaml_budget
-from lightning_reg.metrics.images import IMAGE_METRICS, ImageMetrics
+from lightning_reg.metrics.images import DEFAULT_IMAGE_METRICS, IMAGE_METRICS, ImageMetrics
 
 INCEPTION = "inception"
 
 
-def build_image_evaluator(metrics=("fid", "is"), image_shape: tuple[int, int, int] = (3, 32, 32),
+def image_metric_names(requested, feature_network, field: str = "metrics") -> tuple[str, ...]:
+    """The image metrics to compute: ``requested`` (checked), or by default ``DEFAULT_IMAGE_METRICS`` and
+    ``accuracy`` when ``feature_network`` is a classifier checkpoint (``inception`` and modules have no classes).
+    The one choice of ``sample.py``, sweeps, ``evaluate.py`` and the sampling callback."""
+    if requested is not None:
+        return check_names(requested, IMAGE_METRICS + ("clip_score",), field)
+    classifier = isinstance(feature_network, (str, os.PathLike)) and str(feature_network) != INCEPTION
+    return DEFAULT_IMAGE_METRICS + (("accuracy",) if classifier else ())
+
+
+def build_image_evaluator(metrics=DEFAULT_IMAGE_METRICS, image_shape: tuple[int, int, int] = (3, 32, 32),
                           feature_network=None, inception_weights: str | None = None,
                           num_classes: int | None = None, device="cpu", reference_cache=None) -> ImageMetrics:
     """``ImageMetrics`` over ``metrics`` (from ``IMAGE_METRICS``: fid, is, kid, accuracy) for images of
@@ -102,7 +112,9 @@ def build_evaluator(distribution: str | None, evaluation: dict | None, num_class
                           "data: give --distribution)")
     options = dict(evaluation)
     reference, num_reference = options.pop("reference", None), options.pop("num_reference", None)
-    clip, metrics = options.pop("clip", None), list(options.pop("metrics", ("fid", "is")))
+    clip = options.pop("clip", None)
+    metrics = list(image_metric_names(options.pop("metrics", None), options.get("feature_network"),
+                                      "--evaluation metrics"))
     if ("clip_score" in metrics) != (clip is not None) or ("clip_score" in metrics and prompts is None):
         raise ConfigError("--evaluation: clip_score needs clip (a local CLIP folder) and a text-to-image run "
                           "(--prompts), and clip is only for clip_score")
@@ -230,7 +242,8 @@ def build_parser():
     p.add_argument("--inception_weights", type=str | None, default=None,
                    help="Inception weights file; default: the torch hub cache")
     p.add_argument("--metrics", type=list[str] | None, default=None,
-                   help=f"from {list(IMAGE_METRICS)}; default [fid, is] and accuracy with a classifier")
+                   help=f"from {list(IMAGE_METRICS)}; default {list(DEFAULT_IMAGE_METRICS)} and accuracy with a "
+                        "classifier")
     p.add_argument("--clip", type=str | None, default=None,
                    help="a local CLIP folder (CLIPModel + CLIPProcessor save_pretrained, e.g. a copy of "
                         "openai/clip-vit-base-patch16): add clip_score against each sample's caption")
@@ -253,37 +266,50 @@ def read_meta(path: Path) -> dict:
 
 
 def run(cfg) -> dict:
-    """Validate everything (nothing written on bad input), compute the metrics and return the row."""
+    """Validate everything (nothing written on bad input), compute the metrics and return the row. With CLIP score
+    (``--clip`` or ``clip_score`` in ``--metrics``) the image metrics sit beside it (``CLIPScoreEvaluator``), each
+    sample scored against its caption (``sample_captions``)."""
     if cfg.samples is None:
         raise ConfigError("--samples is required: a samples.npz written by sample.py (or an ADM-style npz)")
     if cfg.output is not None and Path(cfg.output).suffix not in (".json", ".csv"):
         raise ConfigError(f"--output {cfg.output} must end in .json or .csv")
-    if cfg.num_reference is not None and cfg.num_reference < 2:
-        raise ConfigError(f"--num_reference must be at least 2, got {cfg.num_reference}")
+    check_int("--num_reference", cfg.num_reference, minimum=2, optional=True)
     images, labels = read_samples(cfg.samples)
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
     meta = read_meta(Path(cfg.samples).with_name("meta.json"))
-    classifier = cfg.feature_network != INCEPTION
-    metrics = cfg.metrics if cfg.metrics is not None else ["fid", "is"] + (["accuracy"] if classifier else [])
-    if cfg.clip is not None or "clip_score" in metrics:
-        return clip_run(cfg, images, labels, [m for m in metrics if m != "clip_score"])
+    metrics = list(image_metric_names(cfg.metrics, cfg.feature_network, "--metrics"))
+    clip = cfg.clip is not None or "clip_score" in metrics
+    if clip:
+        if cfg.clip is None:
+            raise ConfigError("clip_score needs --clip: a local CLIP folder")
+        if cfg.adm:
+            raise ConfigError("--clip is for text-to-image samples, not an ADM reference batch (--adm)")
+        captions, labels = sample_captions(cfg, labels, len(images))  # the labels now index the captions
+        metrics = [m for m in metrics if m != "clip_score"]
+    evaluator = None
     if cfg.adm:  # metrics.adm: the reference batch's own statistics and images
         from lightning_reg.metrics.adm import build_adm_evaluator
         evaluator = build_adm_evaluator(cfg.reference, cfg.metrics, cfg.feature_network, cfg.inception_weights,
                                         cfg.device)
-    else:
+    elif metrics or not clip:
         evaluator = build_image_evaluator(metrics, image_shape, cfg.feature_network, cfg.inception_weights,
-                                          meta.get("num_classes"), cfg.device, cfg.reference_cache)
+                                          None if clip else meta.get("num_classes"), cfg.device,
+                                          None if clip else cfg.reference_cache)
+    if clip:
+        evaluator = CLIPScoreEvaluator(evaluator, captions, cfg.clip, image_shape, cfg.device, "--clip")
     reference = None
-    if not cfg.adm and {"fid", "kid"} & set(evaluator.names):
+    if not cfg.adm and {"fid", "kid"} & set(metrics):
         if cfg.reference is None:
             raise ConfigError("--reference is required for fid and kid: the real images to compare with")
         reference = load_reference(cfg.reference, image_shape, cfg.num_reference, cfg.reference_split, cfg.seed,
                                    cfg.reference_kwargs)
         evaluator.set_real(reference)
-    row = {"samples": str(cfg.samples), "setting": meta.get("setting"), "num_samples": len(images),
-           "reference": cfg.reference, "num_reference": None if reference is None else len(reference),
-           "feature_network": cfg.feature_network}
+    if clip:
+        row = {"samples": str(cfg.samples), "num_samples": len(images), "reference": cfg.reference, "clip": cfg.clip}
+    else:
+        row = {"samples": str(cfg.samples), "setting": meta.get("setting"), "num_samples": len(images),
+               "reference": cfg.reference, "num_reference": None if reference is None else len(reference),
+               "feature_network": cfg.feature_network}
     return row | evaluate_samples(images, labels, evaluator)
 
 
@@ -304,28 +330,6 @@ def sample_captions(cfg, labels, n: int) -> tuple[list[str], np.ndarray]:
     if len(index) != n or index.max() >= len(captions):
         raise ConfigError(f"{cfg.prompts or 'prompts.txt'} has {len(captions)} captions, too few for the {n} samples")
     return captions, index
-
-
-def clip_run(cfg, images, labels, image_metrics: list[str]) -> dict:
-    """``run`` with CLIP score (``--clip``) next to the image metrics (``fid`` against ``--reference``)."""
-    if cfg.clip is None:
-        raise ConfigError("clip_score needs --clip: a local CLIP folder")
-    if cfg.adm:
-        raise ConfigError("--clip is for text-to-image samples, not an ADM reference batch (--adm)")
-    captions, index = sample_captions(cfg, labels, len(images))
-    image_shape = (images.shape[3], images.shape[1], images.shape[2])
-    inner = None
-    if image_metrics:
-        inner = build_image_evaluator(image_metrics, image_shape, cfg.feature_network, cfg.inception_weights, None,
-                                      cfg.device)
-    evaluator = CLIPScoreEvaluator(inner, captions, cfg.clip, image_shape, cfg.device, "--clip")
-    if {"fid", "kid"} & set(image_metrics):
-        if cfg.reference is None:
-            raise ConfigError("--reference is required for fid and kid: the real images to compare with")
-        evaluator.set_real(load_reference(cfg.reference, image_shape, cfg.num_reference, cfg.reference_split,
-                                          cfg.seed, cfg.reference_kwargs))
-    row = {"samples": str(cfg.samples), "num_samples": len(images), "reference": cfg.reference, "clip": cfg.clip}
-    return row | evaluate_samples(images, index, evaluator)
 
 
 def main(args: list[str] | None = None) -> None:

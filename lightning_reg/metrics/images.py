@@ -36,6 +36,7 @@ from lightning_reg.io.files import atomic_write, check_torch_weights, read_torch
 from lightning_reg.metrics.classifier import FeatureNetwork
 
 IMAGE_METRICS = ("fid", "is", "kid", "accuracy")
+DEFAULT_IMAGE_METRICS = ("fid", "is")  # what every caller computes when not told (accuracy added with a classifier)
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
 INCEPTION_WHAT = "torch weights file of Inception-v3"
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; lowered to the number of images when there are fewer
@@ -145,7 +146,7 @@ class ImageMetrics:
     Grayscale images are repeated to 3 channels for Inception.
     """
 
-    def __init__(self, metrics=("fid", "is"), image_shape: tuple[int, int, int] = (3, 32, 32),
+    def __init__(self, metrics=DEFAULT_IMAGE_METRICS, image_shape: tuple[int, int, int] = (3, 32, 32),
                  feature_extractor: nn.Module | None = None, device="cpu", inception_weights: str | None = None,
                  reference_cache: str | os.PathLike | None = None):
         self.names = check_names(metrics, IMAGE_METRICS, "metrics")
@@ -226,8 +227,7 @@ class ImageMetrics:
                                   "reference images: delete it to recompute them")
             return features
         features = self.features(real, "reference")[0]
-        self.reference_cache.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save(features.cpu(), f))
+        atomic_write(path, lambda f: torch.save(features.cpu(), f))  # creates the folder
         return features
 
     @torch.no_grad()
@@ -272,8 +272,8 @@ class ImageMetrics:
         return out
 
 
-def image_metrics(fake_uint8_nhwc, real_uint8_nhwc, metrics=("fid", "is"), feature_extractor: nn.Module | None = None,
-                  device="cpu", labels=None) -> dict[str, float]:
+def image_metrics(fake_uint8_nhwc, real_uint8_nhwc, metrics=DEFAULT_IMAGE_METRICS,
+                  feature_extractor: nn.Module | None = None, device="cpu", labels=None) -> dict[str, float]:
     """FID / IS / KID / accuracy of ``fake`` images against ``real`` ones, in one call (see ``ImageMetrics``)."""
     real = _images(real_uint8_nhwc, "real images")
     evaluate = ImageMetrics(metrics, tuple(real.shape[1:]), feature_extractor, device)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import torch
@@ -14,9 +12,12 @@ from matplotlib.figure import Figure
 
 from lightning_reg.data.toy import ToyDistribution
 from lightning_reg.errors import ConfigError
+from lightning_reg.io.files import atomic_write
 
 _COLUMNS = 4  # panels per row
 _GRID = 200  # density evaluation points per axis
+CAPTION_HEIGHT = 14  # pixels of the caption row above each grid of labelled_grids
+MIN_CAPTION_FONT = 7  # pixels: a smaller caption is not legible
 
 
 def _class_colour(label: int, num_classes: int | None) -> str:
@@ -119,16 +120,33 @@ def image_grid(images_uint8_nhwc, nrow: int) -> np.ndarray:
     return rearrange(images, "(r c) h w ch -> (r h) (c w) ch", c=nrow)
 
 
+def caption_row(text: str, width: int, height: int = CAPTION_HEIGHT) -> np.ndarray:
+    """``text`` in black on a white (height, width, 3) uint8 row, left-aligned, in the largest font size that fits
+    (down to ``MIN_CAPTION_FONT``; beyond that its end is cut off)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    for size in range(height - 3, MIN_CAPTION_FONT - 1, -1):
+        font = ImageFont.load_default(size=size)
+        left, top, right, bottom = font.getbbox(text)
+        if right - left + 2 <= width:
+            break
+    row = Image.new("L", (width, height), 255)
+    ImageDraw.Draw(row).text((1 - left, (height - (bottom - top)) // 2 - top), text, fill=0, font=font)
+    return repeat(np.asarray(row), "h w -> h w 3")
+
+
+def labelled_grids(grids: dict[str, np.ndarray]) -> np.ndarray:
+    """The (H, W, 3) uint8 ``grids`` (``image_grid``'s, of one width) stacked top to bottom in their order, each
+    under a ``caption_row`` naming it: (sum of H + CAPTION_HEIGHT per grid, W, 3)."""
+    arrays = {name: np.asarray(grid) for name, grid in grids.items()}
+    first = next(iter(arrays.values()), None)
+    if first is None or any(a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or a.shape[1] != first.shape[1]
+                            for a in arrays.values()):
+        raise ConfigError("labelled_grids needs at least one uint8 (H, W, 3) grid, all of one width, got "
+                          f"{ {name: (str(a.dtype), a.shape) for name, a in arrays.items()} }")
+    return np.concatenate([part for name, a in arrays.items() for part in (caption_row(name, a.shape[1]), a)])
+
+
 def save_figure(fig: Figure, path) -> None:
-    """Write ``fig`` as a PNG at ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    """Write ``fig`` as a PNG at ``path`` atomically (``atomic_write``), creating its folder."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

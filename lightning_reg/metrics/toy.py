@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor
 
 from lightning_reg.data.toy import ToyDistribution
-from lightning_reg.errors import ConfigError, check_names
+from lightning_reg.errors import ConfigError, check_int, check_names
 
 _CHUNK = 1024  # rows per block of pairwise distances: bounds memory at _CHUNK * N floats
 TOY_METRICS = ("log_likelihood", "energy_distance", "sliced_wasserstein", "on_shape")  # on_shape: 2D only
@@ -91,8 +91,7 @@ def sliced_wasserstein(x, y, projections: int = 128, seed: int = 0) -> float:
     In 1D every direction is ``+-1``, so this is the exact W2 between the two sample sets.
     """
     x, y = _two_sets(x, y)
-    if projections < 1:
-        raise ConfigError(f"projections must be a positive integer, got {projections}")
+    check_int("projections", projections)
     theta = torch.randn(projections, x.shape[1], dtype=torch.float64,
                         generator=torch.Generator().manual_seed(seed))
     theta = theta / theta.norm(dim=1, keepdim=True)

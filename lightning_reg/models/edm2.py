@@ -18,8 +18,8 @@ code computes it), then cast to the activations' dtype.
 Backbone protocol (``Denoiser``): ``EDM2Precond(x_in, t, y)`` returns ``F`` for ``x_in = c_in x`` with the
 EDM schedule's ``t = 250 ln sigma`` (so ``c_noise = ln(sigma) / 4 = t / 1000``) and label ids ``y``, taken
 one-hot as the network expects; ``D = c_skip x + c_out F`` is ``Prediction('edm')``. An EDM2 network has
-no null label: ``EDM2Denoiser`` sends classifier-free guidance's reference rows to a separate
-unconditional network.
+no null label: classifier-free guidance's reference is a separate unconditional network, an ordinary
+guidance ``reference`` (``EDM2Denoiser``).
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_reg.diffusion.denoiser import Denoiser
@@ -42,7 +39,9 @@ from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import EDMSchedule
 from lightning_reg.errors import ConfigError, one_line
-from lightning_reg.io.edm2_pickle import EDM2FileError, EDM2Snapshot, read_edm2_pickle
+from lightning_reg.io.edm2 import read_edm2_snapshot
+from lightning_reg.io.edm2_pickle import EDM2Snapshot
+from lightning_reg.io.files import state_dict_mismatch
 
 EPS = 1e-4
 SILU_GAIN = 0.596  # E[silu(x)^2]^(1/2) for x ~ N(0, 1)
@@ -299,33 +298,22 @@ def edm2_denoiser_parts(net: EDM2Precond) -> tuple[EDMSchedule, Prediction]:
 
 
 class EDM2Denoiser(Denoiser):
-    """``D(x, sigma, y)`` of a conditional EDM2 network; rows with the null label ``num_classes`` (the
-    classifier-free reference every guidance method asks for) go to ``unconditional``, a separate
-    ``label_dim = 0`` EDM2 network of the same data shape, as EDM2 guides (it trains no null label).
-    ``codec``: the img512 networks' latent decoder (``ChannelLatentCodec``, the snapshot's per-channel
-    scale/bias and the SD VAE); ``None``: the network works on pixels in [-1, 1] (img64)."""
+    """``D(x, sigma, y)`` of an EDM2 network under its EDM schedule and preconditioning. An EDM2 network trains no
+    null label (``EDM2Precond.trains_null_label``): classifier-free guidance's reference is a separate
+    unconditional EDM2 network (``label_dim = 0``, itself an ``EDM2Denoiser``) given as the guidance
+    ``reference``, as EDM2 guides; a weaker conditional one is autoguidance's. ``codec``: the img512 networks'
+    latent decoder (``ChannelLatentCodec``, the snapshot's per-channel scale/bias and the SD VAE); ``None``: the
+    network works on pixels in [-1, 1] (img64)."""
 
-    def __init__(self, net: EDM2Precond, unconditional: EDM2Precond | None = None,
-                 codec: LatentCodec | None = None):
-        if not net.label_dim:
-            raise ConfigError("the main EDM2 network is unconditional (label_dim=0): pass it as the CFG "
-                              "reference (unconditional=...) and a conditional network as the main one")
+    def __init__(self, net: EDM2Precond, codec: LatentCodec | None = None):
         super().__init__(net, *edm2_denoiser_parts(net))
-        self.unconditional = None
-        if unconditional is not None:
-            if unconditional.label_dim:
-                raise ConfigError(f"the CFG reference network must be unconditional (label_dim=0), it has "
-                                  f"label_dim={unconditional.label_dim}; a conditional weaker network is an "
-                                  "autoguidance reference")
-            if unconditional.data_shape != net.data_shape or unconditional.sigma_data != net.sigma_data:
-                raise ConfigError(f"the unconditional EDM2 network works on data_shape={unconditional.data_shape} "
-                                  f"(sigma_data {unconditional.sigma_data}); the main network on "
-                                  f"{net.data_shape} (sigma_data {net.sigma_data})")
-            self.unconditional = Denoiser(unconditional, *edm2_denoiser_parts(unconditional))
         if codec is not None and codec.latent_channels != net.img_channels:
             raise ConfigError(f"the EDM2 network works on {net.img_channels} channels but the VAE's latents have "
                               f"{codec.latent_channels}")
         self.codec = codec
+
+    def with_net(self, net: EDM2Precond) -> "EDM2Denoiser":
+        return EDM2Denoiser(net, self.codec).train(self.training)
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -338,24 +326,6 @@ class EDM2Denoiser(Denoiser):
 
     def decode(self, x0: Tensor) -> Tensor:
         return x0 if self.codec is None else self.codec.decode(x0).float()
-
-    def forward(self, x: Tensor, t: Tensor | float, y: Tensor) -> Tensor:
-        null = y == self.null_label
-        if not null.any():
-            return super().forward(x, t, y)
-        if self.unconditional is None:
-            raise ConfigError("EDM2 networks have no null label: classifier-free guidance needs a separate "
-                              "unconditional EDM2 network (EDM2Denoiser(net, unconditional=...))")
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t = t.expand(len(y)) if t.ndim == 0 else t
-        out = torch.empty_like(x)
-        out[null] = self.unconditional(x[null], t[null], y[null])
-        if not null.all():
-            out[~null] = super().forward(x[~null], t[~null], y[~null])
-        return out
-
-    def check_labels(self, y: Tensor, allow_null: bool = False) -> None:
-        super().check_labels(y, allow_null and self.unconditional is not None)
 
 
 def edm2_from_snapshot(snapshot: EDM2Snapshot, name: str = "EDM2 snapshot") -> EDM2Precond:
@@ -383,87 +353,14 @@ def edm2_from_snapshot(snapshot: EDM2Snapshot, name: str = "EDM2 snapshot") -> E
 def load_edm2_state_dict(net: EDM2Precond, state_dict: dict[str, Tensor], name: str = "EDM2 state dict") -> None:
     """Strict load of the tensors as stored (their dtype kept, ``assign``), with one line naming missing,
     unexpected and mis-shaped tensors."""
-    own = net.state_dict()
-    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label} {items[:4]}{' ...' if len(items) > 4 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                 if items]
-        raise ConfigError(f"{name} does not fit the EDM2 network: {'; '.join(parts)}")
+    mismatch = state_dict_mismatch(net.state_dict(), state_dict, limit=4)
+    if mismatch:
+        raise ConfigError(f"{name} does not fit the EDM2 network: {mismatch}")
     net.load_state_dict(state_dict, strict=True, assign=True)
-
-
-SNAPSHOT_FIELDS = ("class_name", "init_kwargs", "encoder", "encoder_kwargs", "latent_scale", "latent_bias",
-                   "loss_kwargs")
-METADATA_KEY = "edm2_snapshot"  # the safetensors metadata entry of the fields, as JSON
-MAX_METADATA_CHARS = 1_000_000
-
-
-def snapshot_metadata(snapshot: EDM2Snapshot) -> dict:
-    """Every field of ``snapshot`` but its weights, as JSON-ready data."""
-    meta = {k: getattr(snapshot, k) for k in SNAPSHOT_FIELDS}
-    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}
-
-
-def save_edm2_safetensors(snapshot: EDM2Snapshot, path: str | Path) -> Path:
-    """Write ``snapshot`` as safetensors (weights as stored; the other fields as JSON metadata), atomically."""
-    path = Path(path)
-    meta = snapshot_metadata(snapshot)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in snapshot.state_dict.items()}, tmp,
-                  metadata={METADATA_KEY: json.dumps(meta)})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def read_edm2_safetensors(path: str | Path) -> EDM2Snapshot:
-    """An ``EDM2Snapshot`` from ``save_edm2_safetensors``'s file (no pickle involved); its metadata must be one
-    JSON object of exactly ``SNAPSHOT_FIELDS``, checked as the pickle reader's fields are (``EDM2Snapshot``)."""
-    try:
-        with safe_open(path, "pt") as f:
-            header = (f.metadata() or {}).get(METADATA_KEY)
-            if header is None:
-                raise ValueError(f"no '{METADATA_KEY}' metadata")
-            if len(header) > MAX_METADATA_CHARS:
-                raise ValueError(f"its '{METADATA_KEY}' metadata has {len(header):,} characters; at most "
-                                 f"{MAX_METADATA_CHARS:,} are read")
-            meta = json.loads(header)
-            if not isinstance(meta, dict) or sorted(meta) != sorted(SNAPSHOT_FIELDS):
-                keys = [k[:40] for k in sorted(meta)[:12]] if isinstance(meta, dict) else type(meta).__name__
-                raise ValueError(f"its '{METADATA_KEY}' metadata must be a JSON object of the keys "
-                                 f"{list(SNAPSHOT_FIELDS)}, got {keys}")
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-        return EDM2Snapshot(state_dict=state_dict, **meta)
-    except (OSError, ValueError, RecursionError, SafetensorError) as err:
-        raise ConfigError(f"{path} is not an EDM2 safetensors file written by convert_edm2 ({one_line(err)})") from None
-
-
-def convert_edm2(path: str | Path) -> Path:
-    """Read an official ``edm2-*.pkl`` safely once and write ``<same name>.safetensors`` next to it, so later
-    loads (``load_edm2``) never touch pickle."""
-    path = Path(path)
-    try:
-        snapshot = read_edm2_pickle(path)
-    except EDM2FileError as err:
-        raise ConfigError(str(err)) from None
-    edm2_from_snapshot(snapshot, str(path))  # refuse a file our network cannot load before writing anything
-    return save_edm2_safetensors(snapshot, path.with_suffix(".safetensors"))
 
 
 def load_edm2(path: str | Path) -> tuple[EDM2Precond, EDM2Snapshot]:
     """``(network, snapshot)`` from an official ``edm2-*.pkl`` (read without running its code) or from its
-    ``convert_edm2`` safetensors file (docs/edm2.md)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        snapshot = read_edm2_safetensors(path)
-    else:
-        try:
-            snapshot = read_edm2_pickle(path)
-        except EDM2FileError as err:
-            raise ConfigError(str(err)) from None
-    return edm2_from_snapshot(snapshot, str(path)), snapshot
+    ``convert_edm2`` safetensors file (the file read by ``io.edm2.read_edm2_snapshot``; docs/edm2.md)."""
+    snapshot = read_edm2_snapshot(path)
+    return edm2_from_snapshot(snapshot, str(Path(path))), snapshot

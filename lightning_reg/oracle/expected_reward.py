@@ -31,7 +31,7 @@ from lightning_reg.data.toy import ToyDistribution
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import eps_from_x0
 from lightning_reg.diffusion.samplers import ddim
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_int
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 
 LogReward = Callable[[Tensor, Tensor], Tensor]  # (x_0 (N, D), y (N,)) -> log R_0 (N,)
@@ -54,8 +54,8 @@ def sample_guided_target(distribution: ToyDistribution, label: int, log_reward: 
     """``n`` draws of the guided target ``p(x_0|y) R_0(x_0, y) / Z`` (the ``x_0`` marginal of the scaled joint,
     docs/theory.md §1) by sampling-importance-resampling: ``pool`` draws of ``p(x_0|y)`` resampled with weights
     ``R_0`` (float64, shape (n, D)); what guided samples should look like."""
-    if n < 1 or pool < n:
-        raise ConfigError(f"need 1 <= n <= pool, got n={n}, pool={pool}")
+    check_int("n", n)
+    check_int("pool", pool, minimum=n)
     labels = torch.full((pool,), label, dtype=torch.long)
     x0 = distribution.sample(labels, generator)
     weights = log_reward(x0, labels).softmax(0)
@@ -81,8 +81,7 @@ def grad_log_expected_reward(denoiser: Denoiser, x_t: Tensor, t: float, y: Tenso
     reparameterised); ``eta = 0`` is the deterministic DDIM chain (one rollout then suffices).
     ``batch_size`` bounds the chains run at once (points x rollouts), which bounds memory.
     """
-    if not isinstance(rollouts, int) or rollouts < 1:
-        raise ConfigError(f"rollouts must be a positive integer, got {rollouts!r}")
+    check_int("rollouts", rollouts)
     times = remaining_times(denoiser, steps, t)
     chunk = max(1, batch_size // rollouts)
     return torch.cat([_grad_log_expected_reward(denoiser, x_t[i:i + chunk], times, y[i:i + chunk], log_reward,

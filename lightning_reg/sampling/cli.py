@@ -4,7 +4,8 @@ Every option (``SampleConfig``) can come from ``--config sample.yaml`` or a flag
 ``train.py``). Bad input ends in one ``error: ...`` line and exit status 2, before anything is written.
 
 The checkpoint is read by its source (``lightning_reg.sources``: a ``ConditionalDiffusion`` ``.ckpt``, or with
-``--model DiT-XL/2`` a public DiT ``.pt``, or ``--pipeline`` a diffusers folder with ``--prompts``, a caption file);
+``--model DiT-XL/2`` a public DiT ``.pt``, ``--format edm2`` an EDM2 snapshot, or a diffusers pipeline folder with
+``--prompts``, a caption file);
 ``--vae`` samples in the VAE's latent space and decodes at the end.
 ``meta.json`` records throughput (images/s), peak memory and the metrics of ``--distribution`` / ``--evaluation``.
 """
@@ -27,11 +28,9 @@ from tqdm.auto import tqdm
 from lightning_reg import distributed
 from lightning_reg.data.prompts import read_prompts
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.diffusion.text import TextDenoiser, resolve_pipeline_folder
 from lightning_reg.distributed import fail
 from lightning_reg.errors import ConfigError, one_line, parse_error_message
-from lightning_reg.guidance.base import Guidance
-from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.guidance.guided import Guidance, make_guidance
 from lightning_reg.io.files import file_sha256, to_uint8_nhwc, tree_sha256, write_json
 from lightning_reg.io.plain import plain_data
 from lightning_reg.metrics.evaluate import build_evaluator, read_samples
@@ -39,7 +38,7 @@ from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import ToyEvaluator
 from lightning_reg.sampling import writer
 from lightning_reg.sampling.config import SampleConfig, build_parser as config_parser, config_from
-from lightning_reg.sampling.engine import balanced_labels, generate, sample_seed, setting_name
+from lightning_reg.sampling.engine import generate, sample_conditions, sample_keys, sample_seed, setting_name
 from lightning_reg.sources import load_models
 
 GRID_IMAGES = 64
@@ -64,9 +63,7 @@ class LoadedModel:
     def load(cls, config: SampleConfig) -> "LoadedModel":
         ref_path = config.guidance.get("reference_checkpoint")
         loaded = load_models(config.model_spec, ref_path)
-        path = (resolve_pipeline_folder(config.model_path) if isinstance(loaded.denoiser, TextDenoiser)
-                else config.model_path)
-        return cls(loaded.denoiser, tree_sha256(path), loaded.reference,
+        return cls(loaded.denoiser, tree_sha256(loaded.location), loaded.reference,
                    file_sha256(ref_path) if ref_path is not None else None, loaded.meta)
 
 
@@ -90,12 +87,12 @@ class SamplingJob:
         one one-step sample to catch what only the chain sees; the output folder checked."""
         denoiser = model.denoiser
         params = dict(config.guidance)
-        if params.pop("reference_checkpoint", None) is not None and model.reference is not None:
-            params["reference"] = model.reference  # else the reference is the denoiser's null condition
+        if params.pop("reference_checkpoint", None) is not None:
+            params["reference"] = model.reference
         guidance = make_guidance(**params)
         guidance.bind(denoiser)
-        prompts = cls.read_prompts(config, denoiser)
-        labels = cls.make_labels(config, denoiser, prompts)
+        prompts = read_prompts(config.prompts) if config.prompts is not None else None
+        labels = sample_keys(config.num_samples, denoiser, config.labels, prompts)
         if evaluator is None:
             evaluator = build_evaluator(config.distribution, config.evaluation, denoiser.num_classes,
                                         denoiser.data_shape, denoiser.sample_shape, config.seed, prompts)
@@ -107,17 +104,7 @@ class SamplingJob:
         except TypeError as err:
             raise ConfigError(f"--sampler_kwargs {config.sampler_kwargs} do not fit sampler {config.sampler!r}: "
                               f"{err}") from None
-        fingerprint = {
-            "checkpoint_sha256": model.checkpoint_sha256, "ema": config.ema, "model": config.model,
-            "vae": config.vae, "precision": config.precision,
-            "guidance": {k: v for k, v in config.guidance.items() if k != "reference_checkpoint"},
-            "reference_sha256": model.reference_sha256,
-            "sampler": config.sampler, "sampler_kwargs": config.sampler_kwargs, "steps": config.steps,
-            "seed": config.seed, "num_samples": config.num_samples, "shard_size": config.shard_size,
-            "labels": config.labels or "balanced"}
-        if prompts is not None:
-            fingerprint.update(labels="prompts", prompts_sha256=file_sha256(config.prompts),
-                               negative_prompt=config.negative_prompt)
+        fingerprint = config.fingerprint(model.checkpoint_sha256, model.reference_sha256)  # SampleConfig's policy
         writer.check_output(config.output, fingerprint, config.overwrite, denoiser.sample_shape)
         job.fingerprint = fingerprint
         return job
@@ -129,7 +116,7 @@ class SamplingJob:
         a file that cannot be written is one line before the first sample, not a failure after the last."""
         denoiser = model.denoiser
         return plain_data({
-            "checkpoint": str(config.model_path), "checkpoint_sha256": model.checkpoint_sha256,
+            "checkpoint": str(config.checkpoint), "checkpoint_sha256": model.checkpoint_sha256,
             "reference_sha256": model.reference_sha256, "source": model.source_meta,
             "config": config.as_dict(), "setting": setting_name(config.guidance), "seed": config.seed,
             "sample_seed": "sample i: torch.Generator seeded by sha256(f'{seed}:{i}')[:8] (little-endian, 63 bits)",
@@ -139,38 +126,9 @@ class SamplingJob:
             "num_classes": denoiser.num_classes, "data_shape": list(denoiser.data_shape),
             "sample_shape": list(denoiser.sample_shape)}, "meta.json")
 
-    @staticmethod
-    def read_prompts(config: SampleConfig, denoiser: Denoiser) -> list[str] | None:
-        """The captions of ``--prompts``, which a text-to-image model needs and a class-conditional one refuses."""
-        text = isinstance(denoiser, TextDenoiser)
-        if text and config.prompts is None:
-            raise ConfigError(f"{config.model_spec.field} {config.model_path} is a text-to-image model: give "
-                              "--prompts FILE (one caption a line)")
-        if not text and config.prompts is not None:
-            raise ConfigError(f"--prompts is for a text-to-image pipeline (--pipeline); {config.model_path} is a "
-                              f"class-conditional model (--labels)")
-        return read_prompts(config.prompts) if text else None
-
-    @staticmethod
-    def make_labels(config: SampleConfig, denoiser: Denoiser, prompts: list[str] | None = None) -> torch.Tensor:
-        if prompts is not None:
-            return torch.arange(config.num_samples) % len(prompts)
-        if config.labels is None:
-            return balanced_labels(config.num_samples, denoiser.num_classes)
-        classes = torch.tensor(config.labels)
-        try:
-            denoiser.check_labels(classes)
-        except ConfigError as err:
-            raise ConfigError(f"--labels: {err}") from None
-        return classes[torch.arange(config.num_samples) % len(classes)]
-
-    def conditions(self, indices: torch.Tensor) -> torch.Tensor:
-        """The conditions of samples ``indices``: their labels, or their captions' embeddings (encoded here, so
-        each process encodes only the captions of its own shards)."""
-        labels = self.labels[indices]
-        if self.prompts is None:
-            return labels
-        return self.denoiser.encode([self.prompts[int(i)] for i in labels])
+    def conditions(self, indices: torch.Tensor):
+        """The conditions of samples ``indices`` (``engine.sample_conditions``)."""
+        return sample_conditions(self.denoiser, self.labels[indices], self.prompts)
 
     def run(self, fabric: lightning.Fabric, start: float) -> None:
         """Shard ``k`` goes to rank ``k % W`` (finished shards skipped); rank 0 then writes the final files."""

@@ -2,11 +2,16 @@
 
 ``SweepConfig`` *is* a ``SampleConfig`` plus the grid (methods x weights x REG modes), so every ``sample.py``
 option works in a sweep by construction. Both parse from YAML files and flags with jsonargparse
-(``parse_config``); every field's help is its line in the class docstring.
+(``build_parser``, ``config_from``); every field's help is its line in the class docstring.
+
+Each field declares what it decides (``field(metadata=...)``, below), and ``fingerprint()`` keeps what decides
+a run's results: a resumed ``sample.py`` run or sweep must match its fingerprint, so changing where, how fast
+or how much at once it runs is accepted and changing a result is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -14,17 +19,32 @@ from typing import TypeVar
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lightning_reg.data.prompts import read_prompts
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_int
+from lightning_reg.io.files import file_sha256
 from lightning_reg.io.yaml_budget import install_yaml_budget
 from lightning_reg.sources import ModelSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTIONS = ("toy1d", "toy2d", "toy2d_overlap")
 
+# What a field decides (its ``metadata``; a field without one decides the samples, so a new option counts
+# until it is marked otherwise), and so where ``fingerprint()`` puts it:
+METRICS = {"decides": "metrics"}  # the metrics only: in a sweep's fingerprint (its table), not in a run's
+CONTENT = {"decides": "content"}  # a file by its contents: fingerprinted as its sha256, never as its path
+GRID = {"decides": "grid"}  # a sweep's grid: fingerprinted as the sweep's list of settings (sampling.sweep)
+RUN = {"decides": "run"}  # where, how fast, how much at once it runs, how it is shown: never fingerprinted
+
+
+def without_reference_file(guidance: dict) -> dict:
+    """A guidance dict without ``reference_checkpoint``: a file, which ``sample.py`` loads (``LoadedModel``) and
+    fingerprints by its sha256 (``reference_sha256``), never by its path; what ``make_guidance`` and the
+    fingerprints take."""
+    return {k: v for k, v in guidance.items() if k != "reference_checkpoint"}
+
 
 @dataclass
-class Trainer:
-    """The processes.
+class Processes:
+    """The processes (the ``trainer`` options, as in ``train.py``).
 
     Args:
         accelerator: cpu, gpu, cuda, mps or auto.
@@ -37,33 +57,25 @@ class Trainer:
     num_nodes: int = 1
 
 
-def _positive(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--{name} must be a positive integer{' or null' if optional else ''}, got {value}")
-
-
 @dataclass
 class SampleConfig:
     """Guided samples from a trained checkpoint (``sample.py``, ``docs/sampling.md``).
 
     Args:
-        checkpoint: the model's file: a ConditionalDiffusion checkpoint (.ckpt), a public DiT checkpoint (.pt)
-            with --model, an EDM2 snapshot (edm2-*.pkl or its .safetensors) with --format edm2 (or a diffusers
-            pipeline folder, as --pipeline).
+        checkpoint: the model: a ConditionalDiffusion checkpoint (.ckpt), a public DiT checkpoint (.pt) with
+            --model, an EDM2 snapshot (edm2-*.pkl or its .safetensors) with --format edm2, or a diffusers
+            text-to-image pipeline (SD 1.x/2.x; needs --prompts): a local folder (save_pretrained, with
+            model_index.json) or a hub name in the local Hugging Face cache, never downloaded.
         format: the checkpoint format (lightning_reg.sources: lightning, dit, edm2, diffusers); null: diffusers
-            for a pipeline folder, dit with --model, else lightning.
+            for a pipeline folder or cached hub name, dit with --model, else lightning.
         model: a public DiT checkpoint's model, e.g. DiT-XL/2 (VP linear 1000, eps, learned sigma).
         image_size: with --model: the image size the DiT checkpoint serves (256: 32x32 latents).
         num_heads: a DiT width outside the paper's sizes: its attention heads (they do not show in the weights).
         vae: sample in this AutoencoderKL's latent space and decode at the end: a local folder or a cached hub
             name (stabilityai/sd-vae-ft-ema); required with --model; EDM2 img512: default stabilityai/sd-vae-ft-mse.
-        pipeline: a diffusers text-to-image pipeline (SD 1.x/2.x): a local folder (save_pretrained, with
-            model_index.json) or a hub name in the local Hugging Face cache; never downloaded. Needs --prompts.
         prompts: a text file, one caption a line: sample i takes caption i (cycled: i % the number of captions).
-        negative_prompt: with --pipeline: the reference prompt of guidance (default the empty prompt).
-        gradient_checkpointing: with --pipeline: the UNet recomputes its blocks in REG's backward (less memory).
+        negative_prompt: with a pipeline: the reference prompt of guidance (default the empty prompt).
+        gradient_checkpointing: with a pipeline: the UNet recomputes its blocks in REG's backward (less memory).
         precision: fp32, or bf16 / fp16: autocast (the REG authors' DiT patch: fp16 autocast).
         compile: torch.compile the backbone.
         ema: sample the EMA weights (false: the raw weights).
@@ -86,18 +98,17 @@ class SampleConfig:
         trainer: the processes.
     """
 
-    checkpoint: str | None = None
+    checkpoint: str | None = field(default=None, metadata=CONTENT)
     format: str | None = None
     model: str | None = None
     image_size: int | None = None
     num_heads: int | None = None
     vae: str | None = None
-    pipeline: str | None = None
-    prompts: str | None = None
+    prompts: str | None = field(default=None, metadata=CONTENT)
     negative_prompt: str = ""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata=RUN)
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool = field(default=False, metadata=RUN)
     ema: bool = True
     guidance: dict = field(default_factory=lambda: {"method": "cfg", "scale": 1.0, "reg": "none"})
     sampler: str = "ddpm"
@@ -105,32 +116,33 @@ class SampleConfig:
     steps: int = 25
     num_samples: int = 1000
     seed: int = 0
-    batch_size: int = 1000
+    batch_size: int = field(default=1000, metadata=RUN)
     shard_size: int = 1000
     labels: list[int] | None = None
-    distribution: str | None = None
-    evaluation: dict | None = None
-    output: str | None = None
-    overwrite: bool = False
-    max_shards: int | None = None
-    trainer: Trainer = field(default_factory=Trainer)
+    distribution: str | None = field(default=None, metadata=METRICS)
+    evaluation: dict | None = field(default=None, metadata=METRICS)
+    output: str | None = field(default=None, metadata=RUN)
+    overwrite: bool = field(default=False, metadata=RUN)
+    max_shards: int | None = field(default=None, metadata=RUN)
+    trainer: Processes = field(default_factory=Processes, metadata=RUN)
+
+    kind = "samples"
+    fingerprinted = ("samples",)  # what the fields in a fingerprint decide: a run's fingerprint covers its samples
 
     def __post_init__(self):
         if isinstance(self.trainer, dict):
-            self.trainer = Trainer(**self.trainer)
+            self.trainer = Processes(**self.trainer)
         for name in ("steps", "num_samples", "batch_size", "shard_size"):
-            _positive(name, getattr(self, name))
-        _positive("trainer.devices", self.trainer.devices)
-        _positive("trainer.num_nodes", self.trainer.num_nodes)
-        _positive("max_shards", self.max_shards, optional=True)
+            check_int(f"--{name}", getattr(self, name))
+        check_int("--trainer.devices", self.trainer.devices)
+        check_int("--trainer.num_nodes", self.trainer.num_nodes)
+        check_int("--max_shards", self.max_shards, optional=True)
         if self.output is None:
             raise ConfigError(f"--output is required: the folder for the {self.kind}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.labels is not None and not self.labels:
             raise ConfigError("--labels must name at least one class (or be null for class-balanced labels)")
-        if self.pipeline is not None and (self.checkpoint is not None or self.format not in (None, "diffusers")):
-            raise ConfigError("--pipeline is the model: leave --checkpoint and --format unset with it")
         if self.prompts is not None and self.labels is not None:
             raise ConfigError("--labels are class ids; a text-to-image run takes its conditions from --prompts")
         if self.prompts is not None:
@@ -141,21 +153,24 @@ class SampleConfig:
         if self.distribution is not None and self.evaluation is not None:
             raise ConfigError("--evaluation is for images; toy data (--distribution) uses the exact toy metrics")
 
-    kind = "samples"
-
     @property
     def model_spec(self) -> ModelSpec:
         """What ``sources.load_model`` loads."""
-        text = {"negative_prompt": self.negative_prompt, "gradient_checkpointing": self.gradient_checkpointing}
-        if self.pipeline is not None:
-            return ModelSpec(self.pipeline, "diffusers", field="--pipeline", vae=self.vae, **text)
         return ModelSpec(self.checkpoint, self.format, self.model, self.image_size, self.num_heads, self.vae,
-                         self.ema, **text)
+                         self.ema, negative_prompt=self.negative_prompt,
+                         gradient_checkpointing=self.gradient_checkpointing)
 
-    @property
-    def model_path(self) -> str | None:
-        """The model's file or folder (``--checkpoint``, or ``--pipeline``)."""
-        return self.pipeline if self.pipeline is not None else self.checkpoint
+    def fingerprint(self, checkpoint_sha256: str, reference_sha256: str | None = None) -> dict:
+        """What decides the results, which a resumed run must match: the fields whose ``decides`` is in
+        ``fingerprinted`` (the guidance without its ``reference_checkpoint`` path), and the files by their
+        contents: the model's and the guiding file's sha256 (the loaded model's, ``LoadedModel``) and the
+        prompts'."""
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.metadata.get("decides", "samples") in self.fingerprinted}
+        if "guidance" in values:
+            values["guidance"] = without_reference_file(values["guidance"])
+        return {**values, "checkpoint_sha256": checkpoint_sha256, "reference_sha256": reference_sha256,
+                "prompts_sha256": file_sha256(self.prompts) if self.prompts is not None else None}
 
     def with_setting(self, guidance: dict, output: str) -> SampleConfig:
         """This config as one ``sample.py`` run: ``guidance`` into ``output`` (a sweep's setting)."""
@@ -183,28 +198,22 @@ class SweepConfig(SampleConfig):
             (1D toy), fid vs accuracy (or is) for images.
         output: output folder of the sweep (a folder per setting inside).
         max_settings: stop after finishing this many new settings (rerun the same command to resume).
-        sample_options: removed; every sample.py option is now a top-level option of the sweep.
     """
 
-    guidance: dict = field(default_factory=dict)
+    guidance: dict = field(default_factory=dict, metadata=GRID)
     num_samples: int = 2000
-    methods: list[dict] = field(default_factory=list)
-    reg: list[str] = field(default_factory=lambda: ["none", "paper", "vjp"])
-    convention: str = "w"
-    front: list[str] | None = None
-    max_settings: int | None = None
-    sample_options: dict | None = None
+    methods: list[dict] = field(default_factory=list, metadata=GRID)
+    reg: list[str] = field(default_factory=lambda: ["none", "paper", "vjp"], metadata=GRID)
+    convention: str = field(default="w", metadata=GRID)
+    front: list[str] | None = field(default=None, metadata=RUN)  # the figure, drawn again on every invocation
+    max_settings: int | None = field(default=None, metadata=RUN)
 
     kind = "sweep"
+    fingerprinted = ("samples", "metrics")  # a sweep's results are its table: every setting's metrics
 
     def __post_init__(self):
-        if self.sample_options is not None:  # the option of earlier versions: name the keys that replace it
-            keys = sorted(self.sample_options)
-            example = ", ".join(f"{k}: {self.sample_options[k]}" for k in keys)
-            raise ConfigError(f"--sample_options: {keys} are set by the sweep's own options now (every sample.py "
-                              f"option is a sweep option): write them at the top level instead ({example})")
         super().__post_init__()
-        _positive("max_settings", self.max_settings, optional=True)
+        check_int("--max_settings", self.max_settings, optional=True)
         if self.convention not in ("w", "w2"):
             raise ConfigError(f"--convention must be w or w2, got {self.convention!r}")
         clash = sorted(set(self.guidance) & {"method", "scale", "reg", "convention"})

@@ -20,10 +20,12 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_reg.diffusion import conditions as cond
+from lightning_reg.diffusion.conditions import Condition
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.samplers import get_sampler
-from lightning_reg.errors import ConfigError
-from lightning_reg.guidance.base import Guidance, GuidedDenoiser
+from lightning_reg.errors import ConfigError, check_int
+from lightning_reg.guidance.guided import Guidance, GuidedDenoiser
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,9 +70,37 @@ class PerSampleNoise:
 
 def balanced_labels(n: int, num_classes: int) -> Tensor:
     """Class-balanced labels: sample ``i`` gets class ``i % num_classes``."""
-    if num_classes < 1:
-        raise ConfigError(f"num_classes must be positive, got {num_classes}")
+    check_int("num_classes", num_classes)
     return torch.arange(n) % num_classes
+
+
+def sample_keys(n: int, denoiser: Denoiser, labels: Sequence[int] | None = None,
+                prompts: Sequence[str] | None = None) -> Tensor:
+    """Per sample its key's index: the class of sample ``i`` (``labels[i % len(labels)]``, or class-balanced), or
+    with ``prompts`` its caption's line ``i % len(prompts)``. The one choice of ``sample.py``, sweeps and the
+    callback; ``sample_conditions`` turns keys into conditions."""
+    takes_prompts = denoiser.conditioning.takes_prompts
+    if takes_prompts != (prompts is not None):
+        raise ConfigError("the model is a text-to-image model: give --prompts FILE (one caption a line)" if takes_prompts
+                          else "--prompts is for a text-to-image model; this model is class-conditional (--labels)")
+    if prompts is not None:
+        return torch.arange(n) % len(prompts)
+    if labels is None:
+        return balanced_labels(n, denoiser.num_classes)
+    classes = torch.tensor(list(labels))
+    try:
+        denoiser.conditioning.check(denoiser.conditioning.make(classes))
+    except ConfigError as err:
+        raise ConfigError(f"--labels: {err}") from None
+    return classes[torch.arange(n) % len(classes)]
+
+
+def sample_conditions(denoiser: Denoiser, keys: Tensor, prompts: Sequence[str] | None = None) -> Condition:
+    """The conditions of samples whose keys are ``keys`` (``sample_keys``): made by the denoiser's conditioning
+    (captions encoded here, so each process encodes only its own samples' captions)."""
+    if prompts is not None:
+        return denoiser.conditioning.make([prompts[int(i)] for i in keys])
+    return denoiser.conditioning.make(keys)
 
 
 def rank_indices(n: int, rank: int, world_size: int) -> Tensor:
@@ -108,38 +138,40 @@ def setting_name(guidance: Mapping) -> str:
     return f"{method}_{weight}_{reg}{extra}".replace(" ", "")
 
 
-def generate(denoiser: Denoiser, guidance: Guidance, labels, indices, *, sampler: str = "ddpm", steps: int,
-             seed: int, batch_size: int, device="cpu", sampler_kwargs: Mapping | None = None,
+def generate(denoiser: Denoiser, guidance: Guidance, conditions: Condition, indices, *, sampler: str = "ddpm",
+             steps: int, seed: int, batch_size: int, device="cpu", sampler_kwargs: Mapping | None = None,
              precision: str = "fp32", progress: bool = False) -> Tensor:
     """Samples (float32 on the CPU, ``(N, *denoiser.sample_shape)``: ``x_0``, or a ``LatentDenoiser``'s decoded
-    images) for ``labels`` (N,) at sample ``indices`` (N,). ``labels`` are the conditions: class ids, or a text
-    model's prompt embeddings (N, L, D) (``TextDenoiser.encode``); ``denoiser.check_labels`` checks them.
+    images) for ``conditions`` (N rows; class ids, a text model's prompt embeddings, or a mapping of tensors:
+    ``sample_conditions``) at sample ``indices`` (N,). The conditions are split and moved, never looked into
+    (``diffusion/conditions.py``); the denoiser's conditioning checks them.
 
     Each batch runs ``get_sampler(sampler, **sampler_kwargs)(GuidedDenoiser(denoiser, guidance, y), noise,
     schedule, steps, noise_sampler=...)`` with the per-sample noise of ``PerSampleNoise(seed, indices)``,
     under ``autocast(device, precision)``. ``denoiser`` must already be on ``device``.
     """
-    labels, indices = torch.as_tensor(labels), torch.as_tensor(indices).long().reshape(-1)
-    if not torch.is_floating_point(labels):  # class ids; embeddings keep their shape
-        labels = labels.long().reshape(-1)
-    if len(labels) != len(indices):
-        raise ConfigError(f"labels and indices must have one entry per sample, got {len(labels)} and {len(indices)}")
-    for field, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{field} must be a positive integer, got {value!r}")
-    # a learned variance (DiT) reaches the VP samplers explicitly: the denoiser's own record of its last call
-    variance = {"learned_variance": denoiser.learned_variance} if denoiser.learn_sigma else {}
-    sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}), **variance)
-    denoiser.check_labels(labels)
+    if isinstance(conditions, (list, tuple)):
+        conditions = torch.as_tensor(conditions)
+    indices = torch.as_tensor(indices).long().reshape(-1)
+    if cond.batch_size(conditions) != len(indices):
+        raise ConfigError(f"conditions and indices must have one entry per sample, got {cond.batch_size(conditions)} "
+                          f"and {len(indices)}")
+    check_int("steps", steps)
+    check_int("batch_size", batch_size)
+    get_sampler(sampler, **dict(sampler_kwargs or {}))
+    denoiser.conditioning.check(conditions)
     dtype = denoiser.state_dtype
     out = []
-    with tqdm(total=len(labels), desc=f"sampling {sampler}", unit="sample", disable=not progress) as bar:
-        for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
+    with tqdm(total=len(indices), desc=f"sampling {sampler}", unit="sample", disable=not progress) as bar:
+        for y, idx in zip(cond.split(conditions, batch_size), indices.split(batch_size)):
             noise = PerSampleNoise(seed, idx.tolist())
-            guided = GuidedDenoiser(denoiser, guidance, y.to(device))
+            guided = GuidedDenoiser(denoiser, guidance, cond.to(y, device))
+            # a learned variance (DiT) reaches the VP samplers explicitly, from the guided call's conditional branch
+            variance = {"learned_variance": guided.learned_variance} if denoiser.learn_sigma else {}
+            sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}), **variance)
             with autocast(device, precision):
                 x0 = sample_fn(guided, noise.draw(denoiser.data_shape, device, dtype), denoiser.schedule, steps,
                                noise_sampler=noise)
             out.append(denoiser.decode(x0).float().cpu())
-            bar.update(len(y))
+            bar.update(len(idx))
     return torch.cat(out) if out else torch.empty(0, *denoiser.sample_shape)

@@ -21,22 +21,17 @@ from pathlib import Path
 import lightning
 
 from lightning_reg.errors import ConfigError
-from lightning_reg.guidance.methods import make_guidance
+from lightning_reg.guidance.guided import make_guidance
 from lightning_reg.guidance.reg import REG_MODES
-from lightning_reg.io.files import file_sha256, read_json, write_json
+from lightning_reg.io.files import read_json, write_json
 from lightning_reg.metrics.evaluate import evaluate_samples, read_samples
 from lightning_reg.metrics.fronts import METRIC_GOALS, default_front, save_fronts, summary, write_table
 from lightning_reg.sampling import writer
 from lightning_reg.sampling.cli import LoadedModel, SamplingJob, launch
-from lightning_reg.sampling.config import SweepConfig, build_parser as config_parser
+from lightning_reg.sampling.config import SweepConfig, build_parser as config_parser, without_reference_file
 from lightning_reg.sampling.engine import setting_name
 
 SWEEP_FILE, ROW_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "row.json", "sweep.csv", "fronts.png"
-# options that do not change a sweep's results (where and how fast it runs), left out of its fingerprint
-NOT_FINGERPRINTED = ("output", "overwrite", "max_settings", "max_shards", "trainer", "batch_size", "compile",
-                     "checkpoint", "pipeline", "prompts", "sample_options", "front", "methods", "reg", "convention",
-                     "guidance")
-# (the grid and the shared guidance parameters are in the fingerprint as its settings)
 
 
 def build_parser():
@@ -66,12 +61,15 @@ def sweep_settings(methods: list[dict], regs: list[str], convention: str, shared
         clash = sorted(set(entry) & {"scale", "reg", "convention"})
         if clash:
             raise ConfigError(f"{where}: {clash} are set by the sweep (weights, --reg, --convention), not per method")
+        if "reference_checkpoint" in entry:  # one guiding file per sweep, loaded once with the model
+            raise ConfigError(f"{where}: reference_checkpoint is the sweep's guiding file: give it in --guidance "
+                              "(every setting shares it)")
         for reg in regs:
             for weight in weights:
                 guidance = {"method": method, "scale": weight, "convention": convention, "reg": reg,
                             **(shared or {}), **entry}
                 try:
-                    make_guidance(**guidance)
+                    make_guidance(**without_reference_file(guidance))
                 except ConfigError as err:
                     raise ConfigError(f"{where} weight {weight!r}: {err}") from None
                 settings.append(guidance)
@@ -113,11 +111,9 @@ class Sweep:
         settings = {setting_name(s): s for s in sweep_settings(config.methods, config.reg, config.convention,
                                                                   config.guidance)}
         output = Path(config.output)
-        fingerprint = {k: v for k, v in config.as_dict().items() if k not in NOT_FINGERPRINTED}
-        fingerprint["settings"] = list(settings.values())
         model = LoadedModel.load(config)
-        fingerprint["checkpoint_sha256"] = model.checkpoint_sha256
-        fingerprint["prompts_sha256"] = file_sha256(config.prompts) if config.prompts is not None else None
+        fingerprint = {**config.fingerprint(model.checkpoint_sha256, model.reference_sha256),
+                       "settings": [without_reference_file(s) for s in settings.values()]}  # the grid (GRID fields)
         check_sweep_output(output, fingerprint)
         name, guidance = next(iter(settings.items()))
         first_job = SamplingJob.build(config.with_setting(guidance, str(output / name)), model)
@@ -168,8 +164,9 @@ class Sweep:
                                                           job.evaluator)
         guidance = self.settings[name]
         params = {k: v for k, v in guidance.items() if k not in ("method", "scale", "convention", "reg")}
+        w = make_guidance(**without_reference_file(guidance)).w
         return {"setting": name, "method": guidance["method"], "reg": guidance["reg"],
-                "w": make_guidance(**guidance).w, "convention": guidance["convention"], "weight": guidance["scale"],
+                "w": w, "convention": guidance["convention"], "weight": guidance["scale"],
                 "params": " ".join(f"{k}={v}" for k, v in sorted(params.items())), **metrics,
                 "num_samples": self.config.num_samples,
                 "time_per_sample_ms": (1e3 * meta["sampling_time_s"] / meta["generated_samples"]
@@ -181,7 +178,7 @@ class Sweep:
         """``sweep.csv`` and ``fronts.png`` of the finished settings, and the summary of the best rows."""
         rows = [read_json(self.output / n / ROW_FILE) for n in self.settings if (self.output / n / ROW_FILE).is_file()]
         write_table(self.output / TABLE_FILE, rows)
-        title = (f"{Path(self.config.model_path).name}: {self.config.num_samples} samples per setting, "
+        title = (f"{Path(self.config.checkpoint).name}: {self.config.num_samples} samples per setting, "
                  f"{self.config.sampler} {self.config.steps} steps")
         save_fronts(self.output / FIGURE_FILE, rows, *self.front, title=title)
         print(f"{len(rows)} of {len(self.settings)} settings in {self.output / TABLE_FILE} and "

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from edm2_files import FIXTURES, Persistent, Pickled, module, read_tree, shared_tree, write_tree
-from lightning_reg.models.edm2 import load_edm2, save_edm2_safetensors
+from lightning_reg.io.edm2 import save_edm2_safetensors
+from lightning_reg.models.edm2 import load_edm2
 
 MAIN, GUIDE = FIXTURES / "edm2_official_tiny_main.pkl", FIXTURES / "edm2_official_tiny_guide.pkl"
 RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's _reconstruct: the global numpy pickles every array with
@@ -51,7 +52,7 @@ def hostile(folder, edit, name: str = "main") -> str:
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
     """A tiny local VAE: the main fixture's latents decode through it before a guiding file is read."""
-    from test_latent import tiny_autoencoder
+    from helpers import tiny_autoencoder
 
     folder = tmp_path_factory.mktemp("vae")
     tiny_autoencoder().save_pretrained(folder)

@@ -154,7 +154,7 @@ def test_hostile_npz_zip_bomb_as_samples(attack, zip_bomb, tmp_path):
 
 
 def test_hostile_npz_zip_bomb_as_reference(attack, zip_bomb, samples, tmp_path):
-    from test_classifier import classifier_checkpoint
+    from helpers import classifier_checkpoint
 
     network = classifier_checkpoint(tmp_path / "clf.ckpt", channels=3)
     attack("evaluate", "--samples", samples, "--reference", zip_bomb, "--feature_network", network, "--metrics",
@@ -214,11 +214,11 @@ def test_hostile_meta_json_beside_the_samples(attack, samples, tmp_path, content
 # ------------------------------------------------------------------------------------------------- prompt files
 @pytest.fixture
 def sample_prompts(attack, tiny_pipeline, tmp_path):
-    """``sample_prompts(text)``: ``sample.py --pipeline tiny --prompts <text>`` into ``tmp_path/out``."""
+    """``sample_prompts(text)``: ``sample.py --checkpoint tiny --prompts <text>`` into ``tmp_path/out``."""
 
     def run(text: str, memory_mib: int = 1024):
         (tmp_path / "prompts.txt").write_text(text, encoding="utf-8")
-        return attack("sample", "--pipeline", tiny_pipeline, "--prompts", tmp_path / "prompts.txt", "--output",
+        return attack("sample", "--checkpoint", tiny_pipeline, "--prompts", tmp_path / "prompts.txt", "--output",
                       tmp_path / "out", "--num_samples", "2", "--steps", "1", memory_mib=memory_mib)
 
     return run

@@ -62,11 +62,11 @@ def pipeline(tiny_pipeline, tmp_path) -> Path:
 
 @pytest.fixture
 def sample_pipeline(attack, tmp_path):
-    """``sample_pipeline(folder)``: ``sample.py --pipeline folder --prompts ...`` into ``tmp_path/out``."""
+    """``sample_pipeline(folder)``: ``sample.py --checkpoint folder --prompts ...`` into ``tmp_path/out``."""
     (tmp_path / "prompts.txt").write_text("a seven\n")
 
     def run(folder: Path):
-        return attack("sample", "--pipeline", folder, "--prompts", tmp_path / "prompts.txt", "--output",
+        return attack("sample", "--checkpoint", folder, "--prompts", tmp_path / "prompts.txt", "--output",
                       tmp_path / "out", "--num_samples", "1", "--steps", "1")
 
     return run
@@ -134,7 +134,7 @@ def test_hostile_clip_folder_huge_config(clip, evaluate_clip, tmp_path):
     evaluate_clip(clip).refused(r"config.json is [\d,]+ bytes, more than a config's", tmp_path / "row.json")
 
 
-# ---------------------------------------------------------------- pipeline folders (sample.py --pipeline)
+# ---------------------------------------------------------------- pipeline folders (sample.py --checkpoint)
 
 
 @pytest.mark.parametrize("component, weights", [("unet", "diffusion_pytorch_model.bin"),
@@ -142,7 +142,7 @@ def test_hostile_clip_folder_huge_config(clip, evaluate_clip, tmp_path):
                                                 ("text_encoder", "pytorch_model.bin")])
 def test_hostile_pipeline_payload_bin(pipeline, sample_pipeline, tmp_path, component, weights):
     replace_weights(pipeline / component, weights)
-    sample_pipeline(pipeline).refused(rf"--pipeline .*{component}/{weights} {PICKLED}", tmp_path / "out")
+    sample_pipeline(pipeline).refused(rf"--checkpoint .*{component}/{weights} {PICKLED}", tmp_path / "out")
 
 
 def test_hostile_pipeline_payload_shard_named_by_an_index(pipeline, sample_pipeline, tmp_path):
@@ -206,7 +206,7 @@ def test_hostile_pipeline_component_from_a_custom_module(pipeline, sample_pipeli
 ], ids=["list", "deep", "nested", "truncated", "nan", "binary"])
 def test_hostile_pipeline_config_not_plain_json(pipeline, sample_pipeline, tmp_path, where, content, problem):
     (pipeline / where).write_bytes(content.encode(errors="surrogateescape"))
-    sample_pipeline(pipeline).refused(rf"--pipeline .*{where}.*{problem}", tmp_path / "out")
+    sample_pipeline(pipeline).refused(rf"--checkpoint .*{where}.*{problem}", tmp_path / "out")
 
 
 def test_hostile_pipeline_huge_model_index(pipeline, sample_pipeline, tmp_path):
@@ -270,7 +270,7 @@ def test_hostile_inception_weights_payload(evaluate_inception, tmp_path, given):
 
 
 def test_hostile_reference_feature_cache_payload(attack, tmp_path):
-    from test_classifier import classifier_checkpoint
+    from helpers import classifier_checkpoint
 
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=images)

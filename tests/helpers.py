@@ -1,0 +1,159 @@
+"""Plain helpers and constants that several test modules share (fixtures live in ``conftest.py``): no test
+module imports from another."""
+
+import math
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.predictions import Prediction
+from lightning_reg.diffusion.schedules import VPSchedule
+
+# train.py's config of the tiny ToyMLP of sample.py's and sweep.py's tests (50 steps on Toy2D).
+TRAIN_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 50
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+model:
+  net:
+    class_path: lightning_reg.models.mlp.ToyMLP
+    init_args: {num_classes: 2, dim: 2, hidden: 32, blocks: 1, x_scale: 1.0}
+  lr: 0.005
+  warmup_steps: 5
+  ema_decay: 0.5
+data:
+  class_path: lightning_reg.data.toy.Toy2D
+  init_args: {num_train: 2048, num_val: 128, batch_size: 128}
+"""
+# sample.py over that checkpoint: 30 samples in 3 shards of 10, batches of 4 inside a shard.
+TOY_SAMPLE_ARGS = ["--num_samples", "30", "--shard_size", "10", "--batch_size", "4", "--steps", "6", "--seed", "5",
+                   "--guidance", "{method: cfg, scale: 1.0, reg: paper}"]
+TINY_CLASSIFIER = {"widths": (8, 16), "num_features": 32}
+
+
+def classifier_checkpoint(path, image_size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0):
+    """A checkpoint as ``ClassifierTraining`` writes it (its ``on_save_checkpoint``), of an untrained tiny net."""
+    from lightning_reg.metrics.classifier import ClassifierTraining
+
+    torch.manual_seed(seed)
+    module = ClassifierTraining(num_classes, image_size, channels, **TINY_CLASSIFIER)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def tiny_autoencoder():
+    """4 blocks, like the SD VAE: downsampling by 8, 4 latent channels; 18k parameters."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 8, 8),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+
+
+def tiny_latent_dit(num_classes: int = 3):
+    """A DiT on 4x4x4 latents (32x32 images), its zero-initialised layers perturbed so REG has a gradient."""
+    from lightning_reg.models.dit import DiT
+
+    torch.manual_seed(1)
+    net = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+              num_classes=num_classes)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def train_tiny_dit(folder: Path, image_size: int, channels: int, *data_args: str) -> Path:
+    """train.py, 2 steps of a 3-class DiT (width 32, depth 1) on ``image_size`` x ``channels`` inputs from the
+    data module ``data_args``; its checkpoint."""
+    from lightning_reg.cli import main as train_main
+
+    train_main(["fit", "--seed_everything", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+                "--trainer.default_root_dir", str(folder), "--trainer.accelerator", "cpu",
+                "--model.net", "lightning_reg.models.dit.DiT", "--model.net.num_classes", "3",
+                "--model.net.input_size", str(image_size), "--model.net.in_channels", str(channels),
+                "--model.net.hidden_size", "32", "--model.net.depth", "1", "--model.net.num_heads", "2", *data_args])
+    (ckpt,) = folder.glob("checkpoints/*.ckpt")
+    return ckpt
+
+
+# --- guidance backbones with closed forms (test_guidance, test_reg_modes, test_guiders) ----------------------
+
+NUM_CLASSES = 2
+NULL = NUM_CLASSES
+# a fixed non-diagonal, non-symmetric matrix; its column sums A^T 1 = (0.5, 0.6, 0.3)
+A = torch.tensor([[0.3, -0.2, 0.5], [0.1, 0.4, -0.3], [0.1, 0.4, 0.1]], dtype=torch.float64)
+BIAS = torch.tensor([[1.0, -2.0, 0.5], [-0.5, 1.5, 2.0], [0.2, 0.1, -0.3]], dtype=torch.float64)  # last row: null
+
+
+class LinearEps(nn.Module):
+    """``eps = A x + b_y`` on the flattened sample; ``A`` is (D, D) for ``D = prod(data_shape)``."""
+
+    def __init__(self, a: torch.Tensor, bias: torch.Tensor, data_shape=(3,)):
+        super().__init__()
+        self.num_classes, self.data_shape = bias.shape[0] - 1, tuple(data_shape)
+        self.register_buffer("a", a)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x, t, y):
+        flat = rearrange(x, "b ... -> b (...)")
+        out = flat @ self.a.T + self.bias[y]
+        return out.reshape(x.shape)
+
+
+class SmoothNet(nn.Module):
+    """A nonlinear float64 backbone ``tanh(W1 x + e_y + t c) @ W2`` with fixed random weights."""
+
+    def __init__(self, dim: int = 3, hidden: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.num_classes, self.data_shape = NUM_CLASSES, (dim,)
+        self.w1 = nn.Parameter(torch.randn(hidden, dim, generator=g, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(dim, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5)
+        self.emb = nn.Parameter(torch.randn(NUM_CLASSES + 1, hidden, generator=g, dtype=torch.float64))
+        self.c = nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64) * 1e-3)
+
+    def forward(self, x, t, y):
+        return torch.tanh(x @ self.w1.T + self.emb[y] + t[:, None] * self.c) @ self.w2.T
+
+
+class Counting(nn.Module):
+    """Wraps a backbone; records each call's batch size and grad mode, and counts backward passes."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.num_classes, self.data_shape = net, net.num_classes, net.data_shape
+        self.calls, self.backwards = [], 0
+
+    def forward(self, x, t, y):
+        out = self.net(x, t, y)
+        self.calls.append((x.shape[0], torch.is_grad_enabled()))
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def _count_backward(self, grad):
+        self.backwards += 1
+
+
+def vp_s(t: int, T: int = 1000) -> tuple[float, float]:
+    """``(a_t, s_t)`` of DDPM linear betas 1e-4..0.02, computed here from the definition."""
+    abar = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / (T - 1)) for i in range(t + 1))
+    return math.sqrt(abar), math.sqrt(1 - abar)
+
+
+def linear_model(a=A, bias=BIAS, data_shape=(3,)) -> Denoiser:
+    return Denoiser(LinearEps(a, bias, data_shape), VPSchedule(1000), Prediction("eps"))
