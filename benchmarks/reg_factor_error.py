@@ -49,15 +49,15 @@ def errors_along_chain(model, batch: int, steps: int, w: float, seed: int = 0) -
         state.visit(t)
         step = GuidanceStep(model, x, t, state)
         with torch.no_grad():
-            x0_ref = model(x, t, torch.full_like(y, model.null_label))
-        x0_c, f = paper_factor(model, x, t, y, step.a)
-        g_term = guidance._term(x0_c, x0_ref, w, step)
+            x0_ref = model(x, t, model.conditioning.null(y))
+        x0_c, f = paper_factor(guidance.branches.differentiable(model, t, y), x, step.a)
+        g_term = guidance.term(x0_c, x0_ref, w, step)
         correction = norms((f - 1) * g_term)
         row = {"t": float(t), "progress": model.schedule.progress(t), "correction": correction / norms(g_term)}
         with torch.no_grad():
             for name, precision in (("graph_free", "fp32"), ("graph_free bf16", "bf16")):
                 with autocast("cpu", precision):
-                    f_fd = finite_difference_factor(guidance, model, x, t, y, step)[2].float()
+                    f_fd = finite_difference_factor(guidance.branches, model, x, t, y, step)[2].float()
                 row[name] = norms((f_fd - f) * g_term) / correction
             for space in ("eps", "x0"):
                 row[f"reuse {space}"] = (norms((reused_factor(*previous, step.a, step.s, space) - f) * g_term)

@@ -350,6 +350,8 @@ def test_bad_parameters_raise_config_error(params, message):
     (lambda: make_guidance("autoguidance", reference_checkpoint="weak.ckpt"), "reference_checkpoint names a file: sample.py and sweep.py load it"),
     (lambda: make_guidance("autoguidance", reference=linear_model(bias=torch.zeros(4, 3, dtype=torch.float64))),
      "reference has num_classes=3"),
+    (lambda: make_guidance("cfg", reference=linear_model(bias=torch.zeros(1, 3, dtype=torch.float64))),
+     "reference has num_classes=0"),  # a network that would index the labels: only one that ignores them fits
     (lambda: make_guidance("autoguidance", reference=linear_model(
         torch.eye(4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64), (4,))), r"data_shape=\(4,\)"),
     (lambda: make_guidance("autoguidance", reference=Denoiser(LinearEps(A, BIAS), VPSchedule(500), Prediction("eps"))),

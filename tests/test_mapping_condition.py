@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import LinearEps
 from mapping_backbone import LabelVectorMLP, LinearLabelVector  # also registers LabelVectorMLP for checkpoints
 
 from lightning_reg.diffusion import conditions
@@ -69,6 +71,13 @@ def test_a_mapping_condition_is_batched_split_and_checked_without_guidance_looki
         conditions.batch_size({"label": torch.zeros(2), "vector": torch.zeros(3, 2)})
     with pytest.raises(ConfigError, match=r"a mapping of \['label', 'vector'\]"):
         GuidedDenoiser(linear_model(), make_guidance("cfg"), torch.tensor([0, 1]))
+    labels = Denoiser(LinearEps(torch.eye(2), torch.zeros(3, 2), (2,)), VPSchedule(1000), Prediction("eps"))
+    guidance = make_guidance("cfg", scale=1.0)
+    for bad, got in (({"label": torch.tensor([0])}, "dict"), (torch.tensor([[0], [1]]), r"torch.int64 \(2, 1\)"),
+                     (torch.tensor([0.5]), "torch.float32")):
+        with pytest.raises(ConfigError, match=rf"1-D tensor of class ids \(B,\), got {got}"):
+            generate(labels, guidance, bad, range(conditions.batch_size(bad)), steps=1, seed=0, batch_size=2)
+    assert generate(labels, guidance, np.array([0, 1]), [0, 1], steps=1, seed=0, batch_size=2).shape == (2, 2)
     # generate splits the mapping into batches and the chains do not depend on the batch size
     torch.manual_seed(0)
     model = Denoiser(LabelVectorMLP(hidden=8), VPSchedule(1000), Prediction("eps"))

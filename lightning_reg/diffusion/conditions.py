@@ -125,9 +125,9 @@ class ClassLabels(Conditioning):
         return torch.full_like(y, self.num_classes)
 
     def check(self, y: Tensor, allow_null: bool = False) -> None:
-        if torch.is_floating_point(y) or isinstance(y, Mapping):
-            raise ConfigError(f"a class-conditional model's condition is a tensor of class ids, got "
-                              f"{type(y).__name__} {getattr(y, 'dtype', '')}")
+        if not isinstance(y, Tensor) or torch.is_floating_point(y) or y.ndim != 1:
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+            raise ConfigError(f"a class-conditional model's condition is a 1-D tensor of class ids (B,), got {got}")
         top = self.num_classes + int(allow_null and self.has_null)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= top):
             raise ConfigError(f"label ids must lie in [0, {top - 1}] for a model with num_classes={self.num_classes}; "

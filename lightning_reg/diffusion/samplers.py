@@ -49,7 +49,7 @@ def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: in
     Learned variance (``eta = 1`` and a backbone with ``learn_sigma``, e.g. DiT): the mean stays the
     posterior mean and the noise std becomes ``exp(log Sigma / 2)`` of improved DDPM eq. 15 between the
     step's ``beta = 1 - (a_cur / a_next)^2`` and the posterior variance ``c^2``, with ``v`` of the
-    conditional call, asked of ``learned_variance()`` after each call (``Denoiser.learned_variance``, handed
+    conditional call, asked of ``learned_variance()`` after each call (``GuidedDenoiser.learned_variance``, handed
     in by ``generate``; ``None``: the fixed posterior std), as the public DiT/ADM ``p_sample`` on respaced betas.
     """
     if not 0.0 <= eta <= 1.0:

@@ -70,11 +70,12 @@ class Branches:
             if guides:
                 model.conditioning.refuse_null(type(model.net).__name__)
             return
-        if ref.data_shape != model.data_shape or ref.num_classes not in (0, model.num_classes):
+        ignores = bool(getattr(ref.net, "ignores_condition", False))
+        if ref.data_shape != model.data_shape or (ref.num_classes != model.num_classes and not ignores):
             raise ConfigError(
                 f"{method} reference has num_classes={ref.num_classes}, data_shape={ref.data_shape}; "
-                f"the model has num_classes={model.num_classes}, data_shape={model.data_shape} (an unconditional "
-                "reference, num_classes=0, also fits)")
+                f"the model has num_classes={model.num_classes}, data_shape={model.data_shape} (a reference that "
+                "ignores the condition, as EDM2's unconditional network, fits any num_classes)")
         if ref.schedule != model.schedule:
             raise ConfigError(f"{method} reference was trained with another noise schedule")
 

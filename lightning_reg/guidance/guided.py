@@ -57,8 +57,8 @@ class Guidance:
             return self.branches.conditional(model, x, t, y)
         step = GuidanceStep(model, x, t, state)
         replaced = self.rule.replacement(step)
-        if replaced is not None:
-            if self.branches.channels is None:
+        if replaced is not None:  # its learned variance, as every step's, is the conditional branch's
+            if self.branches.channels is None and not model.learn_sigma:
                 return replaced, None
             x0_c, v = self.branches.conditional(model, x, t, y)
             return x0_c + self.branches.mask(replaced - x0_c), v

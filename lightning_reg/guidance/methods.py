@@ -136,7 +136,8 @@ class CFGZeroStar(GuidanceRule):
     ``v = v_c + w (v_c - s* v_ref)`` with the per-sample optimised scale ``s* = <v_c, v_ref> / ||v_ref||^2``;
     for the chain's first ``zero_init_steps`` steps (distinct times) ``v = 0``: ``x0_hat = eps_hat =
     x / (a_t + s_t)`` (flow: ``x0_hat = x``, Euler keeps ``x``). Both apply only when ``w > 0``; a zeroed
-    step has no guidance term, so REG leaves it alone.
+    step has no guidance term, so REG leaves it alone. A learned-sigma network (DiT) still runs its conditional
+    branch on a zeroed step, for the variance the DDPM sampler asks.
     """
 
     name = "cfg_zero_star"

@@ -44,8 +44,8 @@ class ChainState:
 
 
 class GuidanceStep:
-    """One denoiser call: ``x_t``, ``t``, ``(a_t, s_t)``, sampling progress and the chain's state, with the
-    output spaces methods use.
+    """One denoiser call: ``x_t``, ``(a_t, s_t)``, sampling progress and the chain's state, with the output spaces
+    methods use.
 
     * ``output``/``to_x0``: the schedule's ``OUTPUT_SPACES`` entry, ``eps`` for VP and EDM, the velocity
       for flow (what eps- and flow networks output, and what their samplers step with).
@@ -55,7 +55,7 @@ class GuidanceStep:
     """
 
     def __init__(self, model: Denoiser, x: Tensor, t: Tensor | float, state: ChainState):
-        self.x, self.t, self.state, self.schedule = x, t, state, model.schedule
+        self.x, self.state = x, state
         self.a, self.s = model.coefficients(t, x)
         self.progress = model.schedule.progress(t)
         self.flow = OUTPUT_SPACES[model.schedule.name] == "velocity"

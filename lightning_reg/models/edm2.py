@@ -276,6 +276,11 @@ class EDM2Precond(nn.Module):
     def data_shape(self) -> tuple[int, int, int]:
         return (self.img_channels, self.img_resolution, self.img_resolution)
 
+    @property
+    def ignores_condition(self) -> bool:
+        """An unconditional network (``label_dim = 0``) ignores the labels: any model's guidance reference."""
+        return not self.label_dim
+
     def one_hot(self, y: Tensor, like: Tensor) -> Tensor | None:
         """Label ids as the float one-hot vectors the network takes (``None`` for an unconditional one)."""
         if not self.label_dim:

@@ -150,7 +150,7 @@ def generate(denoiser: Denoiser, guidance: Guidance, conditions: Condition, indi
     schedule, steps, noise_sampler=...)`` with the per-sample noise of ``PerSampleNoise(seed, indices)``,
     under ``autocast(device, precision)``. ``denoiser`` must already be on ``device``.
     """
-    if isinstance(conditions, (list, tuple)):
+    if not isinstance(conditions, Mapping):
         conditions = torch.as_tensor(conditions)
     indices = torch.as_tensor(indices).long().reshape(-1)
     if cond.batch_size(conditions) != len(indices):

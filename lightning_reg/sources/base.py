@@ -123,11 +123,10 @@ class ModelSource:
     def verify(self, spec: ModelSpec, denoiser: Denoiser) -> None:
         """Check the loaded ``denoiser`` (over ``spec.vae``'s latents when set) against the spec's options."""
 
-    def with_reference(self, spec: ModelSpec, denoiser: Denoiser, path: str,
-                       field: str) -> tuple[Denoiser, Denoiser | None, dict | None]:
-        """The guiding file ``path`` as ``(denoiser, reference, meta)``: by default a ``ConditionalDiffusion``
-        checkpoint given the same conditions (the guidance ``reference``)."""
-        return denoiser, load_denoiser(path, spec.ema, field), None
+    def reference(self, spec: ModelSpec, path: str, field: str) -> tuple[Denoiser, dict | None]:
+        """The guiding file ``path`` as ``(reference, meta)``: by default a ``ConditionalDiffusion`` checkpoint,
+        the guidance ``reference`` given the same conditions."""
+        return load_denoiser(path, spec.ema, field), None
 
     def location(self, spec: ModelSpec) -> str:
         """The file or folder the model was read from (what its sha256 covers)."""
@@ -144,7 +143,7 @@ class ModelSource:
 
 SOURCES: dict[str, ModelSource] = {}
 DEFAULT_FORMAT = "lightning"  # the source of a spec no source claims
-REFERENCE_FORMAT = "lightning"  # the default guiding file (``ModelSource.with_reference``, ``load_denoiser``)
+REFERENCE_FORMAT = "lightning"  # the default guiding file (``ModelSource.reference``, ``load_denoiser``)
 
 
 def register_source(cls: type[ModelSource]) -> type[ModelSource]:
@@ -185,8 +184,8 @@ def source_of(spec: ModelSpec) -> ModelSource:
 
 @dataclass
 class LoadedModels:
-    """``load_models``' result: the denoiser, the guiding file's reference (``None`` without one, or when the
-    reference lives in the denoiser's null condition) and the source's ``meta``."""
+    """``load_models``' result: the denoiser, where it was read from, the guiding file's reference (``None``
+    without one) and the source's ``meta``."""
 
     denoiser: Denoiser
     location: str
@@ -208,15 +207,13 @@ def load_models(spec: ModelSpec, reference: str | None = None,
     source.verify(spec, denoiser)
     loaded = LoadedModels(denoiser, source.location(spec), None, source.meta(contents))
     if reference is not None:
-        loaded.denoiser, loaded.reference, reference_meta = source.with_reference(spec, denoiser, reference,
-                                                                                  reference_field)
+        loaded.reference, reference_meta = source.reference(spec, reference, reference_field)
         if reference_meta is not None:
             loaded.meta = {**(loaded.meta or {}), "reference": reference_meta}
-        if loaded.reference is not None:  # the guiding file must fit the model, named before anything samples
-            try:
-                Branches(reference=loaded.reference).bind(loaded.denoiser, "guidance", needs_reference=True)
-            except ConfigError as err:
-                raise ConfigError(f"{reference_field} {reference}: {err}") from None
+        try:  # the guiding file must fit the model, named before anything samples
+            Branches(reference=loaded.reference).bind(loaded.denoiser, "guidance", needs_reference=True)
+        except ConfigError as err:
+            raise ConfigError(f"{reference_field} {reference}: {err}") from None
     loaded.denoiser.eval()
     if loaded.reference is not None:
         loaded.reference.eval()

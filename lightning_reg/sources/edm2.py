@@ -79,11 +79,12 @@ class EDM2Source(ModelSource):
                               "one as --guidance.reference_checkpoint (CFG)")
         return EDM2Denoiser(net, codec=self.codec(spec, snapshot))
 
-    def with_reference(self, spec: ModelSpec, denoiser: EDM2Denoiser, path: str,
-                       field: str) -> tuple[Denoiser, Denoiser | None, dict]:
+    def reference(self, spec: ModelSpec, path: str, field: str) -> tuple[Denoiser, dict]:
+        """EDM2's guiding file, an ordinary guidance reference: an unconditional network (CFG) or a weaker
+        conditional one (autoguidance), recorded as ``kind``."""
         net, snapshot = self.read(ModelSpec(path, self.name, field=field))
         kind = "autoguidance" if net.label_dim else "cfg_unconditional"
-        return denoiser, EDM2Denoiser(net), {"kind": kind, **self.meta((net, snapshot))}
+        return EDM2Denoiser(net), {"kind": kind, **self.meta((net, snapshot))}
 
     def meta(self, contents: tuple[EDM2Precond, EDM2Snapshot]) -> dict:
         return snapshot_metadata(contents[1])
