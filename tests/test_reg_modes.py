@@ -149,6 +149,25 @@ def test_graph_free_keeps_one_variance_row_per_sample(xy, layout):
     torch.testing.assert_close(guided.learned_variance(), (torch.tanh(x + h) + torch.tanh(x - h)) / 2, **TOL)
 
 
+@pytest.mark.parametrize("channels", [None, [0, 2]])
+def test_a_zeroed_cfg_zero_star_step_hands_on_the_conditional_variance(xy, channels):
+    """CFG-Zero*'s zero-init step replaces the estimate, not the variance: a learned-sigma net's ``v`` is the
+    conditional branch's there too (the DDPM sampler asks it after every call)."""
+    x, y = xy
+    model = model_for("vp-eps", LearnedSigma())
+    guided = GuidedDenoiser(model, make_guidance("cfg_zero_star", scale=2.0, zero_init_steps=1,
+                                                 guidance_channels=channels), y)
+    with torch.no_grad():
+        out = guided(x, torch.tensor(400.0, dtype=torch.float64))
+    torch.testing.assert_close(guided.learned_variance(), torch.tanh(x), **TOL)
+    a, s = vp_s(400)
+    zeroed = x / (a + s)  # v = 0: x0_hat = eps_hat = x / (a + s)
+    if channels is None:
+        torch.testing.assert_close(out, zeroed, **TOL)
+    else:
+        torch.testing.assert_close(out[:, [0, 2]], zeroed[:, [0, 2]], **TOL)
+
+
 # --- reuse --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", list(SCHEDULES))

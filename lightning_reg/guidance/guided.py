@@ -8,7 +8,6 @@ applied by the branches, and REG, when on, rectifies it (``Rectifier.guided``).
 
 from __future__ import annotations
 
-
 from torch import Tensor
 
 from lightning_reg.diffusion.conditions import Condition
@@ -61,7 +60,7 @@ class Guidance:
             if self.branches.channels is None and not model.learn_sigma:
                 return replaced, None
             x0_c, v = self.branches.conditional(model, x, t, y)
-            return x0_c + self.branches.mask(replaced - x0_c), v
+            return (replaced if self.branches.channels is None else x0_c + self.branches.mask(replaced - x0_c)), v
         if self.rectifier.active(step.progress):
             return self.rectifier.guided(lambda x0_c, x0_ref: self.term(x0_c, x0_ref, w, step), self.branches,
                                          model, x, t, y, step)
