@@ -350,7 +350,10 @@ def test_formulas_agree_with_diffusers_guiders(xy):
     ({"method": "cfg_zero_star", "zero_init_steps": -1}, "zero_init_steps must be an integer >= 0, got -1"),
     ({"method": "cfg_zero_star", "zero_init_steps": 1.5}, "zero_init_steps must be an integer >= 0, got 1.5"),
     ({"method": "cfg", "guidance_rescale": 1.5}, "guidance_rescale must be <= 1"),
-    ({"method": "interval", "start": -0.1}, "interval start must be >= 0"),
+    ({"method": "interval", "start": -0.1, "t_lo": 1}, "interval start must be >= 0"),
+    ({"method": "interval", "scale": 1.0}, "interval needs t_lo and/or t_hi"),
+    ({"method": "cfg", "scal": 1.0}, r"unknown 'scal' \(did you mean 'scale'\?\); accepted: \['branch_layout'"),
+    ({"method": "conditional", "scale": 1.0}, r"bad parameters for guidance 'conditional': unknown 'scale'"),
     ({"method": "linear", "start": 0.6, "stop": 0.4}, "linear stop must be >= 0.6"),
     ({"method": "cosine", "stop": 1.2}, "cosine stop must be <= 1"),
 ])

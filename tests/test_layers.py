@@ -2,20 +2,26 @@
 level or inside a function (every ``import`` statement of every module, read from its syntax tree)."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "lightning_reg"
-# lowest first; a unit (a subpackage or a top-level module) may import its own layer and the layers below
-LAYERS = [
-    ("errors",),
-    ("io", "distributed"),
-    ("models", "diffusion"),
-    ("data", "oracle", "guidance"),
-    ("metrics", "module"),
-    ("sources",),
-    ("sampling", "callbacks", "experiments"),
-    ("cli",),
-]
+ARCHITECTURE = Path(__file__).parents[1] / "docs" / "architecture.md"
+
+
+def documented_layers() -> list[tuple[str, ...]]:
+    """The layer diagram of ``docs/architecture.md`` (the code block after "checks it against this order"), lowest
+    first: each line names its units (lower-case words) before a description."""
+    text = ARCHITECTURE.read_text()
+    block = text[text.index("checks it against this order"):].split("```")[1]
+    layers = []
+    for line in block.strip("\n").splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        layers.append(tuple(c for c in cells if re.fullmatch(r"[a-z_]+", c)))
+    return layers[::-1]
+
+
+LAYERS = documented_layers()  # lowest first; a unit may import its own layer and the layers below
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 
 
@@ -45,7 +51,13 @@ def imports(path: Path) -> list[tuple[int, str]]:
 def test_every_unit_has_a_layer():
     units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
              if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
-    assert units == set(RANK), f"give {sorted(units ^ set(RANK))} a layer here and in docs/architecture.md"
+    assert units == set(RANK), f"give {sorted(units ^ set(RANK))} a layer in docs/architecture.md's diagram"
+
+
+def test_the_layer_table_is_read_from_the_doc():
+    assert LAYERS[0] == ("errors",) and LAYERS[-1] == ("cli",)
+    assert ("data", "oracle", "guidance") in LAYERS and ("io", "distributed") in LAYERS
+    assert all(LAYERS) and len(RANK) == sum(map(len, LAYERS))  # every line names a unit, each unit once
 
 
 def test_no_import_climbs_a_layer():
@@ -96,8 +108,9 @@ def module_graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycle_between_modules():
-    graph, state, cycles = module_graph(), {}, []
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every cycle a depth-first walk of ``graph`` closes, as ``a -> b -> a``."""
+    state, cycles = {}, []
 
     def visit(node, stack):
         state[node] = "open"
@@ -111,10 +124,16 @@ def test_no_import_cycle_between_modules():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycle_between_modules():
+    cycles = find_cycles(module_graph())
     assert not cycles, "\n".join(cycles)
 
 
-def test_the_cycle_checker_sees_a_cycle(tmp_path, monkeypatch):
+def test_the_cycle_checker_sees_a_cycle_and_reads_imports_of_modules_from_packages():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a -> b -> c -> a"]
     graph = module_graph()
     assert "lightning_reg.guidance.reg" in graph["lightning_reg.guidance.guided"]
     assert "lightning_reg.diffusion.conditions" in graph["lightning_reg.guidance.branches"]  # from pkg import module

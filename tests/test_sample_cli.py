@@ -271,7 +271,7 @@ def test_public_dit_checkpoint_samples_decoded_images(public_dit, tmp_path, one_
     images, labels = load(out)
     assert images.dtype == np.uint8 and images.shape == (3, 64, 64, 3) and labels.tolist() == [0, 1, 2]
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["data_shape"] == [4, 8, 8] and meta["setting"] == "cfg_w2x1.5_paper_guidance_channels[0,1,2]"
+    assert meta["data_shape"] == [4, 8, 8] and meta["setting"] == "cfg_w2x1.5_paper_guidance_channels0-1-2"
     assert json.loads((out / "run.json").read_text())["model"] == "DiT-S/8"
 
 

@@ -98,6 +98,10 @@ def test_setting_name():
     assert setting_name({"method": "interval", "scale": 2, "t_lo": 205, "t_hi": 502, "reg": "vjp"}) == \
         "interval_w2_vjp_t_hi502_t_lo205"
     assert setting_name({"method": "conditional"}) == "conditional_w0_none"
+    # lists join with "-": a folder name without brackets, commas or spaces
+    assert setting_name({"method": "cfg", "scale": 1, "reg": "window", "reg_window": [0, 0.3]}) == \
+        "cfg_w1_window_reg_window0-0.3"
+    assert setting_name({"method": "cfg", "guidance_channels": [0, 1, 2]}) == "cfg_w1_none_guidance_channels0-1-2"
 
 
 @pytest.mark.parametrize("reg", ["none", "paper"])

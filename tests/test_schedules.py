@@ -8,6 +8,7 @@ import torch
 from lightning_reg.diffusion import Denoiser, EDMSchedule, FlowSchedule, Prediction, VPSchedule, make_schedule
 from lightning_reg.diffusion.predictions import eps_from_x0, v_from_x0_eps, x0_from_eps
 from lightning_reg.errors import ConfigError
+from lightning_reg.guidance import make_guidance
 from lightning_reg.models.mlp import ToyMLP
 
 
@@ -179,3 +180,27 @@ def test_diffusers_spacing_refuses_times_its_ddim_steps_do_not_follow():
         VPSchedule(spacing="even-ish")
     with pytest.raises(ConfigError, match="steps_offset must be a non-negative integer"):
         VPSchedule(spacing="leading", steps_offset=-1)
+
+
+def test_edm_progress_is_the_karras_ramp_by_hand():
+    """EDM's progress is the position on the ramp in ``sigma^(1/rho)`` (not in sigma): with sigma_max = 80,
+    sigma_min = 0.002, rho = 7, sigma = 1 sits at ``(80^(1/7) - 1) / (80^(1/7) - 0.002^(1/7))``."""
+    schedule = EDMSchedule()
+    hi, lo = 80 ** (1 / 7), 0.002 ** (1 / 7)
+    assert schedule.progress(80.0) == 0.0 and schedule.progress(0.002) == pytest.approx(1.0, abs=1e-12)
+    assert schedule.progress(1.0) == pytest.approx((hi - 1.0) / (hi - lo), abs=1e-12)
+    assert schedule.progress(1.0) == pytest.approx(0.5966, abs=1e-4)  # 0.8699 / 1.4584; linear in sigma: 0.9875
+    assert schedule.progress(0.0) == 1.0 and schedule.progress(200.0) == 0.0  # clamped outside the ramp
+    # the sampling grid is uniform on the ramp: step i of n sits at progress i / (n - 1)
+    times = schedule.sampling_times(5)[:-1]
+    assert [schedule.progress(t) for t in times] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0], abs=1e-9)
+
+
+def test_flow_and_vp_progress_by_hand_and_the_window_edges():
+    assert FlowSchedule().progress(0.7) == pytest.approx(0.3) and VPSchedule(1000).progress(250) == 0.75
+    # a window [0.25, 0.5] of progress guides the EDM ramp positions inside it: just inside each edge, not just out
+    schedule, rule = EDMSchedule(), make_guidance("cfg", scale=2.0, start=0.25, stop=0.5).rule
+    hi, lo = 80 ** (1 / 7), 0.002 ** (1 / 7)
+    weights = [rule.weight_at(torch.tensor((hi + p * (lo - hi)) ** 7, dtype=torch.float64), schedule)
+               for p in (0.2499, 0.2501, 0.4, 0.4999, 0.5001)]
+    assert weights == [0.0, 2.0, 2.0, 2.0, 0.0]

@@ -11,7 +11,7 @@ from PIL import Image
 
 import lightning_reg.sampling.cli as sample_cli
 from lightning_reg.guidance.reg import REG_MODES
-from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front, write_table
+from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front, summary, write_table
 from lightning_reg.metrics.fronts import main as fronts_main
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
@@ -181,7 +181,7 @@ def test_folder_of_another_sweep_is_refused_and_left_alone(reference_sweep, chec
     (["--methods", "[{method: cfg, weights: []}]"], r"--methods\[0\] \(cfg\): empty weight grid"),
     (["--methods", "[]"], "--methods is empty"),
     (["--methods", "[{method: cfg, weights: [1], power: 2}]"],
-     r"--methods\[0\] \(cfg\) weight 1: bad parameters for guidance 'cfg': .*unexpected keyword argument 'power'"),
+     r"--methods\[0\] \(cfg\) weight 1: bad parameters for guidance 'cfg': unknown 'power'; accepted: \['branch_layout'"),
     (["--methods", "[{method: cfg, weights: [1, -0.5]}]"],
      r"--methods\[0\] \(cfg\) weight -0.5: scale=-0.5 is below 0 \(w convention\)"),
     (["--methods", "[{method: cosine, weights: [2, 0.5]}]", "--convention", "w2"],
@@ -274,7 +274,7 @@ def test_sweep_of_the_public_dit_layout_opens_its_checkpoint_once_and_writes_its
                 "--evaluation", f"{{metrics: [kid, accuracy], reference: {tmp_path / 'ref.npz'}, "
                                 f"feature_network: {clf}}}", "--front", "[kid, accuracy]", "--output", str(out)])
     rows = read_table(out / "sweep.csv")
-    assert [r["setting"] for r in rows] == [f"cfg_w{w}_{reg}_guidance_channels[0,1,2]"
+    assert [r["setting"] for r in rows] == [f"cfg_w{w}_{reg}_guidance_channels0-1-2"
                                             for reg in ("none", "paper") for w in ("0", "1.5")]
     assert all(0 <= float(r["accuracy"]) <= 1 and math.isfinite(float(r["kid"])) for r in rows)
     meta = json.loads((out / rows[0]["setting"] / "meta.json").read_text())
@@ -288,3 +288,15 @@ def test_sweep_of_a_lightning_checkpoint_reads_it_once_for_all_settings(checkpoi
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(Path(f)), load(f, *a, **k))[1])
     sweep_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "sweep"), *SWEEP, "--max_settings", "3"])
     assert len(list((tmp_path / "sweep").glob("*/row.json"))) == 3 and loads.count(checkpoint) == 1
+
+
+def test_summary_columns_stay_aligned_for_long_method_and_reg_names():
+    rows = [{"method": method, "reg": reg, "w": 1.0, "fid": fid, "accuracy": 0.9, "time_per_sample_ms": 1.5}
+            for method, reg, fid in (("cfg", "none", 5.0), ("cfg", "graph_free", 4.0),
+                                     ("cfg_zero_star_long_name", "paper", 3.0))]
+    lines = summary(rows, "fid", "accuracy").splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1  # every row as wide as the header
+    w_end = lines[0].index("best w") + len("best w")  # the weights end under their header in every row
+    assert all(line[w_end - 1] == "1" and line[w_end] == " " for line in lines[1:])
+    assert lines[2].split()[:2] == ["cfg", "graph_free"] and lines[3].split()[:2] == ["cfg_zero_star_long_name",
+                                                                                         "paper"]

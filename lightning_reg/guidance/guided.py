@@ -8,6 +8,9 @@ applied by the branches, and REG, when on, rectifies it (``Rectifier.guided``).
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from torch import Tensor
 
 from lightning_reg.diffusion.conditions import Condition
@@ -107,6 +110,17 @@ BRANCH_OPTIONS = {"branch_layout": "layout", "reference": "reference", "guidance
 REG_OPTIONS = {"reg": "mode", "reg_every": "every", "reg_window": "window"}
 
 
+def rule_parameters(cls: type) -> list[str]:
+    """The keyword parameters a rule class takes: its own and its bases' named ``__init__`` parameters, but those
+    it sets itself (``fixed``)."""
+    names = []
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and klass is not object:
+            names += [p.name for p in inspect.signature(klass.__init__).parameters.values()
+                      if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return [name for name in names if name not in cls.fixed]
+
+
 def make_guidance(method: str = "cfg", **params) -> Guidance:
     """A guidance method by name from one flat dict, e.g. ``make_guidance("cfg", scale=1, reg="paper")``:
     ``reg``, ``reg_every``, ``reg_window`` go to REG; ``branch_layout``, ``reference`` (a ``Denoiser``),
@@ -116,6 +130,12 @@ def make_guidance(method: str = "cfg", **params) -> Guidance:
     if "reference_checkpoint" in params:
         raise ConfigError("reference_checkpoint names a file: sample.py and sweep.py load it; from Python pass "
                           "reference=<a Denoiser>")
+    accepted = sorted(set(rule_parameters(GUIDANCE[method])) | set(BRANCH_OPTIONS) | set(REG_OPTIONS))
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
+        raise ConfigError(f"bad parameters for guidance {method!r}: unknown {unknown[0]!r}"
+                          f"{f' (did you mean {near[0]!r}?)' if near else ''}; accepted: {accepted}")
     branches = {BRANCH_OPTIONS[k]: params.pop(k) for k in list(params) if k in BRANCH_OPTIONS}
     reg = {REG_OPTIONS[k]: params.pop(k) for k in list(params) if k in REG_OPTIONS}
     try:

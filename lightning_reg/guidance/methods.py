@@ -16,6 +16,7 @@ class Conditional(GuidanceRule):
     """No guidance: the conditional prediction alone (``w = 0``)."""
 
     name = "conditional"
+    fixed = ("scale", "convention")  # set here, not by the user
 
     def __init__(self, **kwargs):
         super().__init__(scale=0.0, convention="w", **kwargs)
@@ -31,15 +32,19 @@ class IntervalCFG(GuidanceRule):
     """CFG only for ``t_lo <= t <= t_hi`` (Kynkäänniemi et al. 2024), the conditional prediction outside.
 
     Times are in the schedule's own unit: DDPM index for ``vp`` (DiT: [205, 502] of 1000), sigma for
-    ``edm`` (EDM2: [0.28, 2.90]), t for ``flow``.
+    ``edm`` (EDM2: [0.28, 2.90]), t for ``flow``. At least one bound must be given (an unset ``t_lo`` is 0, an
+    unset ``t_hi`` infinity): without either the method would be plain CFG under another name.
     """
 
     name = "interval"
 
-    def __init__(self, scale: float = 1.0, t_lo: float = 0.0, t_hi: float = float("inf"), **kwargs):
+    def __init__(self, scale: float = 1.0, t_lo: float | None = None, t_hi: float | None = None, **kwargs):
         super().__init__(scale, **kwargs)
-        self.t_lo = check_number("interval t_lo", t_lo)
-        self.t_hi = t_hi if t_hi == float("inf") else check_number("interval t_hi", t_hi)
+        if t_lo is None and t_hi is None:
+            raise ConfigError("interval needs t_lo and/or t_hi, in the schedule's time unit (DDPM index, sigma or "
+                              "flow t; DiT: t_lo: 205, t_hi: 502); without them it is plain cfg")
+        self.t_lo = 0.0 if t_lo is None else check_number("interval t_lo", t_lo)
+        self.t_hi = float("inf") if t_hi is None else check_number("interval t_hi", t_hi)
         if self.t_lo > self.t_hi:
             raise ConfigError(f"inverted guidance interval: t_lo={t_lo} > t_hi={t_hi}")
 

@@ -30,6 +30,7 @@ class GuidanceRule:
 
     name = "guidance"
     needs_reference_model = False
+    fixed: tuple[str, ...] = ()  # base parameters a method sets itself (``Conditional``: its weight)
 
     def __init__(self, scale: float = 1.0, convention: str = "w", start: float = 0.0, stop: float = 1.0):
         if convention not in CONVENTIONS:

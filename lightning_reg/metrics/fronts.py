@@ -193,9 +193,11 @@ def _minor_log_label(value: float, _) -> str:
 def summary(rows: list[dict], x: str, y: str) -> str:
     """Per method and REG mode, the best-``x`` row: its weight (w convention), ``x``, ``y`` and time per sample."""
     best = best_rows(rows, ("method", "reg"), x, METRIC_GOALS[x])
-    lines = [f"{'method':<14}{'reg':<7}{'best w':>8}{x:>18}{y:>16}{'ms/sample':>11}"]
+    m = max([len("method")] + [len(method) for method, _ in best]) + 2  # columns as wide as their longest entry
+    r = max([len("reg")] + [len(reg) for _, reg in best]) + 2
+    lines = [f"{'method':<{m}}{'reg':<{r}}{'best w':>8}{x:>18}{y:>16}{'ms/sample':>11}"]
     for (method, reg), row in best.items():
-        lines.append(f"{method:<14}{reg:<7}{float(row['w']):>8g}{float(row[x]):>18.4g}{float(row[y]):>16.4g}"
+        lines.append(f"{method:<{m}}{reg:<{r}}{float(row['w']):>8g}{float(row[x]):>18.4g}{float(row[y]):>16.4g}"
                      f"{float(row['time_per_sample_ms']):>11.3g}")
     return "\n".join(lines)
 

@@ -124,8 +124,9 @@ def gather_by_index(local: Tensor, n: int, world_size: int, all_gather: Callable
 
 def setting_name(guidance: Mapping) -> str:
     """A readable, metric-key-safe name for a guidance dict, e.g. ``{method: cfg, scale: 1, reg: paper}``
-    -> ``cfg_w1_paper`` (``w2`` convention: ``cfg_w2x1.5_paper``); other numeric parameters are appended
-    as ``_key<value>``."""
+    -> ``cfg_w1_paper`` (``w2`` convention: ``cfg_w2x1.5_paper``); other parameters are appended as
+    ``_key<value>``, a list's items joined by ``-`` (``_reg_window0-0.3``): no brackets, commas or spaces in a
+    folder name."""
     params = dict(guidance)
     method, reg = params.pop("method", "cfg"), params.pop("reg", "none")
     convention = params.pop("convention", "w")
@@ -133,8 +134,12 @@ def setting_name(guidance: Mapping) -> str:
     params.pop("reference", None)
     params.pop("reference_checkpoint", None)
     weight = f"w{scale:g}" if convention == "w" else f"w2x{scale:g}"
-    extra = "".join(f"_{k}{v:g}" if isinstance(v, (int, float)) else f"_{k}{v}" for k, v in sorted(params.items())
-                    if v is not None)
+    def value(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return "-".join(value(item) for item in v)
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    extra = "".join(f"_{k}{value(v)}" for k, v in sorted(params.items()) if v is not None)
     return f"{method}_{weight}_{reg}{extra}".replace(" ", "")
 
 
