@@ -66,13 +66,17 @@ def to(y: Condition, device) -> Condition:
 
 def select(mask: Tensor, a: Condition, b: Condition) -> Condition:
     """Row ``i`` of ``a`` where ``mask[i]``, of ``b`` elsewhere."""
-    def pick(pair):
-        first, second = pair
+    def pick(first: Tensor, second: Tensor) -> Tensor:
         return torch.where(mask.view(-1, *[1] * (first.ndim - 1)), first, second)
 
     if isinstance(a, Mapping):
-        return {key: pick((a[key], b[key])) for key in a}
-    return pick((a, b))
+        return {key: pick(a[key], b[key]) for key in a}
+    return pick(a, b)
+
+
+def describe(y) -> str:
+    """A condition's type and shape, for errors: ``torch.int64 (2, 1)``, ``dict``."""
+    return f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
 
 
 class Conditioning(nn.Module):
@@ -126,8 +130,8 @@ class ClassLabels(Conditioning):
 
     def check(self, y: Tensor, allow_null: bool = False) -> None:
         if not isinstance(y, Tensor) or torch.is_floating_point(y) or y.ndim != 1:
-            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
-            raise ConfigError(f"a class-conditional model's condition is a 1-D tensor of class ids (B,), got {got}")
+            raise ConfigError(f"a class-conditional model's condition is a 1-D tensor of class ids (B,), got "
+                              f"{describe(y)}")
         top = self.num_classes + int(allow_null and self.has_null)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= top):
             raise ConfigError(f"label ids must lie in [0, {top - 1}] for a model with num_classes={self.num_classes}; "
@@ -159,7 +163,7 @@ class PromptEmbeddings(Conditioning):
         return self.null_embedding.to(y).expand_as(y)
 
     def check(self, y: Tensor, allow_null: bool = False) -> None:
-        if not isinstance(y, Tensor) or not torch.is_floating_point(y) or y.ndim != 3 or tuple(y.shape[1:]) != self.shape:
-            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        if (not isinstance(y, Tensor) or not torch.is_floating_point(y) or y.ndim != 3
+                or tuple(y.shape[1:]) != self.shape):
             raise ConfigError(f"a text-to-image model's condition is a prompt embedding (B, "
-                              f"{', '.join(map(str, self.shape))}) from its text encoder, got {got}")
+                              f"{', '.join(map(str, self.shape))}) from its text encoder, got {describe(y)}")

@@ -138,7 +138,8 @@ class Branches:
         return self.mask(self.rescaled(x0_c, g, step))
 
     def __repr__(self):
-        return (f"Branches(layout={self.layout!r}, reference={type(self.reference).__name__ if self.reference else None}"
+        reference = type(self.reference).__name__ if self.reference is not None else None
+        return (f"Branches(layout={self.layout!r}, reference={reference}"
                 f", channels={self.channels!r}, rescale={self.rescale!r})")
 
 

@@ -63,13 +63,17 @@ def read_edm2_safetensors(path: str | Path) -> EDM2Snapshot:
         raise ConfigError(f"{path} is not an EDM2 safetensors file written by convert_edm2 ({one_line(err)})") from None
 
 
-def read_edm2_snapshot(path: str | Path) -> EDM2Snapshot:
-    """The snapshot of an official ``edm2-*.pkl`` (read without running its code) or of its safetensors file
-    (by the suffix ``.safetensors``); a bad file is one ConfigError line."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_edm2_safetensors(path)
+def read_official_snapshot(path: str | Path) -> EDM2Snapshot:
+    """The snapshot of an official ``edm2-*.pkl``, read without running its code; a bad file is one ConfigError
+    line."""
     try:
         return read_edm2_pickle(path)
     except EDM2FileError as err:
         raise ConfigError(str(err)) from None
+
+
+def read_edm2_snapshot(path: str | Path) -> EDM2Snapshot:
+    """The snapshot of an official ``edm2-*.pkl`` (``read_official_snapshot``) or of its safetensors file (by the
+    suffix ``.safetensors``); a bad file is one ConfigError line."""
+    path = Path(path)
+    return read_edm2_safetensors(path) if path.suffix == ".safetensors" else read_official_snapshot(path)

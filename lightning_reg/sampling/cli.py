@@ -37,7 +37,8 @@ from lightning_reg.metrics.evaluate import build_evaluator, read_samples
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import ToyEvaluator
 from lightning_reg.sampling import writer
-from lightning_reg.sampling.config import SampleConfig, build_parser as config_parser, config_from
+from lightning_reg.sampling.config import (SampleConfig, build_parser as config_parser, config_from,
+                                           without_reference_file)
 from lightning_reg.sampling.engine import generate, sample_conditions, sample_keys, sample_seed, setting_name
 from lightning_reg.sources import load_models
 
@@ -86,8 +87,8 @@ class SamplingJob:
         """Guidance, labels and evaluator for ``config`` (``evaluator``: one already built, as a sweep shares);
         one one-step sample to catch what only the chain sees; the output folder checked."""
         denoiser = model.denoiser
-        params = dict(config.guidance)
-        if params.pop("reference_checkpoint", None) is not None:
+        params = without_reference_file(config.guidance)  # the guiding file, loaded once: model.reference
+        if model.reference is not None:
             params["reference"] = model.reference
         guidance = make_guidance(**params)
         guidance.bind(denoiser)

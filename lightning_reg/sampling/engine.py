@@ -81,8 +81,9 @@ def sample_keys(n: int, denoiser: Denoiser, labels: Sequence[int] | None = None,
     callback; ``sample_conditions`` turns keys into conditions."""
     takes_prompts = denoiser.conditioning.takes_prompts
     if takes_prompts != (prompts is not None):
-        raise ConfigError("the model is a text-to-image model: give --prompts FILE (one caption a line)" if takes_prompts
-                          else "--prompts is for a text-to-image model; this model is class-conditional (--labels)")
+        raise ConfigError("the model is a text-to-image model: give --prompts FILE (one caption a line)"
+                          if takes_prompts else
+                          "--prompts is for a text-to-image model; this model is class-conditional (--labels)")
     if prompts is not None:
         return torch.arange(n) % len(prompts)
     if labels is None:
@@ -163,7 +164,7 @@ def generate(denoiser: Denoiser, guidance: Guidance, conditions: Condition, indi
                           f"and {len(indices)}")
     check_int("steps", steps)
     check_int("batch_size", batch_size)
-    get_sampler(sampler, **dict(sampler_kwargs or {}))
+    sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}))
     denoiser.conditioning.check(conditions)
     dtype = denoiser.state_dtype
     out = []
@@ -173,10 +174,9 @@ def generate(denoiser: Denoiser, guidance: Guidance, conditions: Condition, indi
             guided = GuidedDenoiser(denoiser, guidance, cond.to(y, device))
             # a learned variance (DiT) reaches the VP samplers explicitly, from the guided call's conditional branch
             variance = {"learned_variance": guided.learned_variance} if denoiser.learn_sigma else {}
-            sample_fn = get_sampler(sampler, **dict(sampler_kwargs or {}), **variance)
             with autocast(device, precision):
                 x0 = sample_fn(guided, noise.draw(denoiser.data_shape, device, dtype), denoiser.schedule, steps,
-                               noise_sampler=noise)
+                               noise_sampler=noise, **variance)
             out.append(denoiser.decode(x0).float().cpu())
             bar.update(len(idx))
     return torch.cat(out) if out else torch.empty(0, *denoiser.sample_shape)

@@ -14,8 +14,8 @@ from pathlib import Path
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.latent import ChannelLatentCodec, LatentCodec
 from lightning_reg.errors import ConfigError
-from lightning_reg.io.edm2 import save_edm2_safetensors, snapshot_metadata
-from lightning_reg.io.edm2_pickle import EDM2FileError, EDM2Snapshot, read_edm2_pickle
+from lightning_reg.io.edm2 import read_official_snapshot, save_edm2_safetensors, snapshot_metadata
+from lightning_reg.io.edm2_pickle import EDM2Snapshot
 from lightning_reg.io.vae import load_autoencoder
 from lightning_reg.models.edm2 import EDM2Denoiser, EDM2Precond, edm2_from_snapshot, load_edm2
 from lightning_reg.sources.base import ModelSource, ModelSpec, register_source
@@ -25,10 +25,7 @@ def convert_edm2(path: str | Path) -> Path:
     """Read an official ``edm2-*.pkl`` safely once and write ``<same name>.safetensors`` next to it, so later
     loads (``load_edm2``) never touch pickle."""
     path = Path(path)
-    try:
-        snapshot = read_edm2_pickle(path)
-    except EDM2FileError as err:
-        raise ConfigError(str(err)) from None
+    snapshot = read_official_snapshot(path)
     edm2_from_snapshot(snapshot, str(path))  # refuse a file our network cannot load before writing anything
     return save_edm2_safetensors(snapshot, path.with_suffix(".safetensors"))
 
@@ -36,9 +33,9 @@ def convert_edm2(path: str | Path) -> Path:
 @register_source
 class EDM2Source(ModelSource):
     """An official EDM2 snapshot (``edm2-*.pkl``, read without running its code) or its ``convert_edm2``
-    safetensors file (docs/edm2.md). Its guiding file is its reference condition: an unconditional network
-    (``label_dim = 0``) answers the null condition (CFG); a conditional one is the reference given the same
-    labels (autoguidance). img512 latents decode through the SD VAE with the snapshot's per-channel scale and
+    safetensors file (docs/edm2.md). Its guiding file is the guidance reference, given the same labels: an
+    unconditional network (``label_dim = 0``, CFG: EDM2 trains no null label) or a weaker conditional one
+    (autoguidance). img512 latents decode through the SD VAE with the snapshot's per-channel scale and
     bias (``spec.vae``, default ``stabilityai/sd-vae-ft-mse``, never downloaded); img64 networks work on pixels."""
 
     name, what = "edm2", "EDM2 snapshot (.pkl or .safetensors)"
