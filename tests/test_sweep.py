@@ -11,7 +11,8 @@ from PIL import Image
 
 import lightning_reg.sampling.cli as sample_cli
 from lightning_reg.guidance.reg import REG_MODES
-from lightning_reg.metrics.fronts import best_rows, dominates, pareto_front, summary, write_table
+from lightning_reg.metrics.fronts import (CHAIN_COLUMNS, best_rows, chain_labels, chains, dominates, pareto_front,
+                                          summary, write_table)
 from lightning_reg.metrics.fronts import main as fronts_main
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
@@ -288,6 +289,133 @@ def test_sweep_of_a_lightning_checkpoint_reads_it_once_for_all_settings(checkpoi
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(Path(f)), load(f, *a, **k))[1])
     sweep_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "sweep"), *SWEEP, "--max_settings", "3"])
     assert len(list((tmp_path / "sweep").glob("*/row.json"))) == 3 and loads.count(checkpoint) == 1
+
+
+# samplers x steps x (1 method x 1 weight x 2 REG modes): 3 chains x 2 = 6 settings of 6 samples in one shard
+SAMPLERS = "[{sampler: ddim, steps: [2, 3]}, {sampler: ddpm, steps: 2}]"
+CHAIN_SWEEP = ["--samplers", SAMPLERS, "--methods", "[{method: cfg, weights: [2]}]", "--reg", "[none, paper]",
+               "--num_samples", "6", "--shard_size", "6", "--batch_size", "6", "--seed", "3", "--distribution",
+               "toy2d"]
+CHAINS = [("ddim", 2), ("ddim", 3), ("ddpm", 2)]
+GUIDANCES = ["cfg_w2_none", "cfg_w2_paper"]
+CHAIN_NAMES = [f"{sampler}{steps}_{g}" for sampler, steps in CHAINS for g in GUIDANCES]
+
+
+@pytest.fixture(scope="module")
+def chain_sweep(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chains") / "sweep"
+    sweep_main(["--checkpoint", str(checkpoint), "--output", str(out), *CHAIN_SWEEP])
+    return out
+
+
+def test_sweep_over_samplers_and_steps_equals_plain_runs(chain_sweep, checkpoint, tmp_path, capsys):
+    """A folder per sampler x steps x setting (``<sampler><steps>_<setting>``), rows with their sampler and
+    steps, and each setting's samples byte-equal to a plain ``sample.py`` run with its sampler, steps and
+    guidance; the summary has a line per chain, method and REG mode."""
+    from lightning_reg.sampling.cli import main as sample_main
+
+    assert sorted(p.name for p in chain_sweep.iterdir() if p.is_dir()) == sorted(CHAIN_NAMES)
+    rows = read_table(chain_sweep / "sweep.csv")
+    assert [r["setting"] for r in rows] == CHAIN_NAMES
+    assert [(r["sampler"], int(r["steps"]), r["sampler_kwargs"]) for r in rows[::2]] == [(*c, "") for c in CHAINS]
+    settings = json.loads((chain_sweep / "sweep.json").read_text())["settings"]
+    assert settings[2] == {"guidance": {"method": "cfg", "scale": 2, "convention": "w", "reg": "none"},
+                           "sampler": "ddim", "steps": 3, "sampler_kwargs": None}
+    for (sampler, steps), (weight, reg) in zip(CHAINS, [(2, "paper"), (2, "none"), (2, "paper")]):
+        out = tmp_path / f"{sampler}{steps}"
+        sample_main(["--checkpoint", str(checkpoint), "--output", str(out), "--guidance",
+                     f"{{method: cfg, scale: {weight}, reg: {reg}}}", "--sampler", sampler, "--steps", str(steps),
+                     *CHAIN_SWEEP[6:]])
+        setting = chain_sweep / f"{sampler}{steps}_cfg_w{weight:g}_{reg}"
+        assert (out / "samples.npz").read_bytes() == (setting / "samples.npz").read_bytes(), setting.name
+    samples = {name: (chain_sweep / name / "samples.npz").read_bytes() for name in CHAIN_NAMES}
+    assert len(set(samples.values())) == len(CHAIN_NAMES)  # every sampler and step count samples its own
+    capsys.readouterr()
+    sweep_main(["--checkpoint", str(checkpoint), "--output", str(chain_sweep), *CHAIN_SWEEP])
+    out = capsys.readouterr().out
+    assert "6 of 6 settings" in out
+    assert out.splitlines()[1].split()[:3] == ["sampler", "method", "reg"]
+    assert [line.split()[:4] for line in out.splitlines()[2:]] == [
+        [sampler, str(steps), "cfg", reg] for sampler, steps in CHAINS for reg in ("none", "paper")]
+    assert Image.open(chain_sweep / "fronts.png").size[0] >= 800
+
+
+def test_sweep_without_samplers_keeps_its_names_and_fingerprint(reference_sweep):
+    """Without ``--samplers``: the settings' names and the fingerprint's list of settings as before (older sweeps
+    resume), and every row with the config's one sampler and steps."""
+    assert sorted(p.name for p in reference_sweep.iterdir() if p.is_dir()) == sorted(NAMES)
+    fingerprint = json.loads((reference_sweep / "sweep.json").read_text())
+    assert fingerprint["settings"][0] == {"method": "cfg", "scale": 0.5, "convention": "w", "reg": "none"}
+    assert (fingerprint["sampler"], fingerprint["steps"]) == ("ddpm", STEPS)
+    assert {(r["sampler"], r["steps"]) for r in read_table(reference_sweep / "sweep.csv")} == {("ddpm", str(STEPS))}
+
+
+def test_sampler_sweep_resumes_and_refuses_another_grid(chain_sweep, checkpoint, tmp_path, capsys):
+    """Interrupted after 2 settings, the same command finishes the table of the uninterrupted sweep (``--steps``,
+    which ``--samplers`` replaces, may change); another sampler grid is refused for the folder."""
+    out = tmp_path / "sweep"
+    args = ["--checkpoint", str(checkpoint), "--output", str(out), *CHAIN_SWEEP]
+    sweep_main([*args, "--max_settings", "2"])
+    assert "run the same command again to resume" in capsys.readouterr().out
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/shard_*.npz")}
+    assert len(finished) == 2
+    sweep_main([*args, "--steps", "9"])
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    assert without_timing(read_table(out / "sweep.csv")) == without_timing(read_table(chain_sweep / "sweep.csv"))
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_main([*args, "--samplers", "[{sampler: ddim, steps: [2, 4]}, {sampler: ddpm, steps: 2}]"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --output {out} holds another sweep (arguments differ in " \
+                                              "['settings']); choose another folder"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+
+
+@pytest.mark.parametrize("samplers, message", [
+    ("[]", r"--samplers is empty; give e\.g\. \[\{sampler: ddim, steps: \[20, 50\]\}\]"),
+    ("[{steps: 2}]", r"--samplers\[0\] has no 'sampler'"),
+    ("[{sampler: ddim, step: 2}]", r"--samplers\[0\]: unknown key 'step' \(did you mean 'steps'\?\); accepted: "
+                                   r"\['name', 'sampler', 'sampler_kwargs', 'steps'\]$"),
+    ("[{sampler: ddim}]", r"--samplers\[0\] \(ddim\): no steps; give 'steps' as an int or a non-empty list"),
+    ("[{sampler: ddim, steps: []}]", r"--samplers\[0\] \(ddim\): no steps"),
+    ("[{sampler: ddim, steps: [2, 0]}]", r"--samplers\[0\] \(ddim\) steps must be a positive integer, got 0$"),
+    ("[{sampler: ddim, steps: 2.5}]", r"--samplers\[0\] \(ddim\) steps must be a positive integer, got 2\.5$"),
+    ("[{sampler: ddim, steps: [2, 2]}]", r"--samplers\[0\] \(ddim\) gives steps 2 twice"),
+    ("[{sampler: ddim, steps: 2}, {sampler: ddim, steps: [3, 2], sampler_kwargs: {eta: 0.5}}]",
+     r"--samplers\[0\] and --samplers\[1\] \(ddim\) both give the folder tag 'ddim2'; give them distinct 'name's"),
+    ("[{sampler: ddim, steps: 2}, {sampler: euler, steps: 2}]",
+     r"--samplers\[1\] \(euler\): unknown sampler 'euler'; choose one of \["),
+    ("[{sampler: ddim, steps: 2, name: 'a/b'}]", r"--samplers\[0\] \(ddim\): name 'a/b' tags folders"),
+    ("[{sampler: ddim, steps: 2, sampler_kwargs: [0.5]}]", r"sampler_kwargs must be a mapping"),
+    # the sampler against the model, by each chain's first job: the second chain's here
+    ("[{sampler: ddim, steps: 2}, {sampler: ddim, steps: 3, sampler_kwargs: {power: 2}}]",
+     r"--sampler_kwargs \{'power': 2\} do not fit sampler 'ddim'"),
+    ("[{sampler: ddim, steps: 2}, {sampler: edm_heun, steps: 2}]", r"sampler 'edm_heun' needs the 'edm' schedule"),
+])
+def test_bad_samplers_one_line_and_nothing_written(checkpoint, tmp_path, refused, samplers, message):
+    out = tmp_path / "out"
+    refused(lambda: sweep_main(["--checkpoint", str(checkpoint), "--output", str(out), *CHAIN_SWEEP,
+                                "--samplers", samplers]), message, out)
+
+
+def test_rows_of_several_sampler_chains_are_curves_of_their_own():
+    """Rows of several chains: a best row per chain, method and REG mode, each chain under its label (a diffusers
+    scheduler by its short name, the options only where two chains would read the same)."""
+    rows = [{"sampler": sampler, "steps": steps, "sampler_kwargs": kwargs, "method": "cfg", "reg": "none", "w": w,
+             "ed": ed, "on": 0.9} for sampler, steps, kwargs, w, ed in (
+        ("ddim", 2, "", 1, 0.3), ("ddim", 2, "", 2, 0.2), ("ddim", 2, "eta=0.5", 1, 0.1),
+        ("diffusers:DPMSolverMultistepScheduler", 10, "use_karras_sigmas=True", 1, 0.4))]
+    assert list(chain_labels(chains(rows)).values()) == ["ddim 2", "ddim 2 eta=0.5", "DPMSolverMultistep 10"]
+    best = best_rows(rows, ("method", "reg", *CHAIN_COLUMNS), "ed")
+    assert [row["ed"] for row in best.values()] == [0.2, 0.1, 0.4]
+    rows = [{**r, "energy_distance": r["ed"], "on_shape": r["on"], "time_per_sample_ms": 1.0} for r in rows]
+    lines = summary(rows, "energy_distance", "on_shape").splitlines()
+    assert [line.split()[:4] for line in lines] == [
+        ["sampler", "method", "reg", "best"], ["ddim", "2", "cfg", "none"], ["ddim", "2", "eta=0.5", "cfg"],
+        ["DPMSolverMultistep", "10", "cfg", "none"]]
+    assert len({len(line) for line in lines}) == 1  # the sampler column as wide as its longest label
+    assert summary(rows[:2], "energy_distance", "on_shape").splitlines()[0].startswith("method")  # one chain
 
 
 def test_summary_columns_stay_aligned_for_long_method_and_reg_names():

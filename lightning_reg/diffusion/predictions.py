@@ -50,7 +50,7 @@ class Prediction:
     def _edm_coefficients(self, s):
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / (s ** 2 + sd2)
-        c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
+        c_out = s * self.sigma_data / (s ** 2 + sd2) ** 0.5
         return c_skip, c_out
 
     def input_scale(self, a: Tensor, s: Tensor) -> Tensor:
@@ -84,6 +84,20 @@ class Prediction:
             return x - s * out
         c_skip, c_out = self._edm_coefficients(s)
         return c_skip * x + c_out * out
+
+    def from_x0(self, x0: Tensor, x: Tensor, a: Tensor, s: Tensor) -> Tensor:
+        """The raw output ``F`` whose ``to_x0`` at input ``x`` is ``x0`` (its inverse: what a diffusers scheduler
+        of this prediction type is handed)."""
+        if self.kind == "eps":
+            return eps_from_x0(x0, x, a, s)
+        if self.kind == "x0":
+            return x0
+        if self.kind == "v":
+            return (a * x - (a ** 2 + s ** 2) * x0) / s
+        if self.kind == "velocity":
+            return (x - x0) / s
+        c_skip, c_out = self._edm_coefficients(s)
+        return (x0 - c_skip * x) / c_out
 
     def __repr__(self):
         return f"Prediction({self.kind!r})"

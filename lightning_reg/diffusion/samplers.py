@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lightning_reg.diffusion.denoiser import learned_log_variance
 from lightning_reg.diffusion.predictions import eps_from_x0
+from lightning_reg.diffusion.schedulers import PREFIX, Scheduled, check_scheduler
 from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, NoiseSchedule
 from lightning_reg.errors import ConfigError
 
@@ -105,6 +106,30 @@ def flow_euler(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, ste
     return x
 
 
+@torch.no_grad()
+def diffusers_scheduler(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: int, *, scheduler: str,
+                        noise_sampler=None, progress: bool = False,
+                        learned_variance: Callable[[], Tensor | None] | None = None, prediction: str = "eps",
+                        **options) -> Tensor:
+    """diffusers' ``scheduler`` built from ``schedule`` (``schedulers.Scheduled``), stepped as a diffusers pipeline
+    steps: ``x_T = noise * init_noise_sigma``, then per timestep ``x0 = D(x_model, t)`` and
+    ``x = scheduler.step(model_output(x0), timestep, x)``. Its noise comes from ``noise_sampler``'s per-sample
+    generators (``PerSampleNoise``); ``prediction``: the model's own target (what a VP scheduler is handed)."""
+    chain = Scheduled(scheduler, schedule, steps, options, prediction)
+    generators = getattr(noise_sampler, "generators", None)
+    x = noise * float(chain.scheduler.init_noise_sigma)
+    steps_bar = tqdm(list(enumerate(chain.timesteps)), desc=scheduler.removesuffix("Scheduler"), leave=False,
+                     disable=not progress)
+    for i, timestep in steps_bar:
+        t = chain.time(i, timestep)
+        x_model = chain.model_input(x, timestep)
+        x0 = denoiser(x_model, t)
+        variance = learned_variance() if learned_variance is not None else None
+        x = chain.step(chain.model_output(x0, x_model, t, variance), timestep, x, generators)
+        _check_finite(x, i, t, denoiser)
+    return x
+
+
 SAMPLERS = {
     "ddpm": partial(ddim, eta=1.0),
     "ddim": ddim,
@@ -114,7 +139,12 @@ SAMPLERS = {
 
 
 def get_sampler(name: str, **kwargs) -> Callable[..., Tensor]:
-    """A sampler by name (``ddpm``, ``ddim``, ``edm_heun``, ``flow_euler``); kwargs such as ``eta``."""
+    """A sampler by name (``ddpm``, ``ddim``, ``edm_heun``, ``flow_euler``, or ``diffusers:<SchedulerClass>``:
+    ``diffusers_scheduler``); kwargs such as ``eta``, or the scheduler's options."""
+    if name.startswith(PREFIX):
+        check_scheduler(name[len(PREFIX):], kwargs)
+        return partial(diffusers_scheduler, scheduler=name[len(PREFIX):], **kwargs)
     if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)} or "
+                          f"{PREFIX}<SchedulerClass> (e.g. {PREFIX}DPMSolverMultistepScheduler)")
     return partial(SAMPLERS[name], **kwargs) if kwargs else SAMPLERS[name]

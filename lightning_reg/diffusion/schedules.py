@@ -114,7 +114,18 @@ class VPSchedule(NoiseSchedule):
         self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - beta, 0)])
 
     def alpha_sigma(self, t):
-        abar = self.alpha_bar[_as_tensor(t).round().long() + 1]
+        """The table at an index; between two indices (a Karras-sigma scheduler's fractional timesteps) ``log(s/a)``
+        linear in ``t``, the inverse of how diffusers maps sigmas to timesteps (``_sigma_to_t``)."""
+        t = _as_tensor(t)
+        index = t.round()
+        abar = self.alpha_bar[index.long() + 1]
+        between = ((t - index).abs() > 1e-6) & (t > 0) & (t < self.num_timesteps - 1)
+        if between.any():
+            table = self.alpha_bar[1:]
+            log_sigma = 0.5 * ((1 - table) / table).log()
+            lo = t.floor().clamp(0, self.num_timesteps - 2).long()
+            w = t - lo
+            abar = torch.where(between, torch.sigmoid(-2 * ((1 - w) * log_sigma[lo] + w * log_sigma[lo + 1])), abar)
         return abar.sqrt(), (1 - abar).sqrt()
 
     def sample_training_times(self, n, device=None):

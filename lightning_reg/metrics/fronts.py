@@ -8,6 +8,8 @@ are left out of fronts and best points.
   strictly better in one), e.g. FID (min) against IS (max), or energy distance (min) against on-shape (max).
 * ``best_rows(rows, by, metric, goal)``: per group (e.g. ``("method", "reg")``, one curve over the weight
   grid), the row with the best ``metric``: a curve's turning point, where more guidance stops helping.
+* ``chains(rows)``: the sampler chains (sampler, steps, sampler_kwargs) of a table; with several (a sweep's
+  ``--samplers``), every curve, best point and summary line is per chain too.
 
 The sweep's table (``write_table`` / ``read_table``), figure (``save_fronts``) and summary (``summary``) live here.
 A table read back is checked (at most ``MAX_TABLE_BYTES`` and ``MAX_TABLE_ROWS``; the columns the figure reads;
@@ -29,12 +31,14 @@ from lightning_reg.io.files import atomic_write, read_text
 
 GOALS = ("min", "max")
 REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--"}
-LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params")
+LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params", "sampler", "steps",
+                "sampler_kwargs")
+CHAIN_COLUMNS = ("sampler", "steps", "sampler_kwargs")  # a sampler chain: its own curves when a table has several
 COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 METRIC_GOALS = {"energy_distance": "min", "sliced_wasserstein": "min", "log_likelihood": "max", "on_shape": "max",
                 "fid": "min", "kid": "min", "is": "max", "accuracy": "max", "clip_score": "max"}
 TABLE_COLUMNS = ("method", "reg", "w", "time_per_sample_ms")  # what the figure and the summary read
-NUMBER_COLUMNS = ("w", "weight", "num_samples", "time_per_sample_ms", "peak_memory_mib", *METRIC_GOALS)
+NUMBER_COLUMNS = ("w", "weight", "steps", "num_samples", "time_per_sample_ms", "peak_memory_mib", *METRIC_GOALS)
 MAX_TABLE_BYTES = 16 << 20  # a sweep's table is a few KB
 MAX_TABLE_ROWS = 100_000
 
@@ -66,17 +70,37 @@ def pareto_front(rows: Sequence[Mapping], goals: Mapping[str, str]) -> list[int]
 
 
 def best_rows(rows: Sequence[Mapping], by: Sequence[str], metric: str, goal: str = "min") -> dict[tuple, Mapping]:
-    """Per group of equal ``tuple(row[k] for k in by)``, the row with the best finite ``metric`` (ties: the
-    first in table order). Groups appear in table order; a group without a finite value is left out."""
+    """Per group of equal ``tuple(row.get(k) for k in by)`` (a missing column reads ``None``), the row with the
+    best finite ``metric`` (ties: the first in table order). Groups appear in table order; a group without a
+    finite value is left out."""
     best: dict[tuple, Mapping] = {}
     for row in rows:
         value = _value(row, metric, goal)
         if not math.isfinite(value):
             continue
-        key = tuple(row[k] for k in by)
+        key = tuple(row.get(k) for k in by)
         if key not in best or value < _value(best[key], metric, goal):
             best[key] = row
     return best
+
+
+def chain(row: Mapping) -> tuple:
+    """A row's sampler chain: its ``CHAIN_COLUMNS`` (``None`` in a table from before them)."""
+    return tuple(row.get(c) for c in CHAIN_COLUMNS)
+
+
+def chains(rows: Sequence[Mapping]) -> list[tuple]:
+    """The distinct sampler chains of ``rows``, in table order."""
+    return list(dict.fromkeys(chain(row) for row in rows))
+
+
+def chain_labels(keys: Sequence[tuple]) -> dict[tuple, str]:
+    """Each chain's label: ``sampler steps``, e.g. ``ddim 20`` or ``DPMSolverMultistep 10`` (a diffusers
+    scheduler by its class name without ``Scheduler``), and its options where two labels would be equal."""
+    short = {key: "" if key[0] is None else f"{key[0].rpartition(':')[2].removesuffix('Scheduler')} {key[1]}"
+             for key in keys}  # "": a table from before the chain columns
+    shared = {label for label in short.values() if list(short.values()).count(label) > 1}
+    return {key: f"{label} {key[2]}" if label in shared and key[2] else label for key, label in short.items()}
 
 
 def default_front(metric_names: tuple[str, ...]) -> list[str]:
@@ -137,7 +161,7 @@ def _is_number(cell: str | None) -> bool:
 def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -> None:
     """One panel per method (shared axes): a curve per REG mode over the weight grid in ``(x, y)``, line style
     by REG mode, each curve's best-``x`` point starred and labelled with its ``w``; the Pareto front of all
-    rows in grey behind."""
+    rows in grey behind. Rows of several sampler chains: a curve per chain and REG mode, coloured by chain."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -151,23 +175,31 @@ def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, cols, squeeze=False, sharex=True, sharey=True).ravel()
     front = sorted((rows[i] for i in pareto_front(rows, goals)), key=lambda r: float(r[x]))
-    best = best_rows(rows, ("method", "reg"), x, goals[x])
+    best = best_rows(rows, ("method", "reg", *CHAIN_COLUMNS), x, goals[x])
+    keys = chains(rows)
+    labels = chain_labels(keys)
+    several = len(keys) > 1  # several sampler chains: coloured by chain, else by REG mode
     values = np.array([float(r[x]) for r in rows]) if rows else np.ones(1)
     for ax, method in zip(axes, methods):
         ax.plot([float(r[x]) for r in front], [float(r[y]) for r in front], color="0.75", lw=5, alpha=0.6,
                 zorder=0, label="Pareto front (all)")
-        for reg, style in REG_STYLES.items():
-            curve = sorted((r for r in rows if r["method"] == method and r["reg"] == reg), key=lambda r: float(r["w"]))
-            if not curve:
-                continue
-            colour = f"C{list(REG_STYLES).index(reg)}"
-            ax.plot([float(r[x]) for r in curve], [float(r[y]) for r in curve], style, marker="o", ms=3.5,
-                    color=colour, label=f"REG {reg}")
-            top = best.get((method, reg))
-            if top is not None:
-                ax.plot(float(top[x]), float(top[y]), "*", ms=14, color=colour, mec="k", mew=0.8, zorder=3)
-                ax.annotate(f"w={float(top['w']):g}", (float(top[x]), float(top[y])), textcoords="offset points",
-                            xytext=(6, -12 - 9 * list(REG_STYLES).index(reg)), fontsize=7, color=colour)
+        drawn = 0
+        for c, key in enumerate(keys):
+            for reg, style in REG_STYLES.items():
+                curve = sorted((r for r in rows if r["method"] == method and r["reg"] == reg and chain(r) == key),
+                               key=lambda r: float(r["w"]))
+                if not curve:
+                    continue
+                slot = drawn if several else list(REG_STYLES).index(reg)  # where the best point's label goes
+                colour = f"C{c if several else slot}"
+                ax.plot([float(r[x]) for r in curve], [float(r[y]) for r in curve], style, marker="o", ms=3.5,
+                        color=colour, label=f"{labels[key]}, REG {reg}" if several else f"REG {reg}")
+                top = best.get((method, reg, *key))
+                if top is not None:
+                    ax.plot(float(top[x]), float(top[y]), "*", ms=14, color=colour, mec="k", mew=0.8, zorder=3)
+                    ax.annotate(f"w={float(top['w']):g}", (float(top[x]), float(top[y])),
+                                textcoords="offset points", xytext=(6, -12 - 9 * slot), fontsize=7, color=colour)
+                drawn += 1
         ax.set_title(method)
         ax.grid(alpha=0.3)
     if values.size and values.min() > 0 and values.max() / values.min() > 20:
@@ -180,7 +212,8 @@ def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -
     for ax in axes[::cols]:
         ax.set_ylabel(f"{y} ({'lower' if goals[y] == 'min' else 'higher'} is better)")
     axes[0].legend(fontsize="small", loc="best")
-    fig.suptitle("\n".join(filter(None, [title, f"a curve per REG mode over the weights; ★ best {x} per curve"])))
+    per = "sampler chain and REG mode" if several else "REG mode"
+    fig.suptitle("\n".join(filter(None, [title, f"a curve per {per} over the weights; ★ best {x} per curve"])))
     save_figure(fig, path)
 
 
@@ -191,23 +224,33 @@ def _minor_log_label(value: float, _) -> str:
 
 
 def summary(rows: list[dict], x: str, y: str) -> str:
-    """Per method and REG mode, the best-``x`` row: its weight (w convention), ``x``, ``y`` and time per sample."""
-    best = best_rows(rows, ("method", "reg"), x, METRIC_GOALS[x])
-    m = max([len("method")] + [len(method) for method, _ in best]) + 2  # columns as wide as their longest entry
-    r = max([len("reg")] + [len(reg) for _, reg in best]) + 2
-    lines = [f"{'method':<{m}}{'reg':<{r}}{'best w':>8}{x:>18}{y:>16}{'ms/sample':>11}"]
-    for (method, reg), row in best.items():
-        lines.append(f"{method:<{m}}{reg:<{r}}{float(row['w']):>8g}{float(row[x]):>18.4g}{float(row[y]):>16.4g}"
-                     f"{float(row['time_per_sample_ms']):>11.3g}")
+    """Per method and REG mode (and sampler chain, a first column, when the rows have several), the best-``x``
+    row: its weight (w convention), ``x``, ``y`` and time per sample."""
+    best = best_rows(rows, ("method", "reg", *CHAIN_COLUMNS), x, METRIC_GOALS[x])
+    labels = chain_labels(chains(rows))
+    several = len(labels) > 1
+    samplers = {key: labels[key[2:]] if several else "" for key in best}
+    s = max([len("sampler")] + [len(v) for v in samplers.values()]) + 2 if several else 0
+    m = max([len("method")] + [len(key[0]) for key in best]) + 2  # columns as wide as their longest entry
+    r = max([len("reg")] + [len(key[1]) for key in best]) + 2
+    lines = [f"{'sampler' if s else '':<{s}}{'method':<{m}}{'reg':<{r}}{'best w':>8}{x:>18}{y:>16}{'ms/sample':>11}"]
+    for key, row in best.items():
+        lines.append(f"{samplers[key]:<{s}}{key[0]:<{m}}{key[1]:<{r}}{float(row['w']):>8g}{float(row[x]):>18.4g}"
+                     f"{float(row[y]):>16.4g}{float(row['time_per_sample_ms']):>11.3g}")
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict], metrics: Sequence[str]) -> str:
-    """``rows`` as a Markdown table: method, REG mode, ``w``, then ``metrics`` (4 significant digits)."""
-    lines = ["| method | reg | w | " + " | ".join(metrics) + " |", "|---" * (3 + len(metrics)) + "|"]
+    """``rows`` as a Markdown table: (the sampler chain, when the rows have several,) method, REG mode, ``w``, then
+    ``metrics`` (4 significant digits)."""
+    labels = chain_labels(chains(rows))
+    several = len(labels) > 1
+    lead = ["sampler"] * several + ["method", "reg", "w"]
+    lines = ["| " + " | ".join(lead + list(metrics)) + " |", "|---" * (len(lead) + len(metrics)) + "|"]
     for row in rows:
         values = [f"{float(row[m]):.4g}" if row.get(m) not in (None, "") else "" for m in metrics]
-        lines.append(f"| {row['method']} | {row['reg']} | {float(row['w']):g} | " + " | ".join(values) + " |")
+        cells = [labels[chain(row)]] * several + [row["method"], row["reg"], f"{float(row['w']):g}"] + values
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

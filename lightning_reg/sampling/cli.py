@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from lightning_reg import distributed
 from lightning_reg.data.prompts import read_prompts
 from lightning_reg.diffusion.denoiser import Denoiser
+from lightning_reg.diffusion.samplers import SAMPLERS
 from lightning_reg.distributed import fail
 from lightning_reg.errors import ConfigError, one_line, parse_error_message
 from lightning_reg.guidance.guided import Guidance, make_guidance
@@ -99,9 +100,12 @@ class SamplingJob:
                                         denoiser.data_shape, denoiser.sample_shape, config.seed, prompts)
         job = cls(config, denoiser, guidance, labels, Path(config.output), {}, evaluator, prompts,
                   cls.meta_record(config, model))
+        # a built-in sampler is checked on one step; a diffusers scheduler on the run's steps (some take no fewer)
+        check_steps = 1 if config.sampler in SAMPLERS else config.steps
         try:  # sampler vs schedule, sampler options
-            generate(denoiser, guidance, job.conditions(torch.tensor([0])), [0], sampler=config.sampler, steps=1,
-                     seed=config.seed, batch_size=1, sampler_kwargs=config.sampler_kwargs, precision=config.precision)
+            generate(denoiser, guidance, job.conditions(torch.tensor([0])), [0], sampler=config.sampler,
+                     steps=check_steps, seed=config.seed, batch_size=1, sampler_kwargs=config.sampler_kwargs,
+                     precision=config.precision)
         except TypeError as err:
             raise ConfigError(f"--sampler_kwargs {config.sampler_kwargs} do not fit sampler {config.sampler!r}: "
                               f"{err}") from None

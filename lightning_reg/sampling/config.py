@@ -1,8 +1,8 @@
 """The typed options of ``sample.py`` and ``sweep.py``: one dataclass each, validated where they are built.
 
-``SweepConfig`` *is* a ``SampleConfig`` plus the grid (methods x weights x REG modes), so every ``sample.py``
-option works in a sweep by construction. Both parse from YAML files and flags with jsonargparse
-(``build_parser``, ``config_from``); every field's help is its line in the class docstring.
+``SweepConfig`` *is* a ``SampleConfig`` plus the grid (samplers x steps x methods x weights x REG modes), so
+every ``sample.py`` option works in a sweep by construction. Both parse from YAML files and flags with
+jsonargparse (``build_parser``, ``config_from``); every field's help is its line in the class docstring.
 
 Each field declares what it decides (``field(metadata=...)``, below), and ``fingerprint()`` keeps what decides
 a run's results: a resumed ``sample.py`` run or sweep must match its fingerprint, so changing where, how fast
@@ -172,10 +172,13 @@ class SampleConfig:
         return {**values, "checkpoint_sha256": checkpoint_sha256, "reference_sha256": reference_sha256,
                 "prompts_sha256": file_sha256(self.prompts) if self.prompts is not None else None}
 
-    def with_setting(self, guidance: dict, output: str) -> SampleConfig:
-        """This config as one ``sample.py`` run: ``guidance`` into ``output`` (a sweep's setting)."""
+    def with_setting(self, guidance: dict, output: str, *, sampler: str, steps: int,
+                     sampler_kwargs: dict | None) -> SampleConfig:
+        """This config as one ``sample.py`` run: ``guidance`` with ``sampler`` over ``steps`` into ``output`` (a
+        sweep's setting)."""
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(SampleConfig)}
-        return SampleConfig(**{**own, "guidance": guidance, "output": output})
+        return SampleConfig(**{**own, "guidance": guidance, "sampler": sampler, "steps": steps,
+                               "sampler_kwargs": sampler_kwargs, "output": output})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,6 +196,11 @@ class SweepConfig(SampleConfig):
         methods: one entry per method: {method: interval, weights: [0.5, 1, 2], t_lo: 100, t_hi: 600}; keys other
             than method and weights are fixed parameters of make_guidance.
         reg: REG modes, from none, paper, vjp, reuse, window, graph_free (guidance/reg.py).
+        samplers: the sampler x steps axes: [{sampler: ddim, steps: [20, 50]}, {sampler:
+            "diffusers:DPMSolverMultistepScheduler", steps: 10, sampler_kwargs: {use_karras_sigmas: true}, name:
+            dpmpp2m_karras}]; steps an int or a list; name (optional) tags the folders, <name><steps>_<setting>,
+            default the sampler without diffusers: and Scheduler; null: the one --sampler, --steps,
+            --sampler_kwargs (a list replaces them).
         convention: the weights' convention: w (eps_c + w d) or w2 (eps_u + w2 d, w2 = w + 1).
         front: [x, y] metrics of the figure; default energy_distance vs on_shape (2D toy) or log_likelihood
             (1D toy), fid vs accuracy (or is) for images.
@@ -204,12 +212,14 @@ class SweepConfig(SampleConfig):
     num_samples: int = 2000
     methods: list[dict] = field(default_factory=list, metadata=GRID)
     reg: list[str] = field(default_factory=lambda: ["none", "paper", "vjp"], metadata=GRID)
+    samplers: list[dict] | None = field(default=None, metadata=GRID)
     convention: str = field(default="w", metadata=GRID)
     front: list[str] | None = field(default=None, metadata=RUN)  # the figure, drawn again on every invocation
     max_settings: int | None = field(default=None, metadata=RUN)
 
     kind = "sweep"
     fingerprinted = ("samples", "metrics")  # a sweep's results are its table: every setting's metrics
+    chain_fields = ("sampler", "sampler_kwargs", "steps")  # what --samplers sets per setting
 
     def __post_init__(self):
         super().__post_init__()
@@ -223,6 +233,15 @@ class SweepConfig(SampleConfig):
         if self.distribution is None and self.evaluation is None:
             raise ConfigError("a sweep needs metrics: --distribution toy1d|toy2d for toy data, --evaluation {...} "
                               "for images")
+
+    def fingerprint(self, checkpoint_sha256: str, reference_sha256: str | None = None) -> dict:
+        """``SampleConfig``'s, without ``--sampler``, ``--sampler_kwargs`` and ``--steps`` once ``--samplers``
+        replaces them: the grid's (its list of settings) decide then."""
+        values = super().fingerprint(checkpoint_sha256, reference_sha256)
+        if self.samplers is not None:
+            for name in self.chain_fields:
+                values.pop(name)
+        return values
 
 
 Config = TypeVar("Config", bound=SampleConfig)

@@ -24,6 +24,7 @@ from lightning_reg.diffusion import conditions as cond
 from lightning_reg.diffusion.conditions import Condition
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.samplers import get_sampler
+from lightning_reg.diffusion.schedulers import PREFIX as SCHEDULER_PREFIX
 from lightning_reg.errors import ConfigError, check_int
 from lightning_reg.guidance.guided import Guidance, GuidedDenoiser
 
@@ -173,10 +174,12 @@ def generate(denoiser: Denoiser, guidance: Guidance, conditions: Condition, indi
             noise = PerSampleNoise(seed, idx.tolist())
             guided = GuidedDenoiser(denoiser, guidance, cond.to(y, device))
             # a learned variance (DiT) reaches the VP samplers explicitly, from the guided call's conditional branch
-            variance = {"learned_variance": guided.learned_variance} if denoiser.learn_sigma else {}
+            model = {"learned_variance": guided.learned_variance} if denoiser.learn_sigma else {}
+            if sampler.startswith(SCHEDULER_PREFIX):  # what a diffusers scheduler is handed: the model's own target
+                model["prediction"] = denoiser.prediction.kind
             with autocast(device, precision):
                 x0 = sample_fn(guided, noise.draw(denoiser.data_shape, device, dtype), denoiser.schedule, steps,
-                               noise_sampler=noise, **variance)
+                               noise_sampler=noise, **model)
             out.append(denoiser.decode(x0).float().cpu())
             bar.update(len(idx))
     return torch.cat(out) if out else torch.empty(0, *denoiser.sample_shape)
