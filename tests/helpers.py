@@ -157,3 +157,25 @@ def vp_s(t: int, T: int = 1000) -> tuple[float, float]:
 
 def linear_model(a=A, bias=BIAS, data_shape=(3,)) -> Denoiser:
     return Denoiser(LinearEps(a, bias, data_shape), VPSchedule(1000), Prediction("eps"))
+
+
+# Stable Diffusion over tiny components (conftest's ``tiny_components``): the latent shape, two captions, our
+# text denoiser over the parts and their prompt embeddings.
+LATENT = (4, 8, 8)
+PROMPTS = ["a seven", "a red dot"]
+
+
+def our_denoiser(parts: dict, null_embedding, gradient_checkpointing: bool = False):
+    from lightning_reg.diffusion.latent import LatentCodec
+    from lightning_reg.models.stable_diffusion import PromptUNet, text_denoiser
+    from lightning_reg.sources.diffusers import schedule_from_scheduler_config
+
+    schedule, prediction = schedule_from_scheduler_config(parts["scheduler"].config)
+    return text_denoiser(PromptUNet(parts["unet"], gradient_checkpointing), schedule, prediction,
+                         LatentCodec(parts["vae"]), null_embedding).eval()
+
+
+def embeddings(parts: dict, prompts):
+    from lightning_reg.models.stable_diffusion import PromptEncoder
+
+    return PromptEncoder(parts["tokenizer"], parts["text_encoder"])(prompts)

@@ -20,7 +20,6 @@ from helpers import TOY_SAMPLE_ARGS as ARGS  # 30 samples in 3 shards of 10, bat
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import VPSchedule
-from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 from lightning_reg.sampling.cli import main as sample_main
 from lightning_reg.sampling.engine import PerSampleNoise, balanced_labels, generate

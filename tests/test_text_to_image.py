@@ -7,22 +7,15 @@ import shutil
 
 import pytest
 import torch
+from helpers import LATENT, PROMPTS, embeddings, our_denoiser
 
-from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.samplers import ddim
-from lightning_reg.models.stable_diffusion import PromptEncoder, PromptUNet, text_denoiser
-from lightning_reg.sources.diffusers import load_text_to_image, schedule_from_scheduler_config
+from lightning_reg.models.stable_diffusion import PromptEncoder
+from lightning_reg.sources.diffusers import load_text_to_image
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 
 PREDICTION_TYPES = ["epsilon", "v_prediction"]
-LATENT = (4, 8, 8)
-
-
-def our_denoiser(parts: dict, null_embedding, gradient_checkpointing: bool = False):
-    schedule, prediction = schedule_from_scheduler_config(parts["scheduler"].config)
-    return text_denoiser(PromptUNet(parts["unet"], gradient_checkpointing), schedule, prediction,
-                         LatentCodec(parts["vae"]), null_embedding).eval()
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +33,6 @@ def pipeline_folder(tmp_path_factory, sd_parts):
     return folder
 
 
-def embeddings(parts: dict, prompts):
-    return PromptEncoder(parts["tokenizer"], parts["text_encoder"])(prompts)
-
-
-PROMPTS = ["a seven", "a red dot"]
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)

@@ -117,7 +117,7 @@ def diffusers_scheduler(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSche
     generators (``PerSampleNoise``); ``prediction``: the model's own target (what a VP scheduler is handed)."""
     chain = Scheduled(scheduler, schedule, steps, options, prediction)
     generators = getattr(noise_sampler, "generators", None)
-    x = noise * float(chain.scheduler.init_noise_sigma)
+    x = noise * float(getattr(chain.scheduler, "init_noise_sigma", 1.0))  # FlowMatch: plain noise
     steps_bar = tqdm(list(enumerate(chain.timesteps)), desc=scheduler.removesuffix("Scheduler"), leave=False,
                      disable=not progress)
     for i, timestep in steps_bar:

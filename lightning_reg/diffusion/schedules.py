@@ -95,12 +95,14 @@ class VPSchedule(NoiseSchedule):
         if betas in ("linear", "scaled_linear"):
             if not 0 < beta_start <= beta_end < 1:
                 raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
-            beta = (torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64) if betas == "linear"
-                    else torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2)
+            beta = (torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device="cpu")
+                    if betas == "linear" else
+                    torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64,
+                                   device="cpu") ** 2)
         elif betas == "cosine":  # Nichol & Dhariwal (2021), eq. 17
             f = lambda u: math.cos((u / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
             beta = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_timesteps)],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device="cpu")
         else:
             raise ConfigError(f"unknown betas schedule {betas!r}; choose 'linear', 'scaled_linear' or 'cosine'")
         if spacing not in SPACINGS:
@@ -110,8 +112,9 @@ class VPSchedule(NoiseSchedule):
         self.num_timesteps, self.betas = num_timesteps, betas
         self.beta_start, self.beta_end = beta_start, beta_end
         self.spacing, self.steps_offset, self.final_alpha_one = spacing, steps_offset, bool(final_alpha_one)
-        # index 0 of the padded table is the clean time t = -1 (abar = 1)
-        self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - beta, 0)])
+        # index 0 of the padded table is the clean time t = -1 (abar = 1); the table is host data, on the CPU even
+        # when a network is built on the meta device around it (io.files.build_within)
+        self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), torch.cumprod(1 - beta, 0)])
 
     def alpha_sigma(self, t):
         """The table at an index; between two indices (a Karras-sigma scheduler's fractional timesteps) ``log(s/a)``

@@ -81,8 +81,9 @@ class SampleConfig:
         ema: sample the EMA weights (false: the raw weights).
         guidance: make_guidance(**guidance), e.g. {method: cfg, scale: 1.0, reg: paper}; autoguidance takes
             reference_checkpoint (EDM2: the guiding file, an unconditional net for CFG or a weaker one).
-        sampler: ddpm, ddim, edm_heun or flow_euler.
-        sampler_kwargs: extra sampler options, e.g. {eta: 0.5}.
+        sampler: ddpm, ddim, edm_heun, flow_euler, or a diffusers scheduler as diffusers:<SchedulerClass>
+            (e.g. diffusers:DPMSolverMultistepScheduler; docs/sampling.md).
+        sampler_kwargs: extra sampler options, e.g. {eta: 0.5}, or the scheduler's own, e.g. {use_karras_sigmas: true}.
         steps: sampling steps.
         num_samples: samples to draw.
         seed: sample i uses the generator seeded by (seed, i).
