@@ -338,6 +338,7 @@ def test_sweep_over_samplers_and_steps_equals_plain_runs(chain_sweep, checkpoint
     assert [line.split()[:4] for line in out.splitlines()[2:]] == [
         [sampler, str(steps), "cfg", reg] for sampler, steps in CHAINS for reg in ("none", "paper")]
     assert Image.open(chain_sweep / "fronts.png").size[0] >= 800
+    assert Image.open(chain_sweep / "steps.png").size[0] >= 800  # the front's metrics and the time against the steps
 
 
 def test_sweep_without_samplers_keeps_its_names_and_fingerprint(reference_sweep):
@@ -348,6 +349,7 @@ def test_sweep_without_samplers_keeps_its_names_and_fingerprint(reference_sweep)
     assert fingerprint["settings"][0] == {"method": "cfg", "scale": 0.5, "convention": "w", "reg": "none"}
     assert (fingerprint["sampler"], fingerprint["steps"]) == ("ddpm", STEPS)
     assert {(r["sampler"], r["steps"]) for r in read_table(reference_sweep / "sweep.csv")} == {("ddpm", str(STEPS))}
+    assert not (reference_sweep / "steps.png").exists()  # one chain: no steps figure
 
 
 def test_sampler_sweep_resumes_and_refuses_another_grid(chain_sweep, checkpoint, tmp_path, capsys):

@@ -97,8 +97,9 @@ def chains(rows: Sequence[Mapping]) -> list[tuple]:
 def chain_labels(keys: Sequence[tuple]) -> dict[tuple, str]:
     """Each chain's label: ``sampler steps``, e.g. ``ddim 20`` or ``DPMSolverMultistep 10`` (a diffusers
     scheduler by its class name without ``Scheduler``), and its options where two labels would be equal."""
-    short = {key: "" if key[0] is None else f"{key[0].rpartition(':')[2].removesuffix('Scheduler')} {key[1]}"
-             for key in keys}  # "": a table from before the chain columns
+    short = {key: "" if key[0] is None else  # "": a table from before the chain columns
+             f"{key[0].rpartition(':')[2].removesuffix('Scheduler')} {key[1] if key[1] is not None else ''}".strip()
+             for key in keys}
     shared = {label for label in short.values() if list(short.values()).count(label) > 1}
     return {key: f"{label} {key[2]}" if label in shared and key[2] else label for key, label in short.items()}
 
@@ -214,6 +215,49 @@ def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -
     axes[0].legend(fontsize="small", loc="best")
     per = "sampler chain and REG mode" if several else "REG mode"
     fig.suptitle("\n".join(filter(None, [title, f"a curve per {per} over the weights; ★ best {x} per curve"])))
+    save_figure(fig, path)
+
+
+def save_step_curves(path: Path, rows: list[dict], metrics: Sequence[str], title: str = "") -> None:
+    """How a metric moves with the number of steps (a sweep with a samplers axis): a panel per metric, x the
+    steps (log), a curve per sampler (its options included), method, ``w`` and REG mode, coloured by sampler and
+    styled by REG mode; the time per sample of each point in a panel of its own (wall time of the run)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    from lightning_reg.metrics.plots import save_figure
+    panels = [*metrics, "time_per_sample_ms"]
+    fig = Figure(figsize=(4.3 * len(panels), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    samplers = list(dict.fromkeys((r["sampler"], r.get("sampler_kwargs") or "") for r in rows))
+    labels = chain_labels([(sampler, None, kwargs) for sampler, kwargs in samplers])
+    names = {(sampler, kwargs): labels[(sampler, None, kwargs)] for sampler, kwargs in samplers}
+    curves = dict.fromkeys((r["sampler"], r.get("sampler_kwargs") or "", r["method"], float(r["w"]), r["reg"])
+                           for r in rows)
+    steps = sorted({int(float(r["steps"])) for r in rows})
+    for ax, metric in zip(axes, panels):
+        several = len({(c[2], c[3]) for c in curves}) > 1  # more than one method and w: say which
+        for sampler, kwargs, method, w, reg in curves:
+            curve = sorted((r for r in rows if (r["sampler"], r.get("sampler_kwargs") or "", r["method"],
+                                                float(r["w"]), r["reg"]) == (sampler, kwargs, method, w, reg)),
+                           key=lambda r: float(r["steps"]))
+            label = f"{names[(sampler, kwargs)]}, REG {reg}" + (f", {method} w={w:g}" if several else "")
+            ax.plot([float(r["steps"]) for r in curve], [float(r[metric]) for r in curve],
+                    REG_STYLES.get(reg, "-"), marker="o", ms=4, label=label,
+                    color=f"C{samplers.index((sampler, kwargs)) % 10}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(steps))  # the grid's step counts, as integers
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(n) for n in steps])
+        ax.set_xlabel("steps")
+        goal = METRIC_GOALS.get(metric)
+        ax.set_ylabel(f"{metric} ({'lower' if goal == 'min' else 'higher'} is better)" if goal
+                      else "time per sample (ms, wall time of the run)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="x-small", loc="best")
+    fig.suptitle("\n".join(filter(None, [title, "a curve per sampler and REG mode over the steps"])))
     save_figure(fig, path)
 
 

@@ -33,14 +33,15 @@ from lightning_reg.guidance.guided import make_guidance
 from lightning_reg.guidance.reg import REG_MODES
 from lightning_reg.io.files import read_json, write_json
 from lightning_reg.metrics.evaluate import evaluate_samples, read_samples
-from lightning_reg.metrics.fronts import (METRIC_GOALS, chain_labels, default_front, save_fronts, summary,
-                                          write_table)
+from lightning_reg.metrics.fronts import (METRIC_GOALS, chain_labels, default_front, save_fronts, save_step_curves,
+                                          summary, write_table)
 from lightning_reg.sampling import writer
 from lightning_reg.sampling.cli import LoadedModel, SamplingJob, launch
 from lightning_reg.sampling.config import SweepConfig, build_parser as config_parser, without_reference_file
 from lightning_reg.sampling.engine import setting_name
 
 SWEEP_FILE, ROW_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "row.json", "sweep.csv", "fronts.png"
+STEPS_FIGURE_FILE = "steps.png"  # with --samplers: the front's metrics against the steps
 SAMPLER_KEYS = ("name", "sampler", "sampler_kwargs", "steps")  # the keys of a --samplers entry
 TAG_CHARACTERS = "A-Za-z0-9_.+-"  # a sampler tag's: no brackets, commas, spaces, slashes or colons in a folder name
 
@@ -270,8 +271,12 @@ class Sweep:
         title += (f", {chains[0]} steps" if len(chains) == 1
                   else "\n" + textwrap.fill(f"samplers: {', '.join(chains)}", 90))  # the figure's width
         save_fronts(self.output / FIGURE_FILE, rows, *self.front, title=title)
+        figures = [self.output / FIGURE_FILE]
+        if self.config.samplers is not None and rows:
+            figures.append(self.output / STEPS_FIGURE_FILE)
+            save_step_curves(figures[-1], rows, self.front, title=title.split("\n")[0])
         print(f"{len(rows)} of {len(self.settings)} settings in {self.output / TABLE_FILE} and "
-              f"{self.output / FIGURE_FILE}\n{summary(rows, *self.front)}")
+              f"{' and '.join(map(str, figures))}\n{summary(rows, *self.front)}")
 
 
 def main(args: list[str] | None = None) -> None:
