@@ -8,8 +8,8 @@ sharding never look inside a condition.
 A ``Conditioning`` is the denoiser's kind of condition (``Denoiser.conditioning``): how a sample's *key* (a
 class id, or a caption) becomes a condition (``make``), the reference condition of classifier-free guidance
 (``null``), what is accepted (``check``) and label dropout (``drop``). Class labels (``ClassLabels``) are the
-simple case; ``PromptEmbeddings`` is a text encoder's; a backbone with its own kind of condition defines a
-``conditioning`` attribute (``docs/architecture.md``).
+simple case; ``PromptEmbeddings`` is a text encoder's, ``PromptParts`` a prompt condition in several parts
+(SDXL); a backbone with its own kind of condition defines a ``conditioning`` attribute (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def select(mask: Tensor, a: Condition, b: Condition) -> Condition:
 
 
 def describe(y) -> str:
-    """A condition's type and shape, for errors: ``torch.int64 (2, 1)``, ``dict``."""
+    """A condition's type and shape, for errors: ``torch.int64 (2, 1)``, ``{label: torch.int64 (2,)}``, ``list``."""
+    if isinstance(y, Mapping):
+        return "{" + ", ".join(f"{key}: {describe(value)}" for key, value in y.items()) + "}"
     return f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
 
 
@@ -167,3 +169,50 @@ class PromptEmbeddings(Conditioning):
                 or tuple(y.shape[1:]) != self.shape):
             raise ConfigError(f"a text-to-image model's condition is a prompt embedding (B, "
                               f"{', '.join(map(str, self.shape))}) from its text encoder, got {describe(y)}")
+
+
+class PromptParts(Conditioning):
+    """A prompt condition in parts, a mapping of tensors (SDXL: ``prompt_embeds`` (B, L, D), ``text_embeds`` (B, P),
+    ``time_ids`` (B, 6); docs/text_to_image.md). ``null`` holds the empty or negative prompt's parts, one sample's
+    (no batch dimension): the reference condition of every guidance method. ``shared`` names the parts that
+    belong to the sample rather than the prompt, with their per-sample shapes (SDXL's size ids): the null
+    condition takes the condition's own, as the pipeline hands one ``add_time_ids`` to both branches. ``encoder``
+    (optional) turns captions into conditions; it runs before the chain, never inside guidance or REG."""
+
+    takes_prompts = True
+
+    def __init__(self, null: Mapping[str, Tensor], shared: Mapping[str, Sequence[int]],
+                 encoder: nn.Module | None = None):
+        super().__init__()
+        self.encoder, self.null_keys = encoder, tuple(null)
+        self.shared = {key: tuple(shape) for key, shape in shared.items()}
+        for key, value in null.items():
+            self.register_buffer(f"null_{key}", value.detach().clone())
+
+    def null_part(self, key: str) -> Tensor:
+        return getattr(self, f"null_{key}")
+
+    @property
+    def shape(self) -> dict[str, tuple[int, ...]]:
+        """Each part's per-sample shape."""
+        return {**{key: tuple(self.null_part(key).shape) for key in self.null_keys}, **self.shared}
+
+    def make(self, keys: Sequence[str]) -> dict[str, Tensor]:
+        if self.encoder is None:
+            raise ConfigError("this text-to-image denoiser has no prompt encoder: give PromptParts one")
+        like = self.null_part(self.null_keys[0])
+        return apply(lambda value: value.to(like), self.encoder(list(keys)))
+
+    def null(self, y: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {key: y[key] if key in self.shared else self.null_part(key).to(y[key]).expand_as(y[key])
+                for key in self.shape}
+
+    def check(self, y, allow_null: bool = False) -> None:
+        shapes = self.shape
+        if (not isinstance(y, Mapping) or set(y) != set(shapes)
+                or any(not isinstance(value, Tensor) or not torch.is_floating_point(value)
+                       or tuple(value.shape[1:]) != shapes[key] for key, value in y.items())):
+            wanted = ", ".join(f"{key}: (B, {', '.join(map(str, shape))})" for key, shape in shapes.items())
+            raise ConfigError(f"a text-to-image model's condition is a mapping {{{wanted}}} from its prompt encoder, "
+                              f"got {describe(y)}")
+        batch_size(y)

@@ -1,7 +1,8 @@
-"""The ``diffusers`` source: a diffusers ``StableDiffusionPipeline`` folder or cached hub name (SD 1.x / 2.x,
-docs/text_to_image.md): its UNet (``models.stable_diffusion.PromptUNet``) under the schedule and prediction type
-of its scheduler config (SD 1.x: epsilon, SD 2.x: ``v``), its VAE's latents and its prompt encoder; the
-condition is a prompt embedding, the reference condition of guidance the empty (or negative) prompt's.
+"""The ``diffusers`` source: a diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline``
+(SDXL base) folder or cached hub name (docs/text_to_image.md): its UNet (``models.stable_diffusion.PromptUNet``,
+``SDXLUNet``) under the schedule and prediction type of its scheduler config (epsilon or ``v``), its VAE's latents
+and its prompt encoder; the condition is a prompt embedding (SDXL: a mapping of embeddings, pooled embeddings
+and size ids), the reference condition of guidance the empty (or negative) prompt's.
 
 Everything that reads a pipeline lives here (diffusers and transformers are imported inside the functions that
 need them; folders are vetted by ``io.pretrained`` before a library reads them, the Hugging Face cache is read,
@@ -21,14 +22,17 @@ from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import SPACINGS, VPSchedule
 from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.io.pretrained import check_folder, load_pretrained, local_folder
-from lightning_reg.models.stable_diffusion import PromptEncoder, PromptUNet, text_denoiser
+from lightning_reg.models.stable_diffusion import PromptEncoder, PromptUNet, SDXLPromptEncoder, SDXLUNet, text_denoiser
 from lightning_reg.sources.base import ModelSource, ModelSpec, register_source
 
-PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x and 2.x (one UNet, one CLIP text encoder, AutoencoderKL)
+SD, SDXL = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
+PIPELINES = {SD: "SD 1.x/2.x", SDXL: "SDXL base"}  # one UNet, CLIP text encoder(s), AutoencoderKL
+REFINERS = ("StableDiffusionXLImg2ImgPipeline",)  # SDXL's refiner (and SDXL image-to-image): out of scope
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # of model_index.json's components (SD 1.x/2.x)
+COMPONENTS = {SD: ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+COMPONENTS[SDXL] = (*COMPONENTS[SD], "text_encoder_2", "tokenizer_2")
+LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # of model_index.json's components
 
 
 def schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") -> tuple[VPSchedule, Prediction]:
@@ -37,7 +41,10 @@ def schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") ->
     from diffusers import DDIMScheduler
 
     config = dict(config)
-    betas = config.get("beta_schedule", "linear")
+    if "beta_schedule" not in config:  # EDM (Playground v2.5) and flow-matching scheduler configs: no betas
+        raise ConfigError(f"{field}: {str(config.get('_class_name'))[:80]} has no beta_schedule: only DDPM-type (VP) "
+                          "schedules are covered (EDM and flow-matching pipelines are not)")
+    betas = config["beta_schedule"]
     if betas not in BETA_SCHEDULES or config.get("trained_betas") is not None:
         raise ConfigError(f"{field}: beta_schedule {betas!r}{' with trained_betas' * bool(config.get('trained_betas'))}"
                           f" is not supported; supported: {sorted(BETA_SCHEDULES)}")
@@ -95,65 +102,100 @@ def check_model_index(index: dict, field: str) -> str:
     """The pipeline class of ``model_index.json``; a class or component that would come from the folder's own
     code (a custom pipeline, a library other than ``LIBRARIES``) or another pipeline kind is one ConfigError."""
     kind = index.get("_class_name")
+    covered = f"only {list(PIPELINES)} ({', '.join(PIPELINES.values())}) are covered"
     if not isinstance(kind, str):
         raise ConfigError(f"{field}: _class_name {str(kind)[:80]} names a custom pipeline, whose code is never run: "
-                          f"only {list(PIPELINES)} (SD 1.x/2.x) is covered")
+                          f"{covered}")
     for name, entry in index.items():
         library = entry[0] if isinstance(entry, list) and entry and not name.startswith("_") else None
         if library is not None and library not in LIBRARIES:
             raise ConfigError(f"{field}: component {name[:40]!r} comes from {str(library)[:80]!r}, code that is "
                               f"never run: a pipeline's components come from {list(LIBRARIES)}")
+    if kind in REFINERS:
+        raise ConfigError(f"{field} is a {kind} pipeline (SDXL's refiner, image-to-image): out of scope, only "
+                          f"text-to-image from noise is covered; give the base model's {SDXL} folder")
     if kind not in PIPELINES:
-        raise ConfigError(f"{field} is a {kind} pipeline: only {list(PIPELINES)} (SD 1.x/2.x) is covered (SDXL, SD3 "
-                          "and Flux are not)")
+        raise ConfigError(f"{field} is a {kind[:80]} pipeline: {covered} (SD3, Flux ... are not)")
+    if kind == SDXL and not isinstance(index.get("force_zeros_for_empty_prompt", True), bool):
+        raise ConfigError(f"{field}: force_zeros_for_empty_prompt must be true or false, got "
+                          f"{str(index['force_zeros_for_empty_prompt'])[:80]}")
+    second = index.get("text_encoder_2")
+    if kind == SDXL and not (isinstance(second, list) and second[-1:] == ["CLIPTextModelWithProjection"]):
+        raise ConfigError(f"{field}: text_encoder_2 is {str(second)[:80]}, not the CLIPTextModelWithProjection "
+                          "whose pooled projection SDXL's UNet takes")
     return kind
 
 
 def load_text_to_image(source: str, *, negative_prompt: str = "", gradient_checkpointing: bool = False,
                        field: str = "--checkpoint", cache_dir: str | None = None) -> TextToImage:
-    """A ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) as a ``TextToImage``; one ConfigError line for a
-    missing folder, another pipeline kind, code in the folder, a missing or unloadable component or an
-    unsupported scheduler. Every folder is vetted before a library reads it (``io.pretrained``)."""
+    """A ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline`` (SDXL base) folder as a
+    ``TextToImage``; one ConfigError line for a missing folder, another pipeline kind (SDXL's refiner too), code
+    in the folder, a missing or unloadable component or an unsupported scheduler or VAE. Every folder is vetted
+    before a library reads it (``io.pretrained``). SDXL's ``force_zeros_for_empty_prompt`` is read from
+    ``model_index.json``; its size ids are the pipeline's defaults (the UNet's sample size times the VAE's
+    scale factor, no crop)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = resolve_pipeline_folder(source, field, cache_dir)
     if not (folder / "model_index.json").is_file():
         raise ConfigError(f"{field} {source} has no model_index.json: it is not a diffusers pipeline folder")
     configs = check_folder(folder, field, "diffusers pipeline folder", weights=False)
-    kind = check_model_index(configs["model_index.json"], f"{field} {source}")
-    missing = [name for name in COMPONENTS if not (folder / name).is_dir()]
+    index = configs["model_index.json"]
+    kind = check_model_index(index, f"{field} {source}")
+    missing = [name for name in COMPONENTS[kind] if not (folder / name).is_dir()]
     if missing:
-        raise ConfigError(f"{field} {source} lacks the component folder(s) {missing}: a text-to-image pipeline "
-                          f"needs {list(COMPONENTS)}")
+        raise ConfigError(f"{field} {source} lacks the component folder(s) {missing}: a {kind} needs "
+                          f"{list(COMPONENTS[kind])}")
     scheduler_config = check_folder(folder / "scheduler", field, "scheduler folder", weights=False).get(
         "scheduler_config.json")
     if scheduler_config is None:
         raise ConfigError(f"{field} {source}: scheduler/scheduler_config.json does not exist")
     schedule, prediction = schedule_from_scheduler_config(scheduler_config, f"{field} {source} scheduler")
     loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-               "tokenizer": CLIPTokenizer}
+               "tokenizer": CLIPTokenizer, "text_encoder_2": CLIPTextModelWithProjection, "tokenizer_2": CLIPTokenizer}
     low_memory = {"low_cpu_mem_usage": False}  # diffusers without accelerate
     parts = {name: load_pretrained(cls, folder / name, field, f"{cls.__name__} folder",
                                    **(low_memory if name in ("unet", "vae") else {}))
-             for name, cls in loaders.items()}
-    prompt_encoder = PromptEncoder(parts["tokenizer"], parts["text_encoder"])
-    net = PromptUNet(parts["unet"].eval(), gradient_checkpointing)
-    denoiser = text_denoiser(net, schedule, prediction, LatentCodec(parts["vae"]), prompt_encoder([negative_prompt]),
-                             prompt_encoder)
+             for name, cls in loaders.items() if name in COMPONENTS[kind]}
+    if any(parts["vae"].config.get(key) is not None for key in ("latents_mean", "latents_std")):
+        raise ConfigError(f"{field} {source}: the VAE normalises its latents by latents_mean/latents_std (Playground "
+                          "v2.5 ...): only a scaling_factor is covered")
+    codec = LatentCodec(parts["vae"])
+    try:
+        if kind == SDXL:
+            net = SDXLUNet(parts["unet"].eval(), gradient_checkpointing)
+            _, height, width = codec.image_shape(net.data_shape)
+            prompt_encoder = SDXLPromptEncoder([parts["tokenizer"], parts["tokenizer_2"]],
+                                               [parts["text_encoder"], parts["text_encoder_2"]],
+                                               (height, width, 0, 0, height, width),
+                                               index.get("force_zeros_for_empty_prompt", True))
+        else:
+            net = PromptUNet(parts["unet"].eval(), gradient_checkpointing)
+            prompt_encoder = PromptEncoder(parts["tokenizer"], parts["text_encoder"])
+        denoiser = text_denoiser(net, schedule, prediction, codec, prompt_encoder.null(negative_prompt),
+                                 prompt_encoder)
+    except ConfigError as err:  # the components do not fit together
+        raise ConfigError(f"{field} {source}: {err}") from None
+    shape = denoiser.conditioning.shape
     meta = {"pipeline": kind, "source": str(source), "prediction": prediction.kind,
+            "scheduler": str(scheduler_config.get("_class_name"))[:80],
             "schedule": {key: value for key, value in vars(schedule).items() if key != "alpha_bar"},
             "latent_shape": list(denoiser.data_shape), "image_shape": list(denoiser.image_shape),
-            "condition_shape": list(denoiser.conditioning.shape), "prompt_tokens": prompt_encoder.max_length,
-            "negative_prompt": negative_prompt, "gradient_checkpointing": gradient_checkpointing}
+            "condition_shape": {key: list(part) for key, part in shape.items()} if isinstance(shape, dict)
+            else list(shape), "prompt_tokens": prompt_encoder.max_length, "negative_prompt": negative_prompt,
+            "gradient_checkpointing": gradient_checkpointing}
+    if kind == SDXL:
+        meta |= {"time_ids": prompt_encoder.time_ids.tolist(),
+                 "force_zeros_for_empty_prompt": prompt_encoder.force_zeros_for_empty_prompt}
     return TextToImage(denoiser.eval(), prompt_encoder, meta)
 
 
 @register_source
 class DiffusersSource(ModelSource):
-    """A diffusers ``StableDiffusionPipeline`` folder or cached hub name (``load_text_to_image``): its UNet under
-    its scheduler's schedule and prediction, its VAE's latents and its prompt encoder
-    (``PromptEmbeddings.make``)."""
+    """A diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder or cached hub name
+    (``load_text_to_image``): its UNet under its scheduler's schedule and prediction, its VAE's latents and its
+    prompt encoder (``PromptEmbeddings.make``, SDXL's ``PromptParts.make``)."""
 
     name, what = "diffusers", "diffusers pipeline folder"
     priority = 10  # first: a pipeline folder is recognised by its model_index.json
