@@ -4,7 +4,10 @@ Writes ``sweep.csv`` and ``fronts.png`` to ``--output`` and prints the best sett
 ``python sweep.py --help`` lists the options.
 """
 
-from lightning_reg.sampling.sweep import main
+from lightning_reg.sampling.config import SweepConfig, parse_config  # neither torch nor Lightning
 
 if __name__ == "__main__":
-    main()
+    config = parse_config(SweepConfig)  # --help and bad arguments are answered before the heavy imports
+    from lightning_reg.sampling.sweep import run
+
+    run(config)

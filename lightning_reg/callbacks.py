@@ -202,7 +202,7 @@ class SamplingCallback(L.Callback):
         conditions = sample_conditions(denoiser, labels[indices], self.prompts)
         samples = {}
         for name, guidance in tqdm(self.guidances.items(), desc="sampling settings", leave=False,
-                                   disable=not trainer.is_global_zero):
+                                   disable=None if trainer.is_global_zero else True):  # None: not in a log file
             local = generate(denoiser, guidance, conditions, indices, sampler=self.sampler, steps=self.steps,
                              seed=self.seed, batch_size=self.batch_size, device=pl_module.device,
                              sampler_kwargs=self.sampler_kwargs, progress=trainer.is_global_zero)

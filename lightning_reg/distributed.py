@@ -16,8 +16,6 @@ import os
 import sys
 import traceback
 
-import torch.distributed as dist
-
 from lightning_reg.errors import ConfigError, one_line
 
 # How the process group reports a peer that has gone (gloo, NCCL and the TCP store).
@@ -25,10 +23,18 @@ _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken p
               "Connection refused", "timed out", "Timed out")
 
 
+def started_group():
+    """``torch.distributed`` once its process group has started, else ``None`` (never imported: not started, so
+    ``fail`` on a command line's arguments needs no torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def rank_and_world() -> tuple[int, int]:
     """``(global rank, world size)``: the process group's if started, else the launcher's environment
     (torchrun's ``RANK`` / ``WORLD_SIZE``, SLURM's ``SLURM_PROCID`` / ``SLURM_NTASKS``)."""
-    if dist.is_available() and dist.is_initialized():
+    dist = started_group()
+    if dist is not None:
         return dist.get_rank(), dist.get_world_size()
     env = os.environ
     return int(env.get("RANK", env.get("SLURM_PROCID", 0))), int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
@@ -58,6 +64,8 @@ def fail(message: str) -> None:
 
 def failure_line(err: BaseException) -> str:
     """One line for a failed rank: its exception, or for a collective that lost its peer, that it did."""
+    import torch.distributed as dist
+
     cause = f"{type(err).__name__}: {one_line(err)}"
     if isinstance(err, dist.DistError) or any(s in str(err) for s in _LOST_PEER):
         return f"{rank_prefix()}lost contact with another process (its own error line names the cause): {cause}"
@@ -79,6 +87,8 @@ def agree(error: str | None) -> None:
     """Every rank of the started process group calls this with its own check's outcome (``None``: passed).
     If any rank failed, every rank exits with status 2: rank 0 prints one ``error:`` line per failing rank,
     each other failing rank its own."""
+    import torch.distributed as dist
+
     rank, world = rank_and_world()
     errors = [None] * world
     dist.all_gather_object(errors, error)
@@ -94,7 +104,8 @@ def agree(error: str | None) -> None:
 def close() -> None:
     """Destroy the process group if one was started (a process that exits with it alive can abort in
     its threads' destructors: "terminate called without an active exception")."""
-    if dist.is_available() and dist.is_initialized():
+    dist = started_group()
+    if dist is not None:
         dist.destroy_process_group()
 
 

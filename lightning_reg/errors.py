@@ -2,6 +2,7 @@
 
 import math
 from argparse import ArgumentError
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,13 @@ def check_number(name: str, value, minimum: float | None = None, maximum: float 
     if maximum is not None and value > maximum:
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return float(value)
+
+
+def does_not_exist(path) -> str:
+    """``does not exist``, and for a relative ``path`` what it is relative to (the working directory)."""
+    if Path(path).is_absolute():
+        return "does not exist"
+    return f"does not exist (relative to the working directory {Path.cwd()})"
 
 
 def one_line(err: BaseException, limit: int | None = 400) -> str:

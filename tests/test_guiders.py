@@ -19,7 +19,7 @@ from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, VPSched
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import ChainState, GuidedDenoiser, make_guidance
 from lightning_reg.models.mlp import ToyMLP
-from lightning_reg.sampling import generate
+from lightning_reg.sampling.engine import generate
 
 TOL = dict(rtol=0, atol=1e-10)
 T = 400  # a DDPM index of the 1000-step linear schedule

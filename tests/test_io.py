@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lightning_reg.errors import ConfigError
-from lightning_reg.io import load_autoencoder, read_npz_images, read_torch
-from lightning_reg.io.files import atomic_path, atomic_write
+from lightning_reg.io.files import atomic_path, atomic_write, read_npz_images, read_torch
+from lightning_reg.io.vae import load_autoencoder
 from lightning_reg.metrics.classifier import load_feature_network
 from lightning_reg.models.dit import read_state_dict
 from lightning_reg.sources import SOURCES, ModelSpec, load_model

@@ -26,8 +26,8 @@ from lightning_reg.models.dit import DiT
 from lightning_reg.models.mlp import ToyMLP
 from lightning_reg.module import ConditionalDiffusion
 from lightning_reg.oracle import ExactMixtureDenoiser
-from lightning_reg.sampling import (PerSampleNoise, balanced_labels, gather_by_index, generate, rank_indices,
-                                    sample_seed, setting_name)
+from lightning_reg.sampling.engine import (PerSampleNoise, balanced_labels, gather_by_index, generate, rank_indices,
+                                           sample_seed, setting_name)
 from lightning_reg.io.files import atomic_write, to_uint8_nhwc
 from lightning_reg.sampling import writer
 
@@ -102,6 +102,9 @@ def test_setting_name():
     assert setting_name({"method": "cfg", "scale": 1, "reg": "window", "reg_window": [0, 0.3]}) == \
         "cfg_w1_window_reg_window0-0.3"
     assert setting_name({"method": "cfg", "guidance_channels": [0, 1, 2]}) == "cfg_w1_none_guidance_channels0-1-2"
+    # a term's mapping as key and value; a layer regex's characters dropped
+    assert setting_name({"method": "cfg", "scale": 7.5, "convention": "w2", "reg": "paper",
+                         "pag": {"scale": 3.0, "layers": ["^mid$", "up/0"]}}) == "cfg_w2x7.5_paper_paglayersmid-up0-scale3"
 
 
 @pytest.mark.parametrize("reg", ["none", "paper"])

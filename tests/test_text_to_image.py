@@ -200,8 +200,8 @@ def edit_json(path, **changes):
 @pytest.mark.parametrize("edit, message", [
     (lambda f: shutil.rmtree(f / "unet"), r"lacks the component folder\(s\) \['unet'\]"),
     (lambda f: (f / "model_index.json").unlink(), "has no model_index.json"),
-    (lambda f: edit_json(f / "model_index.json", _class_name="StableDiffusion3Pipeline"),
-     r"is a StableDiffusion3Pipeline pipeline: only .*\(SD3, Flux ... are not\)"),
+    (lambda f: edit_json(f / "model_index.json", _class_name="FluxPipeline"),
+     r"is a FluxPipeline pipeline: only .*\(Flux, ControlNet, video ... are not\)"),
     (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="sample"),
      "prediction_type 'sample' is not supported; supported: \\['epsilon', 'v_prediction'\\]"),
     (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True),

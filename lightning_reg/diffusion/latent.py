@@ -23,12 +23,14 @@ from lightning_reg.errors import ConfigError
 
 
 class LatentCodec(nn.Module):
-    """The frozen VAE with its latent scale: ``encode(x) = scale * E(x)``, ``decode(z) = D(z / scale)``."""
+    """The frozen VAE with its latent scale and shift (read from its config; SD3's VAE has a ``shift_factor``, SD's
+    none, 0): ``encode(x) = scale * (E(x) - shift)``, ``decode(z) = D(z / scale + shift)``, as diffusers' pipelines."""
 
     def __init__(self, vae: nn.Module, scale_factor: float | None = None):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.scale_factor = float(scale_factor if scale_factor is not None else vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
@@ -47,13 +49,13 @@ class LatentCodec(nn.Module):
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] -> a draw of the posterior, scaled (DiT's training: ``latent_dist.sample()``)."""
         images = images.to(next(self.vae.parameters()).dtype)
-        return self.vae.encode(images).latent_dist.sample(generator) * self.scale_factor
+        return (self.vae.encode(images).latent_dist.sample(generator) - self.shift_factor) * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images in about [-1, 1] (not clamped)."""
         latents = latents.to(next(self.vae.parameters()).dtype)
-        return self.vae.decode(latents / self.scale_factor).sample
+        return self.vae.decode(latents / self.scale_factor + self.shift_factor).sample
 
 
 class ChannelLatentCodec(LatentCodec):

@@ -25,8 +25,9 @@ DenoiserFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _steps(times: Tensor, progress: bool, name: str):
+    """The steps' ``(i, (t, t_next))``, with a bar if ``progress`` and the output is a terminal (tqdm's None)."""
     pairs = list(zip(times[:-1], times[1:]))
-    return tqdm(list(enumerate(pairs)), desc=name, leave=False, disable=not progress)
+    return tqdm(list(enumerate(pairs)), desc=name, leave=False, disable=None if progress else True)
 
 
 def _check_finite(x: Tensor, step: int, t: Tensor, denoiser) -> None:
@@ -119,7 +120,7 @@ def diffusers_scheduler(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSche
     generators = getattr(noise_sampler, "generators", None)
     x = noise * float(getattr(chain.scheduler, "init_noise_sigma", 1.0))  # FlowMatch: plain noise
     steps_bar = tqdm(list(enumerate(chain.timesteps)), desc=scheduler.removesuffix("Scheduler"), leave=False,
-                     disable=not progress)
+                     disable=None if progress else True)  # None: no bar off a terminal
     for i, timestep in steps_bar:
         t = chain.time(i, timestep)
         x_model = chain.model_input(x, timestep)

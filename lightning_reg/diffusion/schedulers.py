@@ -2,12 +2,14 @@
 
 The scheduler is built from the model's own schedule, so the user never restates it: a ``vp`` schedule's betas,
 ``timestep_spacing`` and ``steps_offset`` (DiT's ``even`` respacing is diffusers' ``linspace``), an ``edm``
-schedule's sigmas and ``sigma_data``, a ``flow`` schedule (FlowMatch schedulers, or a multistep solver on flow
-sigmas). Options (``--sampler_kwargs``) are the scheduler's own (``use_karras_sigmas``, ``algorithm_type``,
-``solver_order``, ``shift`` ...). At each step the loop does what a diffusers pipeline does: the guided
-denoiser's ``x0`` (REG included) is converted to the scheduler's ``model_output`` type (``Prediction.from_x0``)
-and handed to ``scheduler.step``. Stochastic schedulers draw their noise from the per-sample generators of
-``noise_sampler`` (``PerSampleNoise.generators``), so results do not depend on the batch or the processes.
+schedule's sigmas and ``sigma_data``, a ``flow`` schedule's time shift (FlowMatch schedulers' ``shift``, or a
+multistep solver on flow sigmas with ``flow_shift``; SD3's 3.0 comes with its pipeline folder). Options
+(``--sampler_kwargs``) are the scheduler's own (``use_karras_sigmas``, ``algorithm_type``, ``solver_order`` ...),
+and a ``shift`` given there replaces the schedule's. At each step the loop does what a diffusers pipeline does:
+the guided denoiser's ``x0`` (REG included) is converted to the scheduler's ``model_output`` type
+(``Prediction.from_x0``) and handed to ``scheduler.step``. Stochastic schedulers draw their noise from the
+per-sample generators of ``noise_sampler`` (``PerSampleNoise.generators``), so results do not depend on the batch or
+the processes.
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ def model_config(cls: type, schedule: NoiseSchedule, kind: str, output: str) -> 
     elif kind == "edm":
         config = {"sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max, "rho": schedule.rho,
                   "sigma_data": schedule.sigma_data, "prediction_type": output}
-    else:  # flow: t = sigma, the backbone's time 1000 t
-        config = {"num_train_timesteps": 1000, "use_flow_sigmas": True, "prediction_type": output}
+    else:  # flow: t = sigma, the backbone's time 1000 t, the schedule's time shift (FlowMatch: shift, else flow_shift)
+        config = {"num_train_timesteps": 1000, "use_flow_sigmas": True, "prediction_type": output,
+                  "shift": schedule.shift, "flow_shift": schedule.shift}
     return {k: v for k, v in config.items() if k in options_of(cls)}
 
 

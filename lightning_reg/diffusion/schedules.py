@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from lightning_reg.errors import ConfigError, check_int
+from lightning_reg.errors import ConfigError, check_int, check_number
 
 
 def _as_tensor(t: Tensor | float) -> Tensor:
@@ -211,10 +211,18 @@ class EDMSchedule(NoiseSchedule):
 
 
 class FlowSchedule(NoiseSchedule):
-    """Rectified flow / flow matching: ``x_t = (1 - t) x_0 + t eps``, Euler steps on a uniform grid."""
+    """Rectified flow / flow matching: ``x_t = (1 - t) x_0 + t eps``, Euler steps on a uniform grid ``u`` mapped to
+    ``t = shift u / (1 + (shift - 1) u)`` (SD3's time shift; ``shift = 1``: the uniform grid itself). ``shift`` is a
+    sampling choice, also what the adapter builds FlowMatch schedulers with (``diffusion/schedulers.py``); training
+    times are not shifted."""
 
     name = "flow"
     predictions = ("velocity", "x0")
+
+    def __init__(self, shift: float = 1.0):
+        self.shift = check_number("shift", shift)
+        if self.shift <= 0:
+            raise ConfigError(f"shift must be positive, got {shift}")
 
     def alpha_sigma(self, t):
         t = _as_tensor(t)
@@ -225,7 +233,8 @@ class FlowSchedule(NoiseSchedule):
 
     def sampling_times(self, steps):
         self.check_steps(steps)
-        return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        return self.shift * u / (1 + (self.shift - 1) * u)
 
     def net_time(self, t):
         return 1000.0 * t

@@ -92,13 +92,16 @@ class Branches:
             return self.reference(x, t, y)
         return model(x, t, model.conditioning.null(y))
 
-    def predict(self, model: Denoiser, x: Tensor, t, y: Condition,
-                x_cond: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def predict(self, model: Denoiser, x: Tensor, t, y: Condition, x_cond: Tensor | None = None,
+                reference: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(x0_c, x0_ref, v_c)``: the conditional prediction at ``x_cond`` (default ``x``; k stacked batches:
         kB rows, each given ``y``) and the reference at ``x``, in one forward of (k + 1)B rows or one of B each
-        (``batched``)."""
+        (``batched``); ``reference`` false: the conditional forward alone, ``x0_ref`` ``None``."""
         x_cond = x if x_cond is None else x_cond
         y_cond = conditions.cat([y] * (len(x_cond) // len(x)))
+        if not reference:
+            x0_c, v = self.conditional(model, x_cond, t, y_cond)
+            return x0_c, None, v
         if self.reference is not None:
             x0_c, v = self.conditional(model, x_cond, t, y_cond)
             return x0_c, self.reference(x, t, y), v

@@ -1,16 +1,20 @@
-"""Guidance as one object: a rule (``rule.py``, ``methods.py``), its branches (``branches.py``) and REG
-(``reg.py``), and the guided denoiser ``D(x, t)`` that samplers call.
+"""Guidance as one object: a rule (``rule.py``, ``methods.py``), its branches (``branches.py``), more terms with
+perturbed references (``perturbed.py``: PAG, SEG, SLG) and REG (``reg.py``), and the guided denoiser ``D(x, t)``
+that samplers call.
 
-``w(t) = 0`` (or sampling progress outside the rule's ``[start, stop]``) is the plain conditional prediction:
-one forward of batch B, no backward. Otherwise the guided estimate is ``x0_c + g`` with the rule's term
-applied by the branches, and REG, when on, rectifies it (``Rectifier.guided``).
+``w(t) = 0`` for the rule and every term (or sampling progress outside their ``[start, stop]`` windows) is the
+plain conditional prediction: one forward of batch B, no backward. Otherwise the guided estimate is ``x0_c + g``
+with ``g`` the sum of the step's terms (the rule's and the perturbed ones'), applied by the branches, and REG,
+when on, rectifies that sum (``Rectifier.guided``).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+from typing import Mapping
 
+import torch
 from torch import Tensor
 
 from lightning_reg.diffusion.conditions import Condition
@@ -18,18 +22,22 @@ from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance.branches import Branches
 from lightning_reg.guidance.methods import GUIDANCE
+from lightning_reg.guidance.perturbed import PERTURBATIONS, PerturbedTerm
 from lightning_reg.guidance.reg import Rectifier
 from lightning_reg.guidance.rule import GuidanceRule
 from lightning_reg.guidance.step import ChainState, GuidanceStep
 
 
 class Guidance:
-    """A guidance method: ``rule`` (weight and term), ``branches`` (the two predictions, rescale, channel mask)
-    and ``rectifier`` (REG's mode; ``none``: off). Built by ``make_guidance`` from one flat dict."""
+    """A guidance method: ``rule`` (weight and term), ``branches`` (the two predictions, rescale, channel mask),
+    ``rectifier`` (REG's mode; ``none``: off) and ``terms``, more terms each with its own weight, window and
+    perturbed reference (diffusers' CFG + PAG). Built by ``make_guidance`` from one flat dict."""
 
-    def __init__(self, rule: GuidanceRule, branches: Branches | None = None, rectifier: Rectifier | None = None):
+    def __init__(self, rule: GuidanceRule, branches: Branches | None = None, rectifier: Rectifier | None = None,
+                 terms: list[PerturbedTerm] | None = None):
         self.rule, self.branches = rule, branches or Branches()
         self.rectifier = rectifier or Rectifier()
+        self.terms = terms or []
 
     @property
     def name(self) -> str:
@@ -47,31 +55,39 @@ class Guidance:
     def bind(self, model: Denoiser) -> None:
         """Check the models this method will run with."""
         self.branches.bind(model, self.rule.name, self.rule.needs_reference_model, self.rule.guides)
-
-    def term(self, x0_c: Tensor, x0_ref: Tensor, w: float, step: GuidanceStep) -> Tensor:
-        """The applied guidance term: the rule's ``g``, rescaled and masked by the branches; what REG multiplies."""
-        return self.branches.applied(x0_c, self.rule.guidance_term(x0_c, x0_ref, w, step), step)
+        for term in self.terms:
+            term.bind(model)
 
     def guided(self, model: Denoiser, x: Tensor, t, y: Condition, state: ChainState) -> tuple[Tensor, Tensor | None]:
         """``(x0, v_c)``: the guided estimate and the conditional branch's learned variance (``None`` without)."""
         w = self.rule.weight_at(t, model.schedule)
-        if w == 0:
+        terms = [(term, w_k) for term in self.terms if (w_k := term.weight_at(t, model.schedule))]
+        if w == 0 and not terms:
             return self.branches.conditional(model, x, t, y)
         step = GuidanceStep(model, x, t, state)
-        replaced = self.rule.replacement(step)
+        replaced = self.rule.replacement(step) if w else None
         if replaced is not None:  # its learned variance, as every step's, is the conditional branch's
             if self.branches.channels is None and not model.learn_sigma:
                 return replaced, None
             x0_c, v = self.branches.conditional(model, x, t, y)
             return (replaced if self.branches.channels is None else x0_c + self.branches.mask(replaced - x0_c)), v
+        with torch.no_grad():
+            perturbed = [(term, w_k, term.reference_prediction(model, x, t, y)) for term, w_k in terms]
+
+        def applied_term(x0_c: Tensor, x0_ref: Tensor | None) -> Tensor:
+            """The step's terms summed, rescaled and masked by the branches: what REG multiplies."""
+            g = self.rule.guidance_term(x0_c, x0_ref, w, step) if w else torch.zeros_like(x0_c)
+            return self.branches.applied(x0_c, sum((term.guidance_term(x0_c, x0_p, w_k, step)
+                                                    for term, w_k, x0_p in perturbed), g), step)
+
         if self.rectifier.active(step.progress):
-            return self.rectifier.guided(lambda x0_c, x0_ref: self.term(x0_c, x0_ref, w, step), self.branches,
-                                         model, x, t, y, step)
-        x0_c, x0_ref, v = self.branches.predict(model, x, t, y)
-        return x0_c + self.term(x0_c, x0_ref, w, step), v
+            return self.rectifier.guided(applied_term, self.branches, model, x, t, y, step, reference=bool(w))
+        x0_c, x0_ref, v = self.branches.predict(model, x, t, y, reference=bool(w))
+        return x0_c + applied_term(x0_c, x0_ref), v
 
     def __repr__(self):
-        return f"Guidance({self.rule!r}, {self.branches!r}, {self.rectifier!r})"
+        terms = "".join(f", {term!r}" for term in self.terms)
+        return f"Guidance({self.rule!r}, {self.branches!r}, {self.rectifier!r}{terms})"
 
 
 class GuidedDenoiser:
@@ -111,37 +127,58 @@ REG_OPTIONS = {"reg": "mode", "reg_every": "every", "reg_window": "window"}
 
 
 def rule_parameters(cls: type) -> list[str]:
-    """The keyword parameters a rule class takes: its own and its bases' named ``__init__`` parameters, but those
-    it sets itself (``fixed``)."""
+    """The keyword parameters a rule (or perturbation) class takes: its own and its bases' named ``__init__``
+    parameters, but those it sets itself (``fixed``)."""
     names = []
     for klass in cls.__mro__:
         if "__init__" in vars(klass) and klass is not object:
             names += [p.name for p in inspect.signature(klass.__init__).parameters.values()
                       if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    return [name for name in names if name not in cls.fixed]
+    return [name for name in names if name not in getattr(cls, "fixed", ())]
+
+
+def check_known(what: str, params: Mapping, accepted: list[str]) -> None:
+    """A ConfigError naming the first of ``params`` not ``accepted`` (and the nearest accepted name)."""
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
+        raise ConfigError(f"bad parameters for {what}: unknown {unknown[0]!r}"
+                          f"{f' (did you mean {near[0]!r}?)' if near else ''}; accepted: {accepted}")
+
+
+def make_term(kind: str, options) -> PerturbedTerm:
+    """A ``pag``, ``seg`` or ``slg`` term from its mapping: the term's ``scale``, ``convention``, ``start``, ``stop``
+    and the perturbation's ``layers`` (and SEG's ``blur_sigma``)."""
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{kind} must be a mapping such as {{scale: 3.0, layers: [...]}}, got {options!r}")
+    rule_options, perturbation = rule_parameters(GuidanceRule), PERTURBATIONS[kind]
+    check_known(f"guidance {kind!r}", options, sorted(set(rule_options) | set(rule_parameters(perturbation))))
+    try:
+        return PerturbedTerm(perturbation(**{k: v for k, v in options.items() if k not in rule_options}),
+                             **{k: v for k, v in options.items() if k in rule_options})
+    except TypeError as err:
+        raise ConfigError(f"bad parameters for guidance {kind!r}: {err}") from None
 
 
 def make_guidance(method: str = "cfg", **params) -> Guidance:
     """A guidance method by name from one flat dict, e.g. ``make_guidance("cfg", scale=1, reg="paper")``:
     ``reg``, ``reg_every``, ``reg_window`` go to REG; ``branch_layout``, ``reference`` (a ``Denoiser``),
-    ``guidance_channels``, ``guidance_rescale`` to the branches; the rest to the method's rule."""
+    ``guidance_channels``, ``guidance_rescale`` to the branches; ``pag``, ``seg``, ``slg`` (mappings,
+    ``make_term``) are more terms; the rest goes to the method's rule."""
     if method not in GUIDANCE:
         raise ConfigError(f"unknown guidance method {method!r}; choose one of {sorted(GUIDANCE)}")
     if "reference_checkpoint" in params:
         raise ConfigError("reference_checkpoint names a file: sample.py and sweep.py load it; from Python pass "
                           "reference=<a Denoiser>")
-    accepted = sorted(set(rule_parameters(GUIDANCE[method])) | set(BRANCH_OPTIONS) | set(REG_OPTIONS))
-    unknown = [k for k in params if k not in accepted]
-    if unknown:
-        near = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
-        raise ConfigError(f"bad parameters for guidance {method!r}: unknown {unknown[0]!r}"
-                          f"{f' (did you mean {near[0]!r}?)' if near else ''}; accepted: {accepted}")
+    check_known(f"guidance {method!r}", params, sorted(set(rule_parameters(GUIDANCE[method])) | set(BRANCH_OPTIONS)
+                                                     | set(REG_OPTIONS) | set(PERTURBATIONS)))
     branches = {BRANCH_OPTIONS[k]: params.pop(k) for k in list(params) if k in BRANCH_OPTIONS}
     reg = {REG_OPTIONS[k]: params.pop(k) for k in list(params) if k in REG_OPTIONS}
+    terms = [make_term(k, params.pop(k)) for k in list(params) if k in PERTURBATIONS]
     try:
         rule = GUIDANCE[method](**params)
     except TypeError as err:
         raise ConfigError(f"bad parameters for guidance {method!r}: {err}") from None
-    return Guidance(rule, Branches(**branches), Rectifier(**reg))
+    return Guidance(rule, Branches(**branches), Rectifier(**reg), terms)
 
 

@@ -1,7 +1,8 @@
 """REG, the rectified gradient (Gao et al., ICML 2025; docs/theory.md §2), written once for every guidance method.
 
 Guidance adds a term ``g`` to the conditional estimate (CFG: ``g = w(t) * (x0_c - x0_ref)``; APG,
-CFG-Zero* and guidance rescale: other functions of the two predictions; ``rule.py``, ``branches.py``). REG is a
+CFG-Zero* and guidance rescale: other functions of the two predictions; ``rule.py``, ``branches.py``; with PAG,
+SEG or SLG terms, ``perturbed.py``, the sum of all terms, their references constants). REG is a
 strategy over both: it multiplies whatever ``g`` a method returns by the chain-rule factor through the denoised
 estimate, in any parameterisation:
 
@@ -56,7 +57,7 @@ FD_STEP = 1e-2  # graph_free's finite-difference step in units of s_t
 DEFAULT_EVERY = 2
 DEFAULT_WINDOW = (0.0, 0.5)
 
-Term = Callable[[Tensor, Tensor], Tensor]  # (x0_c, x0_ref) -> the applied guidance term g
+Term = Callable[[Tensor, Tensor | None], Tensor]  # (x0_c, x0_ref) -> the applied guidance term g
 
 
 def rectified_guidance(conditional: Callable[[Tensor], Tensor], x: Tensor, a_t: Tensor,
@@ -97,12 +98,13 @@ def reused_factor(f: Tensor, a_then: Tensor, s_then: Tensor, a_now: Tensor, s_no
     raise ValueError(f"unknown reuse space {space!r}; expected 'eps' or 'x0'")
 
 
-def finite_difference_factor(branches: Branches, model: Denoiser, x: Tensor, t, y: Condition, step: GuidanceStep):
-    """``(x0_c, x0_ref, f, v_c)`` from 3B rows without graph: ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h``,
-    i.e. ``a_t J 1`` in place of the paper's ``a_t J^T 1``; ``x0_c`` (and a learned variance ``v_c``) the mean of
-    the two probes, ``h = FD_STEP * s_t``."""
+def finite_difference_factor(branches: Branches, model: Denoiser, x: Tensor, t, y: Condition, step: GuidanceStep,
+                             reference: bool = True):
+    """``(x0_c, x0_ref, f, v_c)`` from 3B rows without graph (2B without the ``reference``):
+    ``f = a_t (x0_c(x + h 1) - x0_c(x - h 1)) / 2h``, i.e. ``a_t J 1`` in place of the paper's ``a_t J^T 1``;
+    ``x0_c`` (and a learned variance ``v_c``) the mean of the two probes, ``h = FD_STEP * s_t``."""
     h = FD_STEP * step.s
-    x0_probes, x0_ref, v = branches.predict(model, x, t, y, x_cond=torch.cat([x + h, x - h]))
+    x0_probes, x0_ref, v = branches.predict(model, x, t, y, x_cond=torch.cat([x + h, x - h]), reference=reference)
     x0_plus, x0_minus = x0_probes.chunk(2)
     v = None if v is None else sum(v.chunk(2)) / 2
     return (x0_plus + x0_minus) / 2, x0_ref, step.a * (x0_plus - x0_minus) / (2 * h), v
@@ -138,17 +140,18 @@ class Rectifier:
         return reused_factor(cache["f"], cache["a"], cache["s"], step.a, step.s)
 
     def guided(self, term: Term, branches: Branches, model: Denoiser, x: Tensor, t, y: Condition,
-               step: GuidanceStep) -> tuple[Tensor, Tensor | None]:
+               step: GuidanceStep, reference: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(x0_c + g rectified, v_c)`` (channels outside the branches' mask keep ``x0_c``; ``vjp``'s
-        rectification of the masked term is masked again, since ``J^T`` mixes channels)."""
+        rectification of the masked term is masked again, since ``J^T`` mixes channels). ``reference`` false:
+        the branches' reference is not evaluated, ``term`` gets ``None`` for it (only other terms guide)."""
         f = self.cached_factor(x, step)
         with torch.no_grad():
             if self.mode == "graph_free":
-                x0_c, x0_ref, f, v = finite_difference_factor(branches, model, x, t, y, step)
+                x0_c, x0_ref, f, v = finite_difference_factor(branches, model, x, t, y, step, reference)
             elif f is not None:  # reuse: CFG's own forward
-                x0_c, x0_ref, v = branches.predict(model, x, t, y)
+                x0_c, x0_ref, v = branches.predict(model, x, t, y, reference=reference)
             else:
-                x0_ref = branches.reference_prediction(model, x, t, y)
+                x0_ref = branches.reference_prediction(model, x, t, y) if reference else None
         if self.mode == "vjp":
             branch = branches.differentiable(model, t, y)
             x0_c, rectified = rectified_guidance(branch, x, step.a, lambda x0_c: term(x0_c, x0_ref), "vjp")

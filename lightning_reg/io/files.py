@@ -37,7 +37,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.errors import ConfigError, does_not_exist, one_line
 from lightning_reg.io.plain import plain_data
 
 MAX_JSON_BYTES = 16 << 20  # run.json, meta.json: a few KB when the project writes them
@@ -51,7 +51,7 @@ def require_file(path, field: str, hint: str = "") -> Path:
     """``path`` as a ``Path`` if it is a file; else ``<field> <path> does not exist[; hint]``."""
     path = Path(path)
     if not path.is_file():
-        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        problem = "is a folder, not a file" if path.is_dir() else does_not_exist(path)
         raise ConfigError(f"{field} {path} {problem}{f'; {hint}' if hint else ''}")
     return path
 

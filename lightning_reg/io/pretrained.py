@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
-from lightning_reg.errors import ConfigError, one_line
+from lightning_reg.errors import ConfigError, does_not_exist, one_line
 from lightning_reg.io.files import check_torch_weights
 from lightning_reg.io.plain import plain_data
 
@@ -44,7 +44,7 @@ def local_folder(source: str, field: str, expected: str, cache_dir: str | None =
             raise ConfigError(f"{field} {source} is neither a folder nor in the local Hugging Face cache, and "
                               f"nothing is downloaded at run time: run `huggingface-cli download {source}` on a "
                               "machine with network and copy the cache here, or give a local folder") from None
-    problem = "is a file" if path.exists() else "does not exist"
+    problem = "is a file" if path.exists() else does_not_exist(path)
     raise ConfigError(f"{field} {source} {problem}: give {expected}")
 
 

@@ -31,7 +31,7 @@ from einops import rearrange
 from scipy import linalg
 from torch import Tensor, nn
 
-from lightning_reg.errors import ConfigError, check_names
+from lightning_reg.errors import ConfigError, check_names, does_not_exist
 from lightning_reg.io.files import NpzArchive
 from lightning_reg.metrics.images import inception_weights_file
 
@@ -177,8 +177,8 @@ def load_adm_reference(path) -> AdmReference:
     for a missing or unreadable file, non-uint8 images or statistics of inconsistent shapes."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"reference {path} does not exist (ADM's reference batches: VIRTUAL_imagenet256_labeled.npz "
-                          "from openai/guided-diffusion's evaluations README)")
+        raise ConfigError(f"reference {path} {does_not_exist(path)}; ADM's reference batches: "
+                          "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations README")
     with NpzArchive(path, "reference") as npz:  # every array's header checked before it is read
         image_shape = None
         if "arr_0" in npz.keys:

@@ -29,7 +29,8 @@ from lightning_reg.distributed import fail
 from lightning_reg.errors import ConfigError, check_int, check_names, one_line, parse_error_message
 from lightning_reg.io.files import atomic_write, read_json, read_npz_images, to_uint8_nhwc, write_json
 from lightning_reg.io.yaml_budget import install_yaml_budget
-from lightning_reg.metrics.images import DEFAULT_IMAGE_METRICS, IMAGE_METRICS, ImageMetrics
+from lightning_reg.metrics.images import (DEFAULT_IMAGE_METRICS, IMAGE_METRICS, KID_NOTE, ImageMetrics,
+                                          inception_weights_file)
 
 INCEPTION = "inception"
 
@@ -76,7 +77,8 @@ class CLIPScoreEvaluator:
         self.image_shape = tuple(image_shape)
         self.names = (list(inner.names) if inner is not None else []) + ["clip_score"]
 
-    def set_real(self, images) -> None:
+    def set_real(self, images, classes=None) -> None:
+        """The inner metrics' reference (its ``classes`` unused: these samples' labels index captions)."""
         if self.inner is not None:
             self.inner.set_real(images)
 
@@ -112,6 +114,7 @@ def build_evaluator(distribution: str | None, evaluation: dict | None, num_class
                           "data: give --distribution)")
     options = dict(evaluation)
     reference, num_reference = options.pop("reference", None), options.pop("num_reference", None)
+    reference_kwargs = options.pop("reference_kwargs", None)
     clip = options.pop("clip", None)
     metrics = list(image_metric_names(options.pop("metrics", None), options.get("feature_network"),
                                       "--evaluation metrics"))
@@ -131,7 +134,8 @@ def build_evaluator(distribution: str | None, evaluation: dict | None, num_class
     if clip is not None:
         evaluator = CLIPScoreEvaluator(evaluator, prompts, clip, sample_shape, options.get("device", "cpu"))
     if image_metrics:
-        evaluator.set_real(load_reference(reference, tuple(sample_shape), num_reference))
+        evaluator.set_real(*load_reference(reference, tuple(sample_shape), num_reference, data_kwargs=reference_kwargs,
+                                           return_labels=True))
     return evaluator
 
 
@@ -149,33 +153,39 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def loader_images(loader, n: int | None = None) -> np.ndarray:
-    """The first ``n`` (all if ``None``) images of a loader of ``(x in [-1, 1] NCHW, y)`` batches, as uint8 NHWC."""
-    batches, count = [], 0
-    for x, _ in loader:
+def loader_images(loader, n: int | None = None, return_labels: bool = False):
+    """The first ``n`` (all if ``None``) images of a loader of ``(x in [-1, 1] NCHW, y)`` batches, as uint8 NHWC
+    (``return_labels``: ``(images, their y)``)."""
+    batches, labels, count = [], [], 0
+    for x, y in loader:
         batches.append(x)
+        labels.append(torch.as_tensor(y))
         count += len(x)
         if n is not None and count >= n:
             break
     if count < 2:
         raise ConfigError(f"the reference needs at least 2 images, found {count}")
-    return to_uint8_nhwc(torch.cat(batches)[:n])
+    images = to_uint8_nhwc(torch.cat(batches)[:n])
+    return (images, torch.cat(labels)[:n].numpy()) if return_labels else images
 
 
 def load_reference(reference: str, image_shape: tuple[int, int, int], num_reference: int | None = None,
-                   split: str = "test", seed: int = 0, data_kwargs: dict | None = None) -> np.ndarray:
+                   split: str = "test", seed: int = 0, data_kwargs: dict | None = None, return_labels: bool = False):
     """Reference images as uint8 NHWC: an ``.npz`` of images (``arr_0``/``samples``/``images``; (C, H, W) must
     equal ``image_shape``), ``digits:mnist`` / ``digits:sklearn`` (the offline digits), or a dataset folder /
     image-folder tree / hub name (``ImageDataModule(**data_kwargs)``: its split ``split``, resized to the
-    samples' size as for training). At most ``num_reference`` images, a seeded random subset for datasets."""
+    samples' size as for training; ``{classes: [3, 7]}`` keeps those classes). At most ``num_reference`` images, a
+    seeded random subset for datasets. ``return_labels``: ``(images, their classes)`` (``None`` for an ``.npz``
+    without labels), which ``ImageMetrics.set_real`` compares with the samples' labels."""
     from lightning_reg.data.images import ImageDataModule
 
     if str(reference).endswith(".npz"):
-        images = read_npz_images(reference, "--reference", ("arr_0", "samples", "images"))[0]
+        images, labels = read_npz_images(reference, "--reference", ("arr_0", "samples", "images"))
         if (images.shape[3], *images.shape[1:3]) != tuple(image_shape):
             raise ConfigError(f"--reference {reference} holds (C, H, W) = {(images.shape[3], *images.shape[1:3])} "
                               f"images but the samples are {tuple(image_shape)}; give a reference of the same size")
-        return images[:num_reference]
+        labels = None if labels is None else labels[:num_reference]
+        return (images[:num_reference], labels) if return_labels else images[:num_reference]
     kwargs = dict(data_kwargs or {})
     name = str(reference)
     if name.startswith("digits:"):
@@ -190,7 +200,7 @@ def load_reference(reference: str, image_shape: tuple[int, int, int], num_refere
                               "random_flip": False, "image_size": image_shape[1], "channels": image_shape[0],
                               "seed": seed, "max_samples": num_reference})
     data.setup("fit")  # the whole (subset of the) split is the "training" set, in a seeded random order
-    return loader_images(DataLoader(data.train_set, batch_size=data.batch_size), num_reference)
+    return loader_images(DataLoader(data.train_set, batch_size=data.batch_size), num_reference, return_labels)
 
 
 def write_row(path, row: dict) -> None:
@@ -274,10 +284,12 @@ def run(cfg) -> dict:
     if cfg.output is not None and Path(cfg.output).suffix not in (".json", ".csv"):
         raise ConfigError(f"--output {cfg.output} must end in .json or .csv")
     check_int("--num_reference", cfg.num_reference, minimum=2, optional=True)
+    metrics = list(image_metric_names(cfg.metrics, cfg.feature_network, "--metrics"))
     images, labels = read_samples(cfg.samples)
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
     meta = read_meta(Path(cfg.samples).with_name("meta.json"))
-    metrics = list(image_metric_names(cfg.metrics, cfg.feature_network, "--metrics"))
+    if cfg.feature_network == INCEPTION and not cfg.adm and set(metrics) - {"clip_score"}:
+        inception_weights_file(cfg.inception_weights, "--inception_weights")  # the error names the flag
     clip = cfg.clip is not None or "clip_score" in metrics
     if clip:
         if cfg.clip is None:
@@ -301,9 +313,9 @@ def run(cfg) -> dict:
     if not cfg.adm and {"fid", "kid"} & set(metrics):
         if cfg.reference is None:
             raise ConfigError("--reference is required for fid and kid: the real images to compare with")
-        reference = load_reference(cfg.reference, image_shape, cfg.num_reference, cfg.reference_split, cfg.seed,
-                                   cfg.reference_kwargs)
-        evaluator.set_real(reference)
+        reference, classes = load_reference(cfg.reference, image_shape, cfg.num_reference, cfg.reference_split,
+                                            cfg.seed, cfg.reference_kwargs, return_labels=True)
+        evaluator.set_real(reference, classes)
     if clip:
         row = {"samples": str(cfg.samples), "num_samples": len(images), "reference": cfg.reference, "clip": cfg.clip}
     else:
@@ -344,6 +356,8 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as err:
         fail(str(err))
     print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if "kid" in row:
+        print(f"note: {KID_NOTE}")
     if cfg.output is not None:
         write_row(cfg.output, row)
         print(f"wrote {cfg.output}")

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, does_not_exist
 from lightning_reg.io.files import atomic_write, read_text
 
 GOALS = ("min", "max")
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, shared = [], set(METRIC_GOALS)
     for table in args.tables:
         if not table.is_file():
-            fail(f"{table} does not exist; give the sweep.csv a sweep.py run wrote")
+            fail(f"{table} {does_not_exist(table)}; give the sweep.csv a sweep.py run wrote")
         try:
             table_rows = read_table(table)
         except ConfigError as err:

@@ -9,8 +9,8 @@ NCHW images to (N, D) features can stand in too (IS reads its outputs as logits;
 Every metric reads one pass of the network over each image set (``ImageMetrics.features``); the
 reference's features can be cached on disk (``reference_cache``, docs/image_metrics.md).
 
-Returned keys: ``fid``; ``is`` and ``is_std`` (over 10 splits); ``kid`` and ``kid_std`` (over subsets);
-``accuracy``.
+Returned keys: ``fid``; ``is`` and ``is_std`` (over 10 splits); ``kid`` and ``kid_std`` (over subsets;
+``KID_NOTE``); ``accuracy``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,15 @@ DEFAULT_IMAGE_METRICS = ("fid", "is")  # what every caller computes when not tol
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
 INCEPTION_WHAT = "torch weights file of Inception-v3"
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; lowered to the number of images when there are fewer
+KID_NOTE = ("kid is the unbiased estimate of the squared MMD between the two feature sets (cubic polynomial kernel, "
+            "mean over subsets; kid_std their spread), reported x1, not x1000: unbiased, so it is near 0 and can be "
+            "negative when the sets are close")
 _BATCH = 100
+
+
+def _short(ids: list[int]) -> str:
+    """Class ids for a message: the list, or past 12 of them their count and range."""
+    return str(ids) if len(ids) <= 12 else f"{len(ids)} classes ({ids[0]}..{ids[-1]})"
 
 
 def _images(images, name: str) -> Tensor:
@@ -52,18 +60,22 @@ def _images(images, name: str) -> Tensor:
     return rearrange(images, "n h w c -> n c h w")
 
 
-def inception_weights_file(inception_weights: str | os.PathLike | None = None) -> Path:
+def inception_weights_file(inception_weights: str | os.PathLike | None = None,
+                           field: str = "inception_weights") -> Path:
     """The Inception-v3 weights file: ``inception_weights``, else the torch hub cache's copy, vetted with
     ``check_torch_weights`` (torch-fidelity loads it without ``weights_only``); never downloaded: a missing
-    file is one ConfigError naming where it goes."""
+    file is one ConfigError naming where it goes and ``field`` (``--inception_weights`` for a flag, else a key)."""
     if inception_weights is None:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
         if not cached.is_file():
+            as_flag = field.startswith("--")  # evaluate.py's flag, or a key (--evaluation, the callback)
+            weights = f"{field} FILE" if as_flag else f"{field}: FILE"
+            network = "--feature_network FILE" if as_flag else "feature_network: FILE"
             raise ConfigError(f"the Inception weights of FID/IS (torch-fidelity's pt_inception-2015-12-05) are not at "
                               f"{cached}, and nothing is downloaded at run time: copy {INCEPTION_WEIGHTS} to that "
-                              "path, or give its path with --inception_weights (or use a classifier --feature_network)")
+                              f"path, or give its path as {weights}, or use the digits classifier as {network}")
         inception_weights = cached
-    return check_torch_weights(inception_weights, "inception_weights", INCEPTION_WHAT,
+    return check_torch_weights(inception_weights, field, INCEPTION_WHAT,
                                f"it must be torch-fidelity's {INCEPTION_WEIGHTS} (pt_inception-2015-12-05)")
 
 
@@ -164,6 +176,7 @@ class ImageMetrics:
         num_classes = getattr(feature_extractor, "num_classes", None)
         self.metrics = {name: _build(name, self.num_features, num_classes).to(self.device) for name in self.names}
         self.num_real = None
+        self.real_classes = None  # the reference's classes, when set_real was told them
 
     def _num_features(self) -> int:
         """The width of the features: the network's ``num_features`` (2048 for Inception), else read off one image."""
@@ -187,7 +200,7 @@ class ImageMetrics:
         """``(features, logits)`` of uint8 NCHW ``images``: one forward of the network per batch of 100."""
         gray_inception = isinstance(self.network, Inception) and images.shape[1] == 1
         parts = []
-        for batch in tqdm(images.split(_BATCH), desc=desc, leave=False):
+        for batch in tqdm(images.split(_BATCH), desc=desc, leave=False, disable=None):  # None: not in a log file
             batch = batch.to(self.device)
             parts.append(self.readouts(batch.expand(-1, 3, -1, -1) if gray_inception else batch))
         return tuple(torch.cat(p) for p in zip(*parts))
@@ -231,8 +244,10 @@ class ImageMetrics:
         return features
 
     @torch.no_grad()
-    def set_real(self, real_uint8_nhwc) -> None:
-        """Extract the reference features of the real images (FID and KID)."""
+    def set_real(self, real_uint8_nhwc, classes=None) -> None:
+        """Extract the reference features of the real images (FID and KID); ``classes``: their class ids, if
+        known (FID and KID then warn when the samples were drawn for other classes, ``check_classes``)."""
+        self.real_classes = None if classes is None else sorted(set(torch.as_tensor(classes).tolist()))
         real = _images(real_uint8_nhwc, "real images")
         self._check_shape(real, "real images")
         distances = [name for name in self.metrics if name in ("fid", "kid")]
@@ -245,6 +260,21 @@ class ImageMetrics:
             metric.update(features, real=True)
         self.num_real = len(real)
 
+    def check_classes(self, labels) -> None:
+        """Warn when FID or KID compare samples drawn for some classes with a reference holding others."""
+        if labels is None or self.real_classes is None or not {"fid", "kid"} & set(self.names):
+            return
+        sampled = sorted(set(torch.as_tensor(labels).tolist()))
+        extra, missing = sorted(set(self.real_classes) - set(sampled)), sorted(set(sampled) - set(self.real_classes))
+        if extra or missing:
+            held = (f"holds classes {_short(extra)} the samples were not drawn for" if extra else "") + \
+                (" and " if extra and missing else "") + (f"lacks the samples' {_short(missing)}" if missing else "")
+            warnings.warn(f"FID/KID compare different class mixtures: the reference {held} (samples: classes "
+                          f"{_short(sampled)}); give a reference of the sampled classes only (a dataset reference: "
+                          f"reference_kwargs {{classes: {_short(sampled)}}}, evaluate.py's --reference_kwargs, "
+                          "sample.py's --evaluation), or read FID/KID as the distance to that other mixture",
+                          stacklevel=2)
+
     @torch.no_grad()
     def __call__(self, fake_uint8_nhwc, labels=None) -> dict[str, float]:
         """The metrics of ``fake`` against the real images of ``set_real``; ``labels``: the classes the
@@ -253,6 +283,7 @@ class ImageMetrics:
         self._check_shape(fake, "fake images")
         if self.num_real is None and {"fid", "kid"} & set(self.names):
             raise RuntimeError("ImageMetrics: call set_real(real_images) before computing FID or KID")
+        self.check_classes(labels)
         labels = self._labels(labels, len(fake)) if "accuracy" in self.names else None
         features, logits = self.features(fake, "samples")
         inputs = {"fid": (features,), "kid": (features,), "is": (logits,), "accuracy": (logits, labels)}

@@ -92,6 +92,8 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention as timm's ``Attention`` (qkv bias, no q/k norm), by ``scaled_dot_product_attention``."""
 
+    is_cross_attention = False  # diffusers' flag of self-attention, what PAG and SEG perturb (guidance/perturbed.py)
+
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads

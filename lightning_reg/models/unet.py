@@ -42,6 +42,8 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """``x + proj(softmax(q k^T / sqrt(d)) v)`` over the H*W positions, multi-head, on GroupNorm'd input."""
 
+    is_cross_attention = False  # diffusers' flag of self-attention, what PAG and SEG perturb (guidance/perturbed.py)
+
     def __init__(self, channels: int, heads: int, groups: int):
         super().__init__()
         self.heads = heads

@@ -1,7 +1,3 @@
-"""Sampling at scale: one deterministic sampling path (``engine``) and its resumable output folder (``writer``)."""
-
-from lightning_reg.sampling.engine import (PerSampleNoise, balanced_labels, gather_by_index, generate, rank_indices,
-                                           sample_seed, setting_name)
-
-__all__ = ["PerSampleNoise", "balanced_labels", "gather_by_index", "generate", "rank_indices", "sample_seed",
-           "setting_name"]
+"""Sampling at scale: one deterministic sampling path (``engine``), its resumable output folder (``writer``),
+the typed options (``config``: imports neither torch nor Lightning, so ``--help`` answers at once) and the
+``sample.py`` / ``sweep.py`` command lines (``cli``, ``sweep``)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from argparse import ArgumentError
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -30,15 +29,16 @@ from lightning_reg.data.prompts import read_prompts
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.samplers import SAMPLERS
 from lightning_reg.distributed import fail
-from lightning_reg.errors import ConfigError, one_line, parse_error_message
+from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.guidance.guided import Guidance, make_guidance
 from lightning_reg.io.files import file_sha256, to_uint8_nhwc, tree_sha256, write_json
 from lightning_reg.io.plain import plain_data
 from lightning_reg.metrics.evaluate import build_evaluator, read_samples
+from lightning_reg.metrics.images import KID_NOTE
 from lightning_reg.metrics.plots import image_grid, save_figure, scatter_figure
 from lightning_reg.metrics.toy import ToyEvaluator
 from lightning_reg.sampling import writer
-from lightning_reg.sampling.config import (SampleConfig, build_parser as config_parser, config_from,
+from lightning_reg.sampling.config import (SampleConfig, build_parser as config_parser, parse_config,
                                            without_reference_file)
 from lightning_reg.sampling.engine import generate, sample_conditions, sample_keys, sample_seed, setting_name
 from lightning_reg.sources import load_models
@@ -47,7 +47,7 @@ GRID_IMAGES = 64
 
 
 def build_parser():
-    return config_parser(SampleConfig, __doc__)
+    return config_parser(SampleConfig)
 
 
 @dataclass
@@ -152,7 +152,8 @@ class SamplingJob:
         reset_peak_memory(fabric.device)
         sampling_start = time.time()
         mine = todo[rank::world]
-        for k in tqdm(mine, desc=f"{setting_name(cfg.guidance)} shards", disable=rank != 0):
+        bar = rank == 0 and bool(mine)  # no empty bar for a finished run; tqdm's None: none off a terminal
+        for k in tqdm(mine, desc=f"{setting_name(cfg.guidance)} shards", disable=None if bar else True):
             indices = torch.tensor(ranges[k])
             samples = generate(self.denoiser, self.guidance, self.conditions(indices), indices, sampler=cfg.sampler,
                                steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size, device=fabric.device,
@@ -168,7 +169,7 @@ class SamplingJob:
                 print(f"stopped after {len(todo)} of {len(missing)} missing shards (--max_shards); "
                       "run the same command again to resume")
             elif not todo and (self.output / writer.META_FILE).is_file():
-                print(f"{self.output} already holds this run's samples; nothing to do")
+                print(f"{self.output} already holds this run's {cfg.num_samples} samples (complete); nothing to do")
             else:
                 self.finish(len(ranges), world, time.time() - start, sampling_s, len(todo),
                             {"generated_samples": generated, "throughput_images_per_s": round(generated / sampling_s, 4),
@@ -201,8 +202,9 @@ class SamplingJob:
             # network's rounding depends on the buffer it reads, not only on the values)
             samples, labels = read_samples(self.output / writer.SAMPLES_FILE)
         metrics = None if self.evaluator is None else self.evaluator(samples, labels)
+        notes = {"kid": KID_NOTE} if metrics and "kid" in metrics else None
         meta = {**self.record, "wall_time_s": round(wall_s, 3), "sampling_time_s": round(sampling_s, 3),
-                "new_shards": new_shards, "world_size": world_size, **cost, "metrics": metrics}
+                "new_shards": new_shards, "world_size": world_size, **cost, "metrics": metrics, "metric_notes": notes}
         write_json(self.output / writer.META_FILE, meta)
         print(f"wrote {len(samples)} samples ({setting}) to {self.output / writer.SAMPLES_FILE}: sampling "
               f"{sampling_s:.1f} s ({new_shards} new shards), {wall_s:.1f} s in all, on {world_size} process(es)")
@@ -210,6 +212,8 @@ class SamplingJob:
               f"{cost['peak_memory_bytes'] / 2 ** 20:.1f} MiB ({cost['peak_memory_measure']}, largest process)")
         if metrics:
             print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        for note in (notes or {}).values():
+            print(f"note: {note}")
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -236,20 +240,17 @@ def make_fabric(accelerator: str, devices: int, num_nodes: int = 1) -> lightning
                           f"--trainer.num_nodes {num_nodes} is unusable here: {one_line(err, None)}") from None
 
 
-def launch(args: list[str] | None, build_parser, config_class, build_job):
-    """Parse ``args`` into ``config_class`` and ``build_job(config)`` (bad input: one ``error:`` line, exit 2,
-    nothing written), then start the processes of ``trainer.devices`` x ``trainer.num_nodes``; returns
+def launch(config: SampleConfig, build_job):
+    """``build_job(config)`` for a parsed ``config`` (``config.parse_config``; bad input: one ``error:`` line, exit
+    2, nothing written), then start the processes of ``trainer.devices`` x ``trainer.num_nodes``; returns
     ``(job, fabric)``. Shared by ``sample.py`` and ``sweep.py``. A process that starts alone (the first of a
     one-node run) checks before starting the others; processes started together (torchrun, SLURM, several
     nodes) check, then agree (``lightning_reg.distributed``)."""
     try:
-        config = config_from(build_parser().parse_args(args), config_class)
         trainer = config.trainer
         fabric = make_fabric(trainer.accelerator, trainer.devices, trainer.num_nodes)
         together = fabric.world_size > 1 and distributed.started_together(trainer.num_nodes)
         job, error = distributed.check(lambda: build_job(config)) if together else (build_job(config), None)
-    except ArgumentError as err:
-        fail(f"{parse_error_message(err)} (run with --help for the accepted options)")
     except ConfigError as err:
         fail(str(err))
     fabric.launch()
@@ -263,8 +264,14 @@ def build_job(config: SampleConfig) -> SamplingJob:
     return SamplingJob.build(config, LoadedModel.load(config))
 
 
+def run(config: SampleConfig, started: float) -> None:
+    """Validate (nothing is written for bad input), launch the processes and sample; ``started``: when this
+    invocation began (``meta.json``'s ``wall_time_s`` counts from it)."""
+    job, fabric = launch(config, build_job)
+    job.run(fabric, started)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Parse, validate (nothing is written for bad input), launch the processes and sample."""
-    start = time.time()
-    job, fabric = launch(args, build_parser, SampleConfig, build_job)
-    job.run(fabric, start)
+    """``sample.py`` in this process: parse ``args`` (``parse_config``), then ``run`` (the time counted from now)."""
+    started = time.time()
+    run(parse_config(SampleConfig, args), started)

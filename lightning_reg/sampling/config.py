@@ -2,7 +2,9 @@
 
 ``SweepConfig`` *is* a ``SampleConfig`` plus the grid (samplers x steps x methods x weights x REG modes), so
 every ``sample.py`` option works in a sweep by construction. Both parse from YAML files and flags with
-jsonargparse (``build_parser``, ``config_from``); every field's help is its line in the class docstring.
+jsonargparse (``parse_config``); every field's help is its line in the class docstring, the command's description
+the text above it. The module imports neither torch nor Lightning (the files, the model spec and the prompts are
+read where they are needed), so ``sample.py`` and ``sweep.py`` answer ``--help`` and refuse bad arguments at once.
 
 Each field declares what it decides (``field(metadata=...)``, below), and ``fingerprint()`` keeps what decides
 a run's results: a resumed ``sample.py`` run or sweep must match its fingerprint, so changing where, how fast
@@ -13,16 +15,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import inspect
+import re
+import sys
+from argparse import ArgumentError
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, get_loader
 
-from lightning_reg.data.prompts import read_prompts
-from lightning_reg.errors import ConfigError, check_int
-from lightning_reg.io.files import file_sha256
+from lightning_reg.distributed import fail
+from lightning_reg.errors import ConfigError, check_int, parse_error_message
 from lightning_reg.io.yaml_budget import install_yaml_budget
-from lightning_reg.sources import ModelSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTIONS = ("toy1d", "toy2d", "toy2d_overlap")
@@ -59,7 +66,13 @@ class Processes:
 
 @dataclass
 class SampleConfig:
-    """Guided samples from a trained checkpoint (``sample.py``, ``docs/sampling.md``).
+    """Guided samples from a trained checkpoint (``sample.py``, ``docs/sampling.md``), on one process or many
+    (DDP), resumable. Every option can come from ``--config sample.yaml`` or a flag; bad input ends in one
+    ``error:`` line and exit status 2, before anything is written. The checkpoint is a ConditionalDiffusion
+    ``.ckpt``, a public DiT ``.pt`` with ``--model DiT-XL/2``, an EDM2 snapshot with ``--format edm2``, or a
+    diffusers pipeline folder with ``--prompts`` (a caption file); ``--vae`` samples in the VAE's latent space
+    and decodes at the end. ``meta.json`` records throughput (images/s), peak memory and the metrics of
+    ``--distribution`` / ``--evaluation``.
 
     Args:
         checkpoint: the model: a ConditionalDiffusion checkpoint (.ckpt), a public DiT checkpoint (.pt) with
@@ -92,7 +105,8 @@ class SampleConfig:
         labels: classes to sample, cycled: sample i gets labels[i % len(labels)]; default: class-balanced.
         distribution: toy1d, toy2d or toy2d_overlap: compute the exact toy metrics and a scatter plot.
         evaluation: images: {metrics: [fid, is, accuracy], reference: digits:mnist, num_reference: 10000,
-            feature_network: classifier.ckpt, inception_weights: null} (metrics.evaluate), into meta.json.
+            feature_network: classifier.ckpt, inception_weights: null} (metrics.evaluate), into meta.json;
+            reference_kwargs: {classes: [3, 7]} keeps a dataset reference's images of those classes.
         output: output folder.
         overwrite: delete another run's files in --output.
         max_shards: stop after generating this many shards (to split a long run; rerun to resume).
@@ -147,6 +161,8 @@ class SampleConfig:
         if self.prompts is not None and self.labels is not None:
             raise ConfigError("--labels are class ids; a text-to-image run takes its conditions from --prompts")
         if self.prompts is not None:
+            from lightning_reg.data.prompts import read_prompts
+
             read_prompts(self.prompts)  # a bad file is refused before any model is read
         if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
             raise ConfigError(f"unknown --distribution {self.distribution!r}; choose one of {sorted(DISTRIBUTIONS)} "
@@ -155,8 +171,10 @@ class SampleConfig:
             raise ConfigError("--evaluation is for images; toy data (--distribution) uses the exact toy metrics")
 
     @property
-    def model_spec(self) -> ModelSpec:
-        """What ``sources.load_model`` loads."""
+    def model_spec(self):
+        """What ``sources.load_model`` loads (a ``sources.ModelSpec``)."""
+        from lightning_reg.sources import ModelSpec
+
         return ModelSpec(self.checkpoint, self.format, self.model, self.image_size, self.num_heads, self.vae,
                          self.ema, negative_prompt=self.negative_prompt,
                          gradient_checkpointing=self.gradient_checkpointing)
@@ -166,6 +184,8 @@ class SampleConfig:
         ``fingerprinted`` (the guidance without its ``reference_checkpoint`` path), and the files by their
         contents: the model's and the guiding file's sha256 (the loaded model's, ``LoadedModel``) and the
         prompts'."""
+        from lightning_reg.io.files import file_sha256
+
         values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
                   if f.metadata.get("decides", "samples") in self.fingerprinted}
         if "guidance" in values:
@@ -187,8 +207,12 @@ class SampleConfig:
 
 @dataclass
 class SweepConfig(SampleConfig):
-    """Guidance methods x weights x REG modes, every setting one ``sample.py`` run (``sweep.py``,
-    ``docs/sweeps.md``): every option of ``SampleConfig`` applies to every setting.
+    """Guidance methods x weights x REG modes (x samplers x steps), every setting one ``sample.py`` run
+    (``sweep.py``, ``docs/sweeps.md``): every option of ``SampleConfig`` applies to every setting. The model is
+    loaded once; each setting is written to ``<output>/<setting>/`` and evaluated by one evaluator, and the sweep
+    writes ``sweep.csv`` and ``fronts.png`` and prints the best settings. A setting is finished once its
+    ``row.json`` exists: an interrupted sweep resumes with the next one. Bad input ends in one ``error:`` line and
+    exit status 2: every setting is checked before the first sample.
 
     Args:
         guidance: fixed make_guidance parameters of every setting, e.g. {guidance_channels: [0, 1, 2]}; method,
@@ -248,9 +272,11 @@ class SweepConfig(SampleConfig):
 Config = TypeVar("Config", bound=SampleConfig)
 
 
-def build_parser(config_class: type[SampleConfig], description: str) -> ArgumentParser:
-    """jsonargparse over ``config_class``'s fields, and ``--config file.yaml``."""
+def build_parser(config_class: type[SampleConfig]) -> ArgumentParser:
+    """jsonargparse over ``config_class``'s fields, and ``--config file.yaml``; the description is the class
+    docstring's text before its ``Args:``."""
     install_yaml_budget()
+    description = inspect.cleandoc(config_class.__doc__).split("\nArgs:")[0]
     p = ArgumentParser(description=description, exit_on_error=False, default_meta=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
     p.add_class_arguments(config_class, None, as_group=False)
@@ -262,3 +288,68 @@ def config_from(namespace, config_class: type[Config]) -> Config:
     values = namespace.as_dict()
     values.pop("config", None)
     return config_class(**values)
+
+
+def parse_config(config_class: type[Config], args: list[str] | None = None) -> Config:
+    """``args`` (default: the command line) as a validated ``config_class``; bad input ends in one ``error:`` line
+    and exit status 2 (``distributed.fail``), an unknown option naming where it was given and the nearest name."""
+    args = sys.argv[1:] if args is None else list(args)
+    parser = build_parser(config_class)
+    try:
+        return config_from(parser.parse_args(args), config_class)
+    except ArgumentError as err:
+        fail(f"{argument_error(err, parser, args)} (run with --help for the accepted options)")
+    except ConfigError as err:
+        fail(str(err))
+
+
+# jsonargparse's words for a key no option takes (from a config file), for flags no option takes, and for a bad value
+_UNKNOWN_KEY = re.compile(r"Option '(?P<key>[^']+)' is not accepted|"
+                          r"Group '(?P<group>[^']+)' does not accept option '(?P<option>[^']+)'")
+_UNKNOWN_FLAGS = re.compile(r"unrecognized arguments: (?P<flags>.*)")
+_BAD_VALUE = re.compile(r'^Parser key "(?P<key>[^"]+)"')
+
+
+def argument_error(err: ArgumentError, parser: ArgumentParser, args: list[str]) -> str:
+    """jsonargparse's error as one line (``parse_error_message``), with the accepted name nearest to an unknown
+    option or flag, and the ``--config`` file that gave an unknown option or a bad value."""
+    message = parse_error_message(err)
+    options = [action.dest for action in parser._actions if action.dest not in ("help", "config")]
+    flags = _UNKNOWN_FLAGS.search(message)
+    if flags:
+        first = next((word for word in flags["flags"].split() if word.startswith("--")), "")
+        near = difflib.get_close_matches(first.split("=")[0], [f"--{o}" for o in options], n=1)
+        return message + (f" (did you mean {near[0]}?)" if near else "")
+    unknown, bad = _UNKNOWN_KEY.search(message), _BAD_VALUE.search(message)
+    if unknown:
+        key = unknown["key"] or f"{unknown['group']}.{unknown['option']}"
+        near = difflib.get_close_matches(key, options, n=1)
+        message = f"unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+    elif bad and not any(arg == f"--{bad['key']}" or arg.startswith(f"--{bad['key']}=") for arg in args):
+        key = bad["key"]
+    else:
+        return message
+    files = [path for path in config_files(args) if holds_key(path, key)]
+    return f"--config {files[0]}: {message}" if files else message
+
+
+def config_files(args: list[str]) -> list[str]:
+    """The ``--config`` files of ``args``, in order (``--config FILE`` or ``--config=FILE``)."""
+    files = []
+    for previous, arg in zip([None, *args], args):
+        if previous == "--config" or arg.startswith("--config="):
+            files.append(arg.removeprefix("--config="))
+    return files
+
+
+def holds_key(path: str, key: str) -> bool:
+    """Whether the YAML file ``path`` (already read once by the parser) sets ``key`` (dotted: nested mappings)."""
+    try:
+        data = get_loader("yaml")(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
+        return False
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True

@@ -13,6 +13,7 @@ chain runs on latents, decoded to images only after its last step.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -127,8 +128,9 @@ def gather_by_index(local: Tensor, n: int, world_size: int, all_gather: Callable
 def setting_name(guidance: Mapping) -> str:
     """A readable, metric-key-safe name for a guidance dict, e.g. ``{method: cfg, scale: 1, reg: paper}``
     -> ``cfg_w1_paper`` (``w2`` convention: ``cfg_w2x1.5_paper``); other parameters are appended as
-    ``_key<value>``, a list's items joined by ``-`` (``_reg_window0-0.3``): no brackets, commas or spaces in a
-    folder name."""
+    ``_key<value>``, a list's items joined by ``-`` (``_reg_window0-0.3``), a mapping's as key and value
+    (``_paglayersmid-scale3``); any other character than letters, digits and ``_ . + = -`` is dropped: no
+    brackets, commas, spaces or slashes in a folder name."""
     params = dict(guidance)
     method, reg = params.pop("method", "cfg"), params.pop("reg", "none")
     convention = params.pop("convention", "w")
@@ -137,12 +139,14 @@ def setting_name(guidance: Mapping) -> str:
     params.pop("reference_checkpoint", None)
     weight = f"w{scale:g}" if convention == "w" else f"w2x{scale:g}"
     def value(v) -> str:
+        if isinstance(v, Mapping):  # a term's options (pag, seg, slg): key and value, joined like a list's items
+            return "-".join(f"{k}{value(item)}" for k, item in sorted(v.items()))
         if isinstance(v, (list, tuple)):
             return "-".join(value(item) for item in v)
         return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
     extra = "".join(f"_{k}{value(v)}" for k, v in sorted(params.items()) if v is not None)
-    return f"{method}_{weight}_{reg}{extra}".replace(" ", "")
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "", f"{method}_{weight}_{reg}{extra}")
 
 
 def generate(denoiser: Denoiser, guidance: Guidance, conditions: Condition, indices, *, sampler: str = "ddpm",
@@ -169,7 +173,8 @@ def generate(denoiser: Denoiser, guidance: Guidance, conditions: Condition, indi
     denoiser.conditioning.check(conditions)
     dtype = denoiser.state_dtype
     out = []
-    with tqdm(total=len(indices), desc=f"sampling {sampler}", unit="sample", disable=not progress) as bar:
+    with tqdm(total=len(indices), desc=f"sampling {sampler}", unit="sample",
+              disable=None if progress else True) as bar:  # None: no bar off a terminal (a log file)
         for y, idx in zip(cond.split(conditions, batch_size), indices.split(batch_size)):
             noise = PerSampleNoise(seed, idx.tolist())
             guided = GuidedDenoiser(denoiser, guidance, cond.to(y, device))

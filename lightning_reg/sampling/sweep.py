@@ -37,7 +37,8 @@ from lightning_reg.metrics.fronts import (METRIC_GOALS, chain_labels, default_fr
                                           summary, write_table)
 from lightning_reg.sampling import writer
 from lightning_reg.sampling.cli import LoadedModel, SamplingJob, launch
-from lightning_reg.sampling.config import SweepConfig, build_parser as config_parser, without_reference_file
+from lightning_reg.sampling.config import (SweepConfig, build_parser as config_parser, parse_config,
+                                           without_reference_file)
 from lightning_reg.sampling.engine import setting_name
 
 SWEEP_FILE, ROW_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "row.json", "sweep.csv", "fronts.png"
@@ -47,7 +48,7 @@ TAG_CHARACTERS = "A-Za-z0-9_.+-"  # a sampler tag's: no brackets, commas, spaces
 
 
 def build_parser():
-    return config_parser(SweepConfig, __doc__)
+    return config_parser(SweepConfig)
 
 
 def sweep_settings(methods: list[dict], regs: list[str], convention: str, shared: dict | None = None) -> list[dict]:
@@ -223,9 +224,10 @@ class Sweep:
         fabric.barrier()
         unfinished = fabric.broadcast([n for n in self.settings if not (self.output / n / ROW_FILE).is_file()])
         todo = unfinished[:self.config.max_settings]
+        finished = len(self.settings) - len(unfinished)  # by earlier invocations: the count is the whole sweep's
         for i, name in enumerate(todo):
             if rank == 0:
-                print(f"[{i + 1}/{len(todo)}] {name}")
+                print(f"[{finished + i + 1}/{len(self.settings)}] {name}")
             job = self.job(name)
             job.run(fabric, time.time())
             if rank == 0:
@@ -279,7 +281,12 @@ class Sweep:
               f"{' and '.join(map(str, figures))}\n{summary(rows, *self.front)}")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Parse and validate every setting (nothing is written for bad input), launch the processes and sweep."""
-    sweep, fabric = launch(args, build_parser, SweepConfig, Sweep.from_config)
+def run(config: SweepConfig) -> None:
+    """Validate every setting (nothing is written for bad input), launch the processes and sweep."""
+    sweep, fabric = launch(config, Sweep.from_config)
     sweep.run(fabric)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``sweep.py`` in this process: parse ``args`` (``parse_config``), then ``run``."""
+    run(parse_config(SweepConfig, args))

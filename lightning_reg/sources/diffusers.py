@@ -1,8 +1,9 @@
-"""The ``diffusers`` source: a diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline``
-(SDXL base) folder or cached hub name (docs/text_to_image.md): its UNet (``models.stable_diffusion.PromptUNet``,
-``SDXLUNet``) under the schedule and prediction type of its scheduler config (epsilon or ``v``), its VAE's latents
-and its prompt encoder; the condition is a prompt embedding (SDXL: a mapping of embeddings, pooled embeddings
-and size ids), the reference condition of guidance the empty (or negative) prompt's.
+"""The ``diffusers`` source: a diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x), ``StableDiffusionXLPipeline``
+(SDXL base) or ``StableDiffusion3Pipeline`` (SD3, SD3.5) folder or cached hub name (docs/text_to_image.md): its
+UNet (``models.stable_diffusion.PromptUNet``, ``SDXLUNet``) or transformer (``SD3Transformer``) under the schedule
+and prediction type of its scheduler config (VP with epsilon or ``v``; SD3: flow with its time ``shift``, velocity),
+its VAE's latents and its prompt encoder; the condition is a prompt embedding (SDXL, SD3: a mapping of embeddings,
+pooled embeddings and, for SDXL, size ids), the reference condition of guidance the empty (or negative) prompt's.
 
 Everything that reads a pipeline lives here (diffusers and transformers are imported inside the functions that
 need them; folders are vetted by ``io.pretrained`` before a library reads them, the Hugging Face cache is read,
@@ -19,20 +20,28 @@ from typing import Mapping
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
 from lightning_reg.diffusion.predictions import Prediction
-from lightning_reg.diffusion.schedules import SPACINGS, VPSchedule
+from lightning_reg.diffusion.schedules import SPACINGS, FlowSchedule, NoiseSchedule, VPSchedule
 from lightning_reg.errors import ConfigError, one_line
 from lightning_reg.io.pretrained import check_folder, load_pretrained, local_folder
-from lightning_reg.models.stable_diffusion import PromptEncoder, PromptUNet, SDXLPromptEncoder, SDXLUNet, text_denoiser
+from lightning_reg.models.stable_diffusion import (PromptEncoder, PromptUNet, SD3PromptEncoder, SD3Transformer,
+                                                   SDXLPromptEncoder, SDXLUNet, text_denoiser)
 from lightning_reg.sources.base import ModelSource, ModelSpec, register_source
 
-SD, SDXL = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
-PIPELINES = {SD: "SD 1.x/2.x", SDXL: "SDXL base"}  # one UNet, CLIP text encoder(s), AutoencoderKL
+SD, SDXL, SD3 = "StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline"
+# one UNet or transformer, CLIP text encoder(s) (and T5), AutoencoderKL
+PIPELINES = {SD: "SD 1.x/2.x", SDXL: "SDXL base", SD3: "SD3 / SD3.5"}
 REFINERS = ("StableDiffusionXLImg2ImgPipeline",)  # SDXL's refiner (and SDXL image-to-image): out of scope
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 COMPONENTS = {SD: ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
 COMPONENTS[SDXL] = (*COMPONENTS[SD], "text_encoder_2", "tokenizer_2")
+COMPONENTS[SD3] = ("transformer", *COMPONENTS[SDXL][1:])
+T5 = ("text_encoder_3", "tokenizer_3")  # SD3's optional T5: model_index.json names both, or neither (null)
+WITH_PROJECTION = {SDXL: ("text_encoder_2",), SD3: ("text_encoder", "text_encoder_2")}  # pooled projections
 LIBRARIES = ("diffusers", "transformers", "stable_diffusion")  # of model_index.json's components
+# FlowMatch scheduler options that would change SD3's default sampler beyond its shift: not read, refused when set
+FLOW_OPTIONS = ("use_dynamic_shifting", "shift_terminal", "invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
+                "use_exponential_sigmas", "use_beta_sigmas")
 
 
 def schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") -> tuple[VPSchedule, Prediction]:
@@ -43,7 +52,7 @@ def schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") ->
     config = dict(config)
     if "beta_schedule" not in config:  # EDM (Playground v2.5) and flow-matching scheduler configs: no betas
         raise ConfigError(f"{field}: {str(config.get('_class_name'))[:80]} has no beta_schedule: only DDPM-type (VP) "
-                          "schedules are covered (EDM and flow-matching pipelines are not)")
+                          f"schedules are covered here (EDM pipelines are not; flow matching is {SD3}'s)")
     betas = config["beta_schedule"]
     if betas not in BETA_SCHEDULES or config.get("trained_betas") is not None:
         raise ConfigError(f"{field}: beta_schedule {betas!r}{' with trained_betas' * bool(config.get('trained_betas'))}"
@@ -72,6 +81,32 @@ def schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") ->
     except (ConfigError, TypeError, ValueError) as err:  # ours, or values of the wrong type
         raise ConfigError(f"{field}: {one_line(err, 200)}") from None
     return schedule, Prediction(PREDICTION_TYPES[kind])
+
+
+def flow_schedule_from_scheduler_config(config: Mapping, field: str = "scheduler") -> tuple[FlowSchedule, Prediction]:
+    """The flow schedule and velocity prediction of a FlowMatch scheduler config (SD3's
+    ``FlowMatchEulerDiscreteScheduler``): its ``shift`` (diffusers' default 1), over ``num_train_timesteps`` 1000
+    (the transformer's time ``1000 t``); ``FLOW_OPTIONS`` set to anything but their defaults are refused."""
+    name = str(config.get("_class_name"))[:80]
+    if not name.startswith("FlowMatch"):
+        raise ConfigError(f"{field}: {name} is not a FlowMatch scheduler: {SD3} folders sample with flow matching")
+    if config.get("num_train_timesteps", 1000) != 1000:
+        raise ConfigError(f"{field}: num_train_timesteps {str(config['num_train_timesteps'])[:40]} is not supported: "
+                          "the flow schedule's transformer time is 1000 t")
+    for key in FLOW_OPTIONS:
+        if config.get(key):
+            raise ConfigError(f"{field}: {key}={str(config[key])[:40]} is not covered: of a FlowMatch scheduler only "
+                              "a fixed shift is read (resolution-dependent shifting is Flux's)")
+    try:
+        return FlowSchedule(config.get("shift", 1.0)), Prediction("velocity")
+    except ConfigError as err:  # a shift that is not a positive number
+        raise ConfigError(f"{field}: {err}") from None
+
+
+def schedule_of(kind: str, config: Mapping, field: str) -> tuple[NoiseSchedule, Prediction]:
+    """The schedule and prediction of a ``kind`` pipeline's scheduler config: flow for SD3, VP for SD and SDXL."""
+    read = flow_schedule_from_scheduler_config if kind == SD3 else schedule_from_scheduler_config
+    return read(config, field)
 
 
 @dataclass
@@ -115,27 +150,44 @@ def check_model_index(index: dict, field: str) -> str:
         raise ConfigError(f"{field} is a {kind} pipeline (SDXL's refiner, image-to-image): out of scope, only "
                           f"text-to-image from noise is covered; give the base model's {SDXL} folder")
     if kind not in PIPELINES:
-        raise ConfigError(f"{field} is a {kind[:80]} pipeline: {covered} (SD3, Flux ... are not)")
+        raise ConfigError(f"{field} is a {kind[:80]} pipeline: {covered} (Flux, ControlNet, video ... are not)")
     if kind == SDXL and not isinstance(index.get("force_zeros_for_empty_prompt", True), bool):
         raise ConfigError(f"{field}: force_zeros_for_empty_prompt must be true or false, got "
                           f"{str(index['force_zeros_for_empty_prompt'])[:80]}")
-    second = index.get("text_encoder_2")
-    if kind == SDXL and not (isinstance(second, list) and second[-1:] == ["CLIPTextModelWithProjection"]):
-        raise ConfigError(f"{field}: text_encoder_2 is {str(second)[:80]}, not the CLIPTextModelWithProjection "
-                          "whose pooled projection SDXL's UNet takes")
+    for name in WITH_PROJECTION.get(kind, ()):
+        entry = index.get(name)
+        if not (isinstance(entry, list) and entry[-1:] == ["CLIPTextModelWithProjection"]):
+            raise ConfigError(f"{field}: {name} is {str(entry)[:80]}, not the CLIPTextModelWithProjection "
+                              f"whose pooled projection the {PIPELINES[kind]} backbone takes")
+    t5 = index.get("text_encoder_3")
+    if kind == SD3 and has_t5(index) and not (isinstance(t5, list) and t5[-1:] == ["T5EncoderModel"]):
+        raise ConfigError(f"{field}: text_encoder_3 is {str(t5)[:80]}, not a T5EncoderModel "
+                          "(or null: SD3 without T5)")
     return kind
+
+
+def has_t5(index: dict) -> bool:
+    """Whether an SD3 ``model_index.json`` names T5 (``text_encoder_3``; ``[null, null]`` or absent: no T5)."""
+    return index.get("text_encoder_3") not in (None, [None, None])
+
+
+def clip_pair(parts: dict) -> tuple[list, list]:
+    """SDXL's and SD3's two CLIP tokenizers and text encoders."""
+    return [parts["tokenizer"], parts["tokenizer_2"]], [parts["text_encoder"], parts["text_encoder_2"]]
 
 
 def load_text_to_image(source: str, *, negative_prompt: str = "", gradient_checkpointing: bool = False,
                        field: str = "--checkpoint", cache_dir: str | None = None) -> TextToImage:
-    """A ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline`` (SDXL base) folder as a
-    ``TextToImage``; one ConfigError line for a missing folder, another pipeline kind (SDXL's refiner too), code
-    in the folder, a missing or unloadable component or an unsupported scheduler or VAE. Every folder is vetted
-    before a library reads it (``io.pretrained``). SDXL's ``force_zeros_for_empty_prompt`` is read from
-    ``model_index.json``; its size ids are the pipeline's defaults (the UNet's sample size times the VAE's
-    scale factor, no crop)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    """A ``StableDiffusionPipeline`` (SD 1.x / 2.x), ``StableDiffusionXLPipeline`` (SDXL base) or
+    ``StableDiffusion3Pipeline`` (SD3, SD3.5; T5 optional) folder as a ``TextToImage``; one ConfigError line for a
+    missing folder, another pipeline kind (SDXL's refiner, Flux too), code in the folder, a missing or unloadable
+    component or an unsupported scheduler or VAE. Every folder is vetted before a library reads it
+    (``io.pretrained``). SDXL's ``force_zeros_for_empty_prompt`` is read from ``model_index.json``; its size ids
+    are the pipeline's defaults (the UNet's sample size times the VAE's scale factor, no crop). SD3's scheduler
+    ``shift`` becomes the flow schedule's (what ``--sampler diffusers:FlowMatchEulerDiscreteScheduler`` is built
+    with); its T5 runs at the pipeline's default ``max_sequence_length``."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     folder = resolve_pipeline_folder(source, field, cache_dir)
     if not (folder / "model_index.json").is_file():
@@ -143,32 +195,38 @@ def load_text_to_image(source: str, *, negative_prompt: str = "", gradient_check
     configs = check_folder(folder, field, "diffusers pipeline folder", weights=False)
     index = configs["model_index.json"]
     kind = check_model_index(index, f"{field} {source}")
-    missing = [name for name in COMPONENTS[kind] if not (folder / name).is_dir()]
+    components = (*COMPONENTS[kind], *(T5 if kind == SD3 and has_t5(index) else ()))
+    missing = [name for name in components if not (folder / name).is_dir()]
     if missing:
+        optional = f" (and {list(T5)} where model_index.json names T5)" if kind == SD3 else ""
         raise ConfigError(f"{field} {source} lacks the component folder(s) {missing}: a {kind} needs "
-                          f"{list(COMPONENTS[kind])}")
+                          f"{list(COMPONENTS[kind])}{optional}")
     scheduler_config = check_folder(folder / "scheduler", field, "scheduler folder", weights=False).get(
         "scheduler_config.json")
     if scheduler_config is None:
         raise ConfigError(f"{field} {source}: scheduler/scheduler_config.json does not exist")
-    schedule, prediction = schedule_from_scheduler_config(scheduler_config, f"{field} {source} scheduler")
-    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-               "tokenizer": CLIPTokenizer, "text_encoder_2": CLIPTextModelWithProjection, "tokenizer_2": CLIPTokenizer}
+    schedule, prediction = schedule_of(kind, scheduler_config, f"{field} {source} scheduler")
+    loaders = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+               "text_encoder": CLIPTextModelWithProjection if kind == SD3 else CLIPTextModel,
+               "tokenizer": CLIPTokenizer, "text_encoder_2": CLIPTextModelWithProjection, "tokenizer_2": CLIPTokenizer,
+               "text_encoder_3": T5EncoderModel, "tokenizer_3": T5TokenizerFast}
     low_memory = {"low_cpu_mem_usage": False}  # diffusers without accelerate
     parts = {name: load_pretrained(cls, folder / name, field, f"{cls.__name__} folder",
-                                   **(low_memory if name in ("unet", "vae") else {}))
-             for name, cls in loaders.items() if name in COMPONENTS[kind]}
+                                   **(low_memory if name in ("unet", "transformer", "vae") else {}))
+             for name, cls in loaders.items() if name in components}
     if any(parts["vae"].config.get(key) is not None for key in ("latents_mean", "latents_std")):
         raise ConfigError(f"{field} {source}: the VAE normalises its latents by latents_mean/latents_std (Playground "
-                          "v2.5 ...): only a scaling_factor is covered")
+                          "v2.5 ...): only a scaling_factor and a shift_factor are covered")
     codec = LatentCodec(parts["vae"])
     try:
-        if kind == SDXL:
+        if kind == SD3:
+            net = SD3Transformer(parts["transformer"].eval(), gradient_checkpointing)
+            t5 = (parts["tokenizer_3"], parts["text_encoder_3"]) if "text_encoder_3" in parts else None
+            prompt_encoder = SD3PromptEncoder(*clip_pair(parts), t5, net.joint_attention_dim)
+        elif kind == SDXL:
             net = SDXLUNet(parts["unet"].eval(), gradient_checkpointing)
             _, height, width = codec.image_shape(net.data_shape)
-            prompt_encoder = SDXLPromptEncoder([parts["tokenizer"], parts["tokenizer_2"]],
-                                               [parts["text_encoder"], parts["text_encoder_2"]],
-                                               (height, width, 0, 0, height, width),
+            prompt_encoder = SDXLPromptEncoder(*clip_pair(parts), (height, width, 0, 0, height, width),
                                                index.get("force_zeros_for_empty_prompt", True))
         else:
             net = PromptUNet(parts["unet"].eval(), gradient_checkpointing)
@@ -184,18 +242,21 @@ def load_text_to_image(source: str, *, negative_prompt: str = "", gradient_check
             "latent_shape": list(denoiser.data_shape), "image_shape": list(denoiser.image_shape),
             "condition_shape": {key: list(part) for key, part in shape.items()} if isinstance(shape, dict)
             else list(shape), "prompt_tokens": prompt_encoder.max_length, "negative_prompt": negative_prompt,
+            "latent_scale_shift": [codec.scale_factor, codec.shift_factor],
             "gradient_checkpointing": gradient_checkpointing}
     if kind == SDXL:
         meta |= {"time_ids": prompt_encoder.time_ids.tolist(),
                  "force_zeros_for_empty_prompt": prompt_encoder.force_zeros_for_empty_prompt}
+    if kind == SD3:
+        meta |= {"t5": prompt_encoder.t5_encoder is not None, "max_sequence_length": prompt_encoder.max_sequence_length}
     return TextToImage(denoiser.eval(), prompt_encoder, meta)
 
 
 @register_source
 class DiffusersSource(ModelSource):
-    """A diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder or cached hub name
-    (``load_text_to_image``): its UNet under its scheduler's schedule and prediction, its VAE's latents and its
-    prompt encoder (``PromptEmbeddings.make``, SDXL's ``PromptParts.make``)."""
+    """A diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline`` folder or
+    cached hub name (``load_text_to_image``): its UNet or transformer under its scheduler's schedule and prediction,
+    its VAE's latents and its prompt encoder (``PromptEmbeddings.make``, SDXL's and SD3's ``PromptParts.make``)."""
 
     name, what = "diffusers", "diffusers pipeline folder"
     priority = 10  # first: a pipeline folder is recognised by its model_index.json
