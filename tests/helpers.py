@@ -179,3 +179,22 @@ def embeddings(parts: dict, prompts):
     from lightning_reg.models.stable_diffusion import PromptEncoder
 
     return PromptEncoder(parts["tokenizer"], parts["text_encoder"])(prompts)
+
+
+def edit_json(path, **changes):
+    """Rewrite the JSON file ``path`` with ``changes`` merged in (a pipeline folder made hostile or odd)."""
+    import json
+
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def reg_eps_by_hand(eps_c: torch.Tensor, x_in: torch.Tensor, eps_u: torch.Tensor, w: float, s, reg: str):
+    """REG's guided epsilon by autograd on the conditional branch ``eps_c(x_in)`` (``x_in`` requires grad):
+    ``paper``: ``eps_c + w d (1 - s grad_x sum(eps_c))``; ``vjp``: ``eps_c + w (d - s J^T d)``, ``d = eps_c - eps_u``.
+    Returns the guided epsilon and ``d``."""
+    d = (eps_c - eps_u).detach()
+    if reg == "paper":
+        (grad,) = torch.autograd.grad(eps_c.sum(), x_in)
+        return eps_c.detach() + w * d * (1 - s * grad), d
+    (jtd,) = torch.autograd.grad(eps_c, x_in, grad_outputs=d)
+    return eps_c.detach() + w * (d - s * jtd), d

@@ -5,14 +5,13 @@ shift), the prompt encoder is ``encode_prompt`` with and without T5, REG equals 
 transformer, and a saved folder samples through ``sample.py`` with its errors in one line."""
 
 import copy
-import json
 import shutil
 import string
 
 import numpy as np
 import pytest
 import torch
-from helpers import LATENT, PROMPTS
+from helpers import LATENT, PROMPTS, edit_json
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.samplers import get_sampler
@@ -301,10 +300,6 @@ def test_an_sd3_folder_without_t5_loads(sd3_parts, tmp_path):
     expected = our_encoder(without_t5(sd3_parts)).null("blurry")
     torch.testing.assert_close(null["prompt_embeds"][0], expected["prompt_embeds"], rtol=0, atol=0)
     assert null["prompt_embeds"][:, CLIP_TOKENS:].abs().max() == 0
-
-
-def edit_json(path, **changes):
-    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
 @pytest.mark.parametrize("edit, message", [

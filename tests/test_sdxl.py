@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import LATENT, PROMPTS
+from helpers import LATENT, PROMPTS, edit_json, reg_eps_by_hand
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.predictions import eps_from_x0
@@ -173,13 +173,7 @@ def test_reg_matches_the_hand_computation_on_the_sdxl_unet(sdxl_parts, predictio
               "time_ids": y["time_ids"]}
     with torch.no_grad():
         eps_u = unet_eps(parts, prediction_type, x, t, y_null, a, s)
-    d = (eps_c - eps_u).detach()
-    if reg == "paper":
-        (grad,) = torch.autograd.grad(eps_c.sum(), x_in)
-        expected = eps_c.detach() + w * d * (1 - s * grad)
-    else:
-        (jtd,) = torch.autograd.grad(eps_c, x_in, grad_outputs=d)
-        expected = eps_c.detach() + w * (d - s * jtd)
+    expected, d = reg_eps_by_hand(eps_c, x_in, eps_u, w, s, reg)
     torch.testing.assert_close(eps_from_x0(x0_bar, x, a, s), expected, rtol=1e-4, atol=1e-5)
     assert (expected - eps_c.detach() - w * d).abs().max() > 1e-4  # the rectification is not negligible here
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -215,10 +209,6 @@ def test_a_saved_sdxl_folder_loads_and_samples_through_sample_py(sdxl_folder, sd
     expected = generate(loaded.denoiser, make_guidance("cfg", scale=2.0, reg="paper"), y, range(2), sampler=EULER,
                         steps=3, seed=4, batch_size=2)
     assert np.abs(samples.astype(int) - ((expected.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()).max() <= 1
-
-
-def edit_json(path, **changes):
-    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
 @pytest.mark.parametrize("edit, message", [

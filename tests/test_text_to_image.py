@@ -2,12 +2,11 @@
 own pipeline tests do, nothing downloaded): equivalence with ``StableDiffusionPipeline``, REG against a hand
 computation on the UNet, what REG's backward touches, gradient checkpointing, loading and its errors."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from helpers import LATENT, PROMPTS, embeddings, our_denoiser
+from helpers import LATENT, PROMPTS, edit_json, embeddings, our_denoiser, reg_eps_by_hand
 
 from lightning_reg.diffusion.samplers import ddim
 from lightning_reg.models.stable_diffusion import PromptEncoder
@@ -86,13 +85,7 @@ def test_reg_matches_the_hand_computation_on_the_unet(sd_parts, prediction_type,
     eps_c = unet_eps(parts, prediction_type, x_in, t, cond, a, s)
     with torch.no_grad():
         eps_u = unet_eps(parts, prediction_type, x, t, null.expand_as(cond), a, s)
-    d = (eps_c - eps_u).detach()
-    if reg == "paper":
-        (grad,) = torch.autograd.grad(eps_c.sum(), x_in)
-        expected = eps_c.detach() + w * d * (1 - s * grad)
-    else:
-        (jtd,) = torch.autograd.grad(eps_c, x_in, grad_outputs=d)
-        expected = eps_c.detach() + w * (d - s * jtd)
+    expected, d = reg_eps_by_hand(eps_c, x_in, eps_u, w, s, reg)
     torch.testing.assert_close(eps_from_x0(x0_bar, x, a, s), expected, rtol=1e-4, atol=1e-5)
     assert (expected - eps_c.detach() - w * d).abs().max() > 1e-4  # the rectification is not negligible here
     for p in parts["unet"].parameters():
@@ -191,10 +184,6 @@ def corrupt(folder, tmp_path, edit):
     shutil.copytree(folder, target)
     edit(target)
     return str(target)
-
-
-def edit_json(path, **changes):
-    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
 @pytest.mark.parametrize("edit, message", [
