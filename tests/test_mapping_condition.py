@@ -73,8 +73,8 @@ def test_a_mapping_condition_is_batched_split_and_checked_without_guidance_looki
         GuidedDenoiser(linear_model(), make_guidance("cfg"), torch.tensor([0, 1]))
     labels = Denoiser(LinearEps(torch.eye(2), torch.zeros(3, 2), (2,)), VPSchedule(1000), Prediction("eps"))
     guidance = make_guidance("cfg", scale=1.0)
-    for bad, got in (({"label": torch.tensor([0])}, r"\{label: torch.int64 \(1,\)\}"), (torch.tensor([[0], [1]]), r"torch.int64 \(2, 1\)"),
-                     (torch.tensor([0.5]), "torch.float32")):
+    for bad, got in (({"label": torch.tensor([0])}, r"\{label: torch.int64 \(1,\)\}"),
+                     (torch.tensor([[0], [1]]), r"torch.int64 \(2, 1\)"), (torch.tensor([0.5]), "torch.float32")):
         with pytest.raises(ConfigError, match=rf"1-D tensor of class ids \(B,\), got {got}"):
             generate(labels, guidance, bad, range(conditions.batch_size(bad)), steps=1, seed=0, batch_size=2)
     assert generate(labels, guidance, np.array([0, 1]), [0, 1], steps=1, seed=0, batch_size=2).shape == (2, 2)

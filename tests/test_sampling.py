@@ -104,7 +104,8 @@ def test_setting_name():
     assert setting_name({"method": "cfg", "guidance_channels": [0, 1, 2]}) == "cfg_w1_none_guidance_channels0-1-2"
     # a term's mapping as key and value; a layer regex's characters dropped
     assert setting_name({"method": "cfg", "scale": 7.5, "convention": "w2", "reg": "paper",
-                         "pag": {"scale": 3.0, "layers": ["^mid$", "up/0"]}}) == "cfg_w2x7.5_paper_paglayersmid-up0-scale3"
+                         "pag": {"scale": 3.0, "layers": ["^mid$", "up/0"]}}) == \
+        "cfg_w2x7.5_paper_paglayersmid-up0-scale3"
 
 
 @pytest.mark.parametrize("reg", ["none", "paper"])

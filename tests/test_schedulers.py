@@ -164,9 +164,19 @@ HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
                  id="near-option"),
     pytest.param("EulerDiscreteScheduler", {"beta_schedule": "linear"}, "vp",
                  "beta_schedule is the model's .*remove it", id="model-key"),
-    pytest.param("HeunDiscreteScheduler", {"prediction_type": "flow_prediction"}, "vp",
-                 r"diffusers:HeunDiscreteScheduler with \{'prediction_type': 'flow_prediction'\}: .*flow_prediction",
+    pytest.param("PNDMScheduler", {"prediction_type": "sample"}, "vp",
+                 r"diffusers:PNDMScheduler with \{'prediction_type': 'sample'\}: prediction_type given as sample",
                  id="prediction-type"),
+    pytest.param("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction"}, "vp",
+                 r"prediction_type 'flow_prediction' cannot be handed to .* over a vp model", id="flow-output-on-vp"),
+    pytest.param("DPMSolverMultistepScheduler", {"prediction_type": "v_prediction"}, "flow",
+                 r"prediction_type 'v_prediction' cannot be handed to .* over a flow model", id="v-output-on-flow"),
+    pytest.param("DEISMultistepScheduler", {}, "flow", r"does not walk the model's chain at 4 steps: it ends at sigma",
+                 id="flow-chain-stops-short"),
+    pytest.param("CogVideoXDDIMScheduler", {}, "vp", "its alphas_cumprod differ from the model's betas",
+                 id="rescaled-betas"),
+    pytest.param("CogVideoXDDIMScheduler", {"snr_shift_scale": 1.0}, "vp", "snr_shift_scale is the model's",
+                 id="betas-option"),
     pytest.param("DDIMInverseScheduler", {}, "vp", "an inversion or inpainting scheduler", id="inverse"),
     pytest.param("DPMSolverSDEScheduler", {}, "vp", "needs a package diffusers leaves optional .*torchsde",
                  id="needs-torchsde",
@@ -185,6 +195,45 @@ def test_refusals_are_one_line(name, options, kind, message, one_thread):
     with pytest.raises(ConfigError, match=message) as err:
         get_sampler(f"diffusers:{name}", **options)(never, torch.zeros(1, 3), schedule, 4, prediction=prediction)
     assert "\n" not in str(err.value)
+
+
+PERFECT_CHAINS = [("vp", "DDIMScheduler", {}), ("vp", "EulerDiscreteScheduler", {}), ("vp", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+                  ("vp", "EulerAncestralDiscreteScheduler", {}), ("vp", "HeunDiscreteScheduler", {}),
+                  ("vp", "LMSDiscreteScheduler", {}), ("vp", "DEISMultistepScheduler", {}),
+                  ("vp", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+                  ("vp", "DPMSolverMultistepScheduler", {"prediction_type": "sample"}),
+                  ("vp", "UniPCMultistepScheduler", {}), ("vp", "DDPMScheduler", {}),
+                  ("edm", "EDMEulerScheduler", {}), ("edm", "EDMDPMSolverMultistepScheduler", {}),
+                  ("flow", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+                  ("flow", "DPMSolverMultistepScheduler", {}),
+                  ("flow", "DPMSolverMultistepScheduler", {"prediction_type": "epsilon"}),
+                  ("flow", "UniPCMultistepScheduler", {})]
+
+
+@pytest.mark.parametrize("kind, name, options", PERFECT_CHAINS, ids=[f"{k}-{n}-{len(o)}" for k, n, o in PERFECT_CHAINS])
+def test_a_perfect_denoiser_ends_at_its_data(kind, name, options, one_thread):
+    """A denoiser that always returns the data ``x0`` itself: every scheduler, built from the model's schedule and
+    handed ``x0`` in its own prediction type (deterministic or not, a step option such as ``s_churn`` included),
+    must end exactly there; a wrong conversion, time or schedule would not (nor a flow chain that stops short)."""
+    schedule, prediction = SCHEDULES[kind]
+    x0 = randn(4, 3, seed=2).float().clamp(-1, 1)
+    noise = PerSampleNoise(0, range(4))
+    chain = Scheduled(name, schedule, 8, options, prediction)
+    out = get_sampler(f"diffusers:{name}", **options)(lambda x, t: x0.to(x.dtype), noise.draw((3,)), schedule, 8,
+                                                      noise_sampler=noise, prediction=prediction)
+    # a VP solver whose last sigma is index 0's (DEIS) ends there, a_0 x0 + s_0 eps: within a few s_0 of x0
+    last = getattr(chain.scheduler, "sigmas", torch.zeros(1))[-1]
+    torch.testing.assert_close(out, x0, rtol=0, atol=2e-4 + 4 * float(last))
+
+
+def test_a_step_option_reaches_every_step(one_thread):
+    """``s_churn`` is an option of Euler's ``step``, not of its constructor: accepted, and it changes the chain."""
+    schedule, steps, noise = VPSchedule(1000), 6, randn(3, 3, seed=4)
+    guided = guided_linear(schedule, "eps")
+    plain, churned = (get_sampler("diffusers:EulerDiscreteScheduler", **options)(
+        guided, noise, schedule, steps, noise_sampler=PerSampleNoise(0, range(3)), prediction="eps")
+        for options in ({}, {"s_churn": 1.0}))
+    assert float((plain - churned).abs().max()) > 1e-3
 
 
 def test_an_unknown_sampler_names_the_diffusers_form():
@@ -330,3 +379,11 @@ def test_dpm_solver_on_a_flow_model_runs_on_flow_sigmas(one_thread):
     euler = hand_euler(guided, noise, reference.sigmas)  # = FlowMatchEuler through the adapter (test above)
     assert torch.isfinite(ours).all()
     assert 1e-3 < float((ours - euler).abs().max()) < 0.5 * float(euler.abs().max())
+    # and diffusers' own loop of the same scheduler on the same velocities
+    reference = type(chain.scheduler).from_config(chain.scheduler.config)
+    reference.set_timesteps(steps)
+    x = noise.clone()
+    for i, timestep in enumerate(reference.timesteps):
+        t = float(reference.sigmas[i])
+        x = reference.step((x - guided(x, torch.tensor(t, dtype=torch.float64))) / t, timestep, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,12 @@ PREFIX = "diffusers:"
 
 # what the model's schedule decides: never a sampler option
 MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-              "rescale_betas_zero_snr", "sigma_data", "use_flow_sigmas")
+              "rescale_betas_zero_snr", "snr_shift_scale", "timestep_type", "sigma_data", "use_flow_sigmas")
+# what a model of each kind can hand a scheduler, as diffusers reads it (prediction_type)
+FLOW_OUTPUTS = ("flow_prediction", "epsilon", "sample")
+OUTPUT_TYPES = {"vp": ("epsilon", "v_prediction", "sample"), "edm": ("epsilon",), "flow": FLOW_OUTPUTS,
+                "flow_sigmas": FLOW_OUTPUTS}
+STEP_ARGUMENTS = ("self", "model_output", "timestep", "sample", "generator", "return_dict")  # the loop's own
 DIFFUSERS_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 # diffusers' prediction_type <-> ours (what the scheduler's model_output is)
 OUTPUT_KINDS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
@@ -52,8 +57,9 @@ def scheduler_class(name: str) -> type:
     if name not in names:
         near = difflib.get_close_matches(name, names, n=1)
         raise ConfigError(f"--sampler {PREFIX}{name}: not a diffusers scheduler"
-                          f"{f' (did you mean {near[0]!r}?)' if near else ''}; e.g. {PREFIX}DPMSolverMultistepScheduler, "
-                          f"{PREFIX}EulerDiscreteScheduler, {PREFIX}UniPCMultistepScheduler")
+                          f"{f' (did you mean {near[0]!r}?)' if near else ''}; e.g. "
+                          f"{PREFIX}DPMSolverMultistepScheduler, {PREFIX}EulerDiscreteScheduler, "
+                          f"{PREFIX}UniPCMultistepScheduler")
     cls = getattr(diffusers, name)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise ConfigError(f"--sampler {PREFIX}{name} needs a package diffusers leaves optional (torchsde for the SDE "
@@ -90,9 +96,15 @@ def family(cls: type, schedule: NoiseSchedule) -> str:
     return own
 
 
+def step_options_of(cls: type) -> list[str]:
+    """The options of a scheduler's ``step`` (DDIM's ``eta``, Euler's ``s_churn`` ...), handed to every step."""
+    step = getattr(cls, "step", None)  # a scheduler without one is refused by ``family``
+    return [] if step is None else [p for p in inspect.signature(step).parameters if p not in STEP_ARGUMENTS]
+
+
 def check_options(cls: type, options: Mapping) -> None:
     """Refuse options ``cls`` does not take (naming the near one) and those the model's schedule decides."""
-    accepted = options_of(cls)
+    accepted = options_of(cls) + step_options_of(cls)
     for key in options:
         if key in MODEL_KEYS:
             raise ConfigError(f"--sampler_kwargs: {key} is the model's (read from its noise schedule); remove it")
@@ -143,10 +155,12 @@ class Scheduled:
         check_options(cls, options)
         self.kind = family(cls, schedule)
         self.schedule, self.name = schedule, name
+        self.step_options = {k: options.pop(k) for k in list(options) if k in step_options_of(cls)}
         output = output_type(self.kind, prediction, options)
-        if output not in OUTPUT_KINDS or (self.kind == "edm" and output != "epsilon"):
+        if output not in OUTPUT_TYPES[self.kind]:
             raise ConfigError(f"--sampler_kwargs: prediction_type {output!r} cannot be handed to {name} over a "
-                              f"{schedule.name} model; leave it out (the adapter converts x0 to the scheduler's type)")
+                              f"{schedule.name} model (it takes {list(OUTPUT_TYPES[self.kind])}); leave it out: the "
+                              "adapter converts x0 to the scheduler's type")
         self.output = Prediction("edm" if self.kind == "edm" else OUTPUT_KINDS[output],
                                  sigma_data=getattr(schedule, "sigma_data", 0.5))
         config = {**model_config(cls, schedule, "flow" if self.kind == "flow_sigmas" else self.kind, output),
@@ -163,10 +177,31 @@ class Scheduled:
             if hasattr(probe, "scale_model_input"):
                 probe.scale_model_input(zeros, probe.timesteps[0])
             out = torch.cat([zeros, zeros], 1) if self.learns_variance else zeros
-            probe.step(out, probe.timesteps[0], zeros, return_dict=False)
+            probe.step(out, probe.timesteps[0], zeros, return_dict=False, **self.step_options)
         except (ValueError, TypeError, NotImplementedError, KeyError, AttributeError, IndexError) as err:
             raise ConfigError(f"--sampler {PREFIX}{name} with {options}: {one_line(err, 300)}") from None
         self.takes_generator = "generator" in inspect.signature(cls.step).parameters
+        self.check_fits_model(steps)
+
+    def check_fits_model(self, steps: int) -> None:
+        """Refuse a scheduler that, once built, walks another chain than the model's: other betas (an option that
+        rescales them), times outside the model's range, or a flow chain that stops short of the data (sigma > 0
+        at its end, e.g. DEIS on flow sigmas)."""
+        fault = None
+        table = getattr(self.scheduler, "alphas_cumprod", None)
+        if self.kind == "vp" and table is not None and not torch.allclose(
+                torch.as_tensor(table, dtype=torch.float64), self.schedule.alpha_bar[1:], rtol=1e-4, atol=1e-7):
+            fault = "its alphas_cumprod differ from the model's betas"
+        times = [float(self.time(i, ts)) for i, ts in enumerate(self.timesteps)]
+        high = self.schedule.num_timesteps - 1 if self.kind == "vp" else 1.0 if self.kind != "edm" else float("inf")
+        if fault is None and not all(0 <= t <= high for t in times):
+            fault = f"its times {min(times):.4g}..{max(times):.4g} leave the model's range [0, {high:g}]"
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if fault is None and self.kind in ("flow", "flow_sigmas") and sigmas is not None and float(sigmas[-1]) > 0:
+            fault = f"it ends at sigma {float(sigmas[-1]):.3g}, not at the data (sigma 0)"
+        if fault is not None:
+            raise ConfigError(f"--sampler {PREFIX}{self.name} does not walk the model's chain at {steps} steps: {fault}"
+                              "; choose another scheduler or remove the option that causes it")
 
     @property
     def timesteps(self) -> Tensor:
@@ -199,7 +234,7 @@ class Scheduled:
 
     def step(self, out: Tensor, timestep: Tensor, x: Tensor, generators) -> Tensor:
         extra = {"generator": generators} if self.takes_generator and generators is not None else {}
-        return self.scheduler.step(out, timestep, x, return_dict=False, **extra)[0]
+        return self.scheduler.step(out, timestep, x, return_dict=False, **extra, **self.step_options)[0]
 
 
 def check_scheduler(name: str, options: Mapping | None = None) -> None:

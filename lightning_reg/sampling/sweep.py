@@ -89,7 +89,9 @@ def sweep_settings(methods: list[dict], regs: list[str], convention: str, shared
     names = [setting_name(s) for s in settings]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ConfigError(f"--methods give the same setting twice: {repeated}")
+        raise ConfigError(f"--methods give settings with the same folder name {repeated} (the same setting twice, or "
+                          "parameters that differ only in characters a folder name drops: letters, digits and "
+                          "_ . + = - are kept)")
     return settings
 
 
@@ -200,7 +202,7 @@ class Sweep:
         if len(front) != 2 or not set(front) <= set(metric_names) or not set(front) <= set(METRIC_GOALS):
             raise ConfigError(f"--front must name two of the computed metrics {list(metric_names)}, got {front}")
         sweep = cls(config, model, settings, jobs, output, fingerprint, front)
-        chains = {}  # each distinct chain's first setting: its job's one-step sample checks it against the model
+        chains = {}  # each distinct chain's first setting: its job's check chain (SamplingJob.build) fits it
         for name, setting in settings.items():
             chains.setdefault(json.dumps([setting[k] for k in config.chain_fields], sort_keys=True), name)
         for name in chains.values():
@@ -265,6 +267,11 @@ class Sweep:
     def finish(self) -> None:
         """``sweep.csv`` and ``fronts.png`` of the finished settings, and the summary of the best rows."""
         rows = [read_json(self.output / n / ROW_FILE) for n in self.settings if (self.output / n / ROW_FILE).is_file()]
+        for name, row in zip([n for n in self.settings if (self.output / n / ROW_FILE).is_file()], rows):
+            setting = self.settings[name]  # a row written before the chain columns: its chain from the grid
+            row.setdefault("sampler", setting["sampler"])
+            row.setdefault("steps", setting["steps"])
+            row.setdefault("sampler_kwargs", as_cell(setting["sampler_kwargs"] or {}))
         write_table(self.output / TABLE_FILE, rows)
         keys = dict.fromkeys((s["sampler"], s["steps"], as_cell(s["sampler_kwargs"] or {}))
                              for s in self.settings.values())  # the grid's chains, as the rows hold them
