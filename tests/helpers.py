@@ -198,3 +198,18 @@ def reg_eps_by_hand(eps_c: torch.Tensor, x_in: torch.Tensor, eps_u: torch.Tensor
         return eps_c.detach() + w * d * (1 - s * grad), d
     (jtd,) = torch.autograd.grad(eps_c, x_in, grad_outputs=d)
     return eps_c.detach() + w * (d - s * jtd), d
+
+
+def refuse_edited_pipeline(refused, folder, tmp_path, edit, message, *args):
+    """A copy of the pipeline ``folder`` changed by ``edit(copy)`` is refused by ``sample.py`` (with ``args``): one
+    ``error:`` line matching ``message``, nothing written (conftest's ``refused``)."""
+    import shutil
+
+    from lightning_reg.sampling.cli import main as sample_main
+
+    copy = shutil.copytree(folder, tmp_path / "pipe")
+    edit(copy)
+    (tmp_path / "p.txt").write_text("a seven\n")
+    refused(lambda: sample_main(["--checkpoint", str(copy), "--prompts", str(tmp_path / "p.txt"), "--output",
+                                 str(tmp_path / "out"), "--num_samples", "2", "--steps", "2", *args]),
+            message, tmp_path / "out")

@@ -11,7 +11,7 @@ import string
 import numpy as np
 import pytest
 import torch
-from helpers import LATENT, PROMPTS, edit_json
+from helpers import LATENT, PROMPTS, edit_json, refuse_edited_pipeline
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.samplers import get_sampler
@@ -309,12 +309,7 @@ def test_an_sd3_folder_without_t5_loads(sd3_parts, tmp_path):
      r"lacks the component folder\(s\) \['transformer'\]: a StableDiffusion3Pipeline needs"),
 ])
 def test_flux_and_a_missing_transformer_are_refused_by_sample_py(sd3_folder, tmp_path, refused, edit, message):
-    folder = shutil.copytree(sd3_folder, tmp_path / "pipe")
-    edit(folder)
-    (tmp_path / "p.txt").write_text("a seven\n")
-    refused(lambda: sample_main(["--checkpoint", str(folder), "--prompts", str(tmp_path / "p.txt"), "--output",
-                                 str(tmp_path / "out"), "--num_samples", "2", "--steps", "2", "--sampler", EULER]),
-            message, tmp_path / "out")
+    refuse_edited_pipeline(refused, sd3_folder, tmp_path, edit, message, "--sampler", EULER)
 
 
 def narrow_t5(folder):

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import LATENT, PROMPTS, edit_json, reg_eps_by_hand
+from helpers import LATENT, PROMPTS, edit_json, refuse_edited_pipeline, reg_eps_by_hand
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.predictions import eps_from_x0
@@ -218,12 +218,7 @@ def test_a_saved_sdxl_folder_loads_and_samples_through_sample_py(sdxl_folder, sd
      r"lacks the component folder\(s\) \['text_encoder_2'\]: a StableDiffusionXLPipeline needs"),
 ])
 def test_refiner_and_missing_encoder_folders_are_refused_by_sample_py(sdxl_folder, tmp_path, refused, edit, message):
-    folder = shutil.copytree(sdxl_folder, tmp_path / "pipe")
-    edit(folder)
-    (tmp_path / "p.txt").write_text("a seven\n")
-    refused(lambda: sample_main(["--checkpoint", str(folder), "--prompts", str(tmp_path / "p.txt"), "--output",
-                                 str(tmp_path / "out"), "--num_samples", "2", "--steps", "2"]),
-            message, tmp_path / "out")
+    refuse_edited_pipeline(refused, sdxl_folder, tmp_path, edit, message)
 
 
 def narrow_projection(folder):

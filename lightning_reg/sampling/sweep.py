@@ -153,6 +153,12 @@ def grid_settings(config: SweepConfig) -> dict[str, dict]:
             for tag, chain in sampler_chains(config.samplers, default).items() for g in guidances}
 
 
+def chain_cells(setting: dict) -> dict:
+    """A setting's sampler chain as its table row holds it: ``sampler``, ``steps``, ``sampler_kwargs`` (one cell)."""
+    return {"sampler": setting["sampler"], "steps": setting["steps"],
+            "sampler_kwargs": as_cell(setting["sampler_kwargs"] or {})}
+
+
 def as_cell(params: dict) -> str:
     """Parameters as one table cell: ``k=v`` by key, space-separated."""
     return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
@@ -256,8 +262,7 @@ class Sweep:
         w = make_guidance(**without_reference_file(guidance)).w
         return {"setting": name, "method": guidance["method"], "reg": guidance["reg"],
                 "w": w, "convention": guidance["convention"], "weight": guidance["scale"], "params": as_cell(params),
-                "sampler": setting["sampler"], "steps": setting["steps"],
-                "sampler_kwargs": as_cell(setting["sampler_kwargs"] or {}), **metrics,
+                **chain_cells(setting), **metrics,
                 "num_samples": self.config.num_samples,
                 "time_per_sample_ms": (1e3 * meta["sampling_time_s"] / meta["generated_samples"]
                                        if meta["generated_samples"] else math.nan),
@@ -266,15 +271,11 @@ class Sweep:
 
     def finish(self) -> None:
         """``sweep.csv`` and ``fronts.png`` of the finished settings, and the summary of the best rows."""
-        rows = [read_json(self.output / n / ROW_FILE) for n in self.settings if (self.output / n / ROW_FILE).is_file()]
-        for name, row in zip([n for n in self.settings if (self.output / n / ROW_FILE).is_file()], rows):
-            setting = self.settings[name]  # a row written before the chain columns: its chain from the grid
-            row.setdefault("sampler", setting["sampler"])
-            row.setdefault("steps", setting["steps"])
-            row.setdefault("sampler_kwargs", as_cell(setting["sampler_kwargs"] or {}))
+        finished = [n for n in self.settings if (self.output / n / ROW_FILE).is_file()]
+        # a row written before the chain columns takes its chain from the grid
+        rows = [chain_cells(self.settings[n]) | read_json(self.output / n / ROW_FILE) for n in finished]
         write_table(self.output / TABLE_FILE, rows)
-        keys = dict.fromkeys((s["sampler"], s["steps"], as_cell(s["sampler_kwargs"] or {}))
-                             for s in self.settings.values())  # the grid's chains, as the rows hold them
+        keys = dict.fromkeys(tuple(chain_cells(s).values()) for s in self.settings.values())  # the grid's chains
         chains = list(chain_labels(list(keys)).values())
         title = f"{Path(self.config.checkpoint).name}: {self.config.num_samples} samples per setting"
         title += (f", {chains[0]} steps" if len(chains) == 1
