@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/lightning_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/unet_sizes.py $(BENCH_ARGS)
 	$(PY) benchmarks/sd_cost.py $(BENCH_ARGS)
+	$(PY) benchmarks/transformer_cost.py $(BENCH_ARGS)
 	$(PY) benchmarks/edm2_cost.py $(BENCH_ARGS)
 
 clean:

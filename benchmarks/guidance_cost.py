@@ -8,6 +8,10 @@ the samplers run it) at the mid time of a 20-step DDIM chain:
 * ``reg paper``, ``reg vjp``: the autograd forms;
 * ``reuse k``: a chain of k steps (one autograd factor, k - 1 reused), timed together and divided by k;
 * ``graph_free (3B)`` / ``graph_free (B+B+B)``: the finite-difference factor in either layout;
+* ``graph_free_reuse k``: a chain of k steps (one finite-difference factor, k - 1 carried), divided by k;
+* ``adaptive``: the whole 20-step chain at one ``x`` (its intervals follow the factor's drift there), divided by 20;
+  its cost on real chains is the sampling time of the digits sweep (docs/guidance.md);
+* ``short 1`` / ``short 2``: the paper factor with the backward through the last one or two blocks only;
 * ``window``: not timed, derived per step as ``share * paper + (1 - share) * cfg`` with the share of the 20
   DDIM steps inside the default ``reg_window``.
 
@@ -50,6 +54,11 @@ METHODS = {
     "reuse 4": (dict(method="cfg", scale=1.0, reg="reuse", reg_every=4), 4),
     "graph_free (3B)": (dict(method="cfg", scale=1.0, reg="graph_free", branch_layout="batched"), 1),
     "graph_free (B+B+B)": (dict(method="cfg", scale=1.0, reg="graph_free", branch_layout="split"), 1),
+    **{f"graph_free_reuse {k}": (dict(method="cfg", scale=1.0, reg="graph_free_reuse", reg_every=k), k)
+       for k in range(2, 9)},
+    "adaptive": (dict(method="cfg", scale=1.0, reg="adaptive"), CHAIN_STEPS),
+    "short 1": (dict(method="cfg", scale=1.0, reg="short", reg_blocks=1), 1),
+    "short 2": (dict(method="cfg", scale=1.0, reg="short", reg_blocks=2), 1),
 }
 
 
@@ -94,12 +103,12 @@ def measure(model: Denoiser, batch: int, device: torch.device, repeats: int, war
     x = torch.randn(batch, *model.data_shape, generator=g).to(device)
     y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
     times = model.schedule.sampling_times(CHAIN_STEPS)
-    mid = CHAIN_STEPS // 2
 
     def run(params: dict, steps: int):
         chain = GuidedDenoiser(model, make_guidance(**params, **guidance), y)  # a fresh chain: reuse recomputes
+        start = min(CHAIN_STEPS // 2, CHAIN_STEPS - steps)  # from the mid time, or earlier for a long chain
         with torch.no_grad(), autocast(device, precision):
-            for t in times[mid:mid + steps]:
+            for t in times[start:start + steps]:
                 chain(x, t)
 
     chosen = {name: METHODS[name] for name in methods}

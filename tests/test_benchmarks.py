@@ -1,11 +1,13 @@
 """Every benchmark script imports and parses its flags: a script broken by a refactor fails here, not in
 ``make bench`` (the measurements themselves are not tests)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "common")
@@ -25,3 +27,51 @@ def test_every_benchmark_imports_and_prints_its_help():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == [word for name in SCRIPTS for word in ("ok", name)]
+
+
+def test_reg_factor_error_rows_on_a_tiny_unet():
+    """Every column of ``benchmarks/reg_factor_error.py`` along a 3-step chain; the carried factors have no
+    previous step at the first row."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from reg_factor_error import COLUMNS, errors_along_chain
+
+    from lightning_reg.diffusion.denoiser import Denoiser
+    from lightning_reg.diffusion.predictions import Prediction
+    from lightning_reg.diffusion.schedules import VPSchedule
+    from lightning_reg.models.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(num_classes=2, image_size=8, channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(), norm_groups=4)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.1)
+    rows = errors_along_chain(Denoiser(net, VPSchedule(1000), Prediction("eps")), batch=4, steps=3, w=1.0)
+    assert len(rows) == 3 and all(set(COLUMNS) <= set(row) for row in rows)
+    assert all(math.isnan(rows[0][c]) for c in ("reuse eps", "reuse x0", "graph_free reuse"))
+    assert all(math.isfinite(row[c]) and row[c] > 0 for row in rows[1:] for c in COLUMNS)
+
+
+def test_transformer_cost_per_block_rows_at_a_tiny_width():
+    """``benchmarks/transformer_cost.py``'s per-block measurement on tiny SD3 and Flux blocks: every pass of every
+    block in the tables; the forward saves nothing, the graph REG paper keeps is larger than what checkpointing
+    keeps (the block's inputs, bytes of the two token streams), and both grow with the tokens."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from transformer_cost import HELD, PASSES, PRECISIONS, BlockSpec, block_table, held_table, measure_blocks
+
+    joint, flux = dict(num_attention_heads=2, attention_head_dim=8), dict(num_attention_heads=2, attention_head_dim=8,
+                                                                        axes_dims_rope=(2, 2, 4))
+    specs = [BlockSpec("joint", "joint", joint, "SD3", 2, (16, 8), (64, 8)),
+             BlockSpec("double", "double", flux, "Flux", 1, (16, 8), (64, 8)),
+             BlockSpec("single", "single", flux, "Flux", 2, (16, 8), (64, 8))]
+    passes, held = measure_blocks(specs, repeats=1, warmup=0)
+    for spec in specs:
+        saved = {kind: passes[spec.name][kind]["saved"] for kind in PASSES}
+        assert saved["forward"] == 0 and saved["forward + backward"] > saved["checkpointed"]
+        assert saved["checkpointed"] == 4 * spec.width * (sum(spec.tokens) + 1)  # h, c and temb in float32
+        for precision, (dtype, _, _) in PRECISIONS.items():
+            graph, kept = (held[spec.name, precision][kind] for kind in HELD.values())
+            assert kept == tuple(dtype.itemsize * spec.width * (k * sum(spec.tokens) + 1) for k in (1, 2))
+            assert graph[1] > graph[0] > kept[0]
+    rows = block_table(specs, passes).splitlines()
+    assert len(rows) == 2 + len(specs) * len(PASSES) and all(row.count("|") == 10 for row in rows)
+    rows = held_table(specs, held).splitlines()
+    assert len(rows) == 2 + len(specs) * len(PRECISIONS) * len(HELD) and all(row.count("|") == 9 for row in rows)

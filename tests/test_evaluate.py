@@ -6,12 +6,15 @@ import re
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from helpers import classifier_checkpoint
 
 from lightning_reg.data.digits import load_digit_arrays
 from lightning_reg.data.synthetic_images import make_synthetic_image_dataset
+from lightning_reg.metrics.classifier import load_feature_network
 from lightning_reg.metrics.evaluate import load_reference, main
+from lightning_reg.metrics.images import ImageMetrics
 
 
 @pytest.fixture
@@ -30,11 +33,26 @@ def evaluate(run_dir, *extra):
 
 
 def test_writes_a_json_row_and_appends_csv_rows(run_dir):
+    """The row holds ``ImageMetrics``' values on the same images and network; its FID is the Frechet distance of the
+    classifier's features by hand (scipy's ``sqrtm``), its accuracy the share of argmax logits equal to the labels."""
     evaluate(run_dir, "--metrics", "[fid, kid, is, accuracy]", "--output", str(run_dir / "row.json"))
     row = json.loads((run_dir / "row.json").read_text())
-    assert {"fid", "kid", "kid_std", "is", "is_std", "accuracy"} <= set(row)
-    assert row["num_samples"] == 60 and row["num_reference"] == 100 and row["fid"] > 0
-    assert 0 <= row["accuracy"] <= 1 and 1 <= row["is"] <= 10
+    images, labels = load_digit_arrays("sklearn")
+    samples, reference = (torch.from_numpy(images[i:i + n, ..., None]) for i, n in ((0, 60), (100, 100)))
+    network = load_feature_network(run_dir / "clf.ckpt")
+    metrics = ImageMetrics(["fid", "kid", "is", "accuracy"], (1, 8, 8), network)
+    metrics.set_real(reference)
+    expected = metrics(samples, torch.from_numpy(labels[:60]))
+    assert set(expected) == {"fid", "kid", "kid_std", "is", "is_std", "accuracy"}
+    assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-4)  # float32 features, other batches
+    assert row["num_samples"] == 60 and row["num_reference"] == 100
+    with torch.no_grad():
+        f_s, f_r = (network.features(x.permute(0, 3, 1, 2)).double().numpy() for x in (samples, reference))
+        predicted = network.logits(samples.permute(0, 3, 1, 2)).argmax(1).numpy()
+    c_s, c_r = np.cov(f_s, rowvar=False), np.cov(f_r, rowvar=False)
+    fid = ((f_s.mean(0) - f_r.mean(0)) ** 2).sum() + np.trace(c_s + c_r - 2 * scipy.linalg.sqrtm(c_s @ c_r).real)
+    assert row["fid"] == pytest.approx(fid, rel=1e-4)
+    assert row["accuracy"] == pytest.approx(np.mean(predicted == labels[:60]), abs=1e-7)  # float32: 9 of 60
 
     (run_dir / "meta.json").write_text(json.dumps({"setting": "cfg_w1_paper", "num_classes": 10}))
     for _ in range(2):

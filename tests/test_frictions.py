@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,9 @@ from helpers import classifier_checkpoint
 from torch import nn
 
 from lightning_reg.data.digits import load_digit_arrays
+from lightning_reg.errors import ConfigError
+from lightning_reg.experiments import cheap_reg, toy1d, toy2d
+from lightning_reg.experiments.common import error_table, parser, prepare, print_table
 from lightning_reg.metrics.evaluate import load_reference
 from lightning_reg.metrics.evaluate import main as evaluate_main
 from lightning_reg.metrics.images import ImageMetrics
@@ -187,3 +191,89 @@ def test_wall_time_counts_the_start_up(checkpoint, tmp_path):
                     if line.split("|")[-1].strip() == "lightning_reg.sampling.cli"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["wall_time_s"] >= import_us / 1e6 + meta["sampling_time_s"] > 1.0  # torch and Lightning: > 1 s
+
+
+# the toy experiments: defaults in --help, one flag style, tables that say what they hold, readable figures
+
+def test_toy_experiments_help_shows_defaults_and_the_entry_points_flag_style(capsys):
+    for main, default in ((toy1d.main, "(default: outputs/toy1d)"), (toy2d.main, "(default: outputs/toy2d)"),
+                          (cheap_reg.main, "(default: outputs/cheap_reg)")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert exit_info.value.code == 0 and f"--output OUTPUT output folder {default}" in text
+        assert "--num_timesteps NUM_TIMESTEPS" in text and "(default: 1000)" in text and "--batch_size" in text
+        assert "--num-timesteps" not in text and "--out " not in text and "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        toy2d.main(["--help"])
+    assert "--paper_t PAPER_T the step shown" in " ".join(capsys.readouterr().out.split())
+
+
+def test_old_experiment_flag_spellings_work_with_one_deprecation_line(capsys):
+    p = parser("toy", steps=5, rollouts=2, out="outputs/x")
+    old = p.parse_args(["--exact", "--num-timesteps", "20", "--out", "o", "--batch-size", "7"])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --num-timesteps is deprecated; use --num_timesteps", "warning: --out is deprecated; use --output",
+        "warning: --batch-size is deprecated; use --batch_size"]
+    new = p.parse_args(["--exact", "--num_timesteps", "20", "--output", "o", "--batch_size", "7"])
+    assert vars(old) == vars(new) and (new.num_timesteps, new.output, new.batch_size) == (20, Path("o"), 7)
+    assert capsys.readouterr().err == ""
+    assert p.parse_args(["--exact"]).output == Path("outputs/x")  # the hidden old spelling keeps the default
+    with pytest.raises(ConfigError, match="--steps 25 exceeds --num_timesteps 20"):
+        prepare(p.parse_args(["--exact", "--steps", "25", "--num_timesteps", "20"]))
+
+
+def test_the_per_step_error_table_says_what_its_numbers_are(capsys):
+    """Two steps, two grid points: CFG off the oracle by (3, 4) and (0, 1), REG by 0.5 in x: the table holds the
+    mean of ||estimate - oracle|| over the grid per step, then the mean and median over everything."""
+    oracle = torch.zeros(2, 2, 2)
+    cfg = oracle + torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    reg = oracle + torch.tensor([0.5, 0.0])
+    print_table(error_table(torch.tensor([999, 500]), {"oracle": oracle, "cfg": cfg, "reg_paper": reg,
+                                                       "reg_vjp": reg}))
+    assert capsys.readouterr().out.splitlines() == [
+        "error to the oracle grad_x log E_t, ||estimate - oracle|| (|.| in 1D), mean over the grid per sampling step",
+        "(step 0 = the noisiest, t = its time index; all / median: over every step and grid point)",
+        "  step     t         cfg   reg_paper     reg_vjp",
+        "     0   999           3         0.5         0.5",
+        "     1   500           3         0.5         0.5",
+        "   all                 3         0.5         0.5",
+        "median                 1         0.5         0.5",
+        "steps where REG (paper) is not closer to the oracle than CFG: none"]
+
+
+def test_error_figures_tick_whole_steps():
+    times, x = torch.arange(19, -1, -1), torch.linspace(-1.0, 2.0, 6)  # 20 steps: the default ticks are 2.5 apart
+    grads = {m: torch.rand(20, 6, 1, generator=torch.Generator().manual_seed(i))
+             for i, m in enumerate(("oracle", "cfg", "reg_paper", "reg_vjp"))}
+    steps = toy1d.error_figure(x, times, grads).axes[0].get_yticks()
+    assert len(steps) >= 3 and all(float(s).is_integer() for s in steps)
+    rows = [{"step": i, "cfg": 1.0 + i, "reg_paper": 1.0, "reg_vjp": 2.0} for i in range(5)]
+    steps = toy2d.error_figure(rows).axes[0].get_xticks()
+    assert len(steps) >= 3 and all(float(s).is_integer() for s in steps)
+    plt.close("all")
+
+
+def test_fields_arrows_point_along_the_field_with_length_and_colour_the_log_magnitude():
+    """A grid of 4 points; the oracle's field 1e-7 long (Monte Carlo noise), CFG's 0.1, REG's 1e-4: one log scale
+    of 6 decades from -1 down to -7, arrows 0.8 grid spacings long at the top, 0.2 at the bottom, 0.5 half way."""
+    x = toy2d.grid(2, torch.float64)  # spacing 3
+    direction = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, -1.0], [-0.8, 0.6]], dtype=torch.float64)[None]
+    grads = {"oracle": 1e-7 * direction, "cfg": 0.1 * direction.flip(1), "reg_paper": 1e-4 * direction,
+             "reg_vjp": 1e-4 * direction}
+    fig = toy2d.fields_figure(x, grads, 0, 500, 9, torch.ones(8, 8))
+    lengths = {"oracle": 0.2 * 3, "cfg": 0.8 * 3, "reg_paper": 0.5 * 3, "reg_vjp": 0.5 * 3}
+    for ax, (m, g) in zip(fig.axes, grads.items()):
+        q = ax.collections[0]
+        arrows = torch.tensor(np.stack([q.U, q.V], 1))
+        assert arrows.norm(dim=1) / q.scale == pytest.approx([lengths[m]] * 4)  # in data units: grid spacings
+        assert arrows / arrows.norm(dim=1, keepdim=True) == pytest.approx(g[0] / g[0].norm(dim=1, keepdim=True))
+        assert list(q.get_array()) == pytest.approx(g[0].norm(dim=1).log10().tolist())
+        assert q.norm.vmin == pytest.approx(-7) and q.norm.vmax == pytest.approx(-1)
+    assert fig.axes[0].get_title() == "oracle grad log E_t\nmedian |g| = 1e-07"
+    # CFG: the oracle's arrows with x and y swapped, 16, 90, 90 and 164 deg off (torch's median: the lower middle)
+    assert fig.axes[1].get_title() == "CFG  grad log R_t\nmedian |g| = 0.1, 90 deg to the oracle"
+    assert fig.axes[2].get_title() == "REG (paper)\nmedian |g| = 0.0001, 0 deg to the oracle"
+    assert "colour and length: log10 |gradient|" in fig.get_suptitle()
+    assert fig.axes[-1].get_ylabel() == "log10 |gradient| (arrow colour and length)"
+    plt.close(fig)

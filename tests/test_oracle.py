@@ -211,7 +211,7 @@ def test_toy2d_experiment_writes_outputs(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("argv, field", [(["--steps", "0"], "--steps"), (["--label", "2"], "--label"),
-                                         (["--paper-t", "30"], "--paper-t"), (["--w", "-1"], "--w")])
+                                         (["--paper_t", "30"], "--paper_t"), (["--w", "-1"], "--w")])
 def test_toy2d_refuses_bad_flags(tmp_path, argv, field, one_thread):
     with pytest.raises(ConfigError, match=field):
         toy2d.main(["--exact", "--out", str(tmp_path / "out"), *argv])
@@ -231,8 +231,8 @@ def test_toy1d_authors_raw_chain(tmp_path, one_thread):
     assert torch.load(tmp_path / "estimates.pt")["times"].tolist() == [3, 2, 1, 0]
     a_T, _ = VPSchedule(20).alpha_sigma(19)
     assert float(a_T ** 2) == pytest.approx(0.8168, abs=1e-4)
-    with pytest.raises(ConfigError, match="--steps 25 exceeds --num-timesteps 20"):
-        toy1d.main(["--exact", "--num-timesteps", "20", "--steps", "25", "--out", str(tmp_path / "bad")])
+    with pytest.raises(ConfigError, match="--steps 25 exceeds --num_timesteps 20"):
+        toy1d.main(["--exact", "--num_timesteps", "20", "--steps", "25", "--output", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
 
 

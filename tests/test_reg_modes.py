@@ -1,4 +1,4 @@
-"""The cheaper REG forms (``reuse``, ``window``, ``graph_free``) against closed forms derived by hand.
+"""The cheaper REG forms (``reuse``, ``window``, ``graph_free``, ``graph_free_reuse``, ``adaptive``) against closed forms derived by hand.
 
 On a backbone linear in x, ``eps = A x + b_y``, ``J_eps = A``: the paper factor (eps units) is
 ``1 - s_t A^T 1`` and the graph-free one ``1 - s_t A 1`` (row sums; equal for a symmetric ``A``); the
@@ -17,7 +17,7 @@ from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.diffusion.schedules import EDMSchedule, FlowSchedule, VPSchedule
 from lightning_reg.errors import ConfigError
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
-from lightning_reg.guidance.reg import FD_STEP, reused_factor
+from lightning_reg.guidance.reg import FD_STEP, correction_drift, reused_factor
 from helpers import A, BIAS, NULL, Counting, LinearEps, SmoothNet, vp_s
 
 TOL = dict(rtol=0, atol=1e-9)
@@ -230,11 +230,104 @@ def test_window_is_the_plain_method_outside_and_paper_inside(xy, kind):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+# --- short ------------------------------------------------------------------------------------------
+
+class Residual(nn.Linear):
+    """``h + tanh(W h + shift)``."""
+
+    def forward(self, h, shift=0):
+        return h + torch.tanh(super().forward(h) + shift)
+
+
+class TwoBlockResidual(nn.Module):
+    """``h0 = E x``, ``h1 = h0 + tanh(W1 h0 + e_y)``, ``h2 = h1 + tanh(W2 h1)``, ``eps = P h2``: its Jacobian is
+    ``P (I + D2 W2)(I + D1 W1) E``; the short backward through the last block takes ``P (I + D2 W2) E``."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.num_classes, self.data_shape = 2, (3,)
+        self.embed = nn.Linear(3, 4, bias=False, dtype=torch.float64)
+        self.blocks = nn.ModuleList(Residual(4, 4, bias=False, dtype=torch.float64) for _ in range(2))
+        self.label = nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+        self.out = nn.Linear(4, 3, bias=False, dtype=torch.float64)
+        for layer in (self.embed, *self.blocks, self.out):
+            layer.weight.data = torch.randn(layer.weight.shape, generator=g, dtype=torch.float64) / 2
+
+    def reg_short_backward(self, blocks):
+        return list(self.blocks[:2 - blocks]), self.embed
+
+    def forward(self, x, t, y):
+        h = self.embed(x)
+        return self.out(self.blocks[1](self.blocks[0](h, self.label[y])))
+
+
+@pytest.mark.parametrize("t", [100, 500, 900])
+def test_short_backward_by_hand(xy, t):
+    x, y = xy
+    net = TwoBlockResidual()
+    w, (a, s) = 1.5, vp_s(t)
+    model = model_for("vp-eps", net)
+    out = call(model, make_guidance("cfg", scale=w, reg="short", reg_blocks=1), x, y, t)
+    E, (W1, W2), P = net.embed.weight, (b.weight for b in net.blocks), net.out.weight
+    h0 = x @ E.T
+    h1 = h0 + torch.tanh(h0 @ W1.T + net.label[y])
+    d2 = 1 - torch.tanh(h1 @ W2.T) ** 2  # (B, 4)
+    ones = torch.ones(3, dtype=torch.float64)
+    rows = torch.stack([ones @ P @ (torch.eye(4, dtype=torch.float64) + d2[i, :, None] * W2) @ E for i in range(len(x))])
+    with torch.no_grad():
+        eps_c, eps_u = net(x, None, y), net(x, None, torch.full_like(y, 2))
+    expected = eps_c + w * (eps_c - eps_u) * (1 - s * rows)
+    torch.testing.assert_close(eps_from_x0(out, x, a, s).detach(), expected, **TOL)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    whole = call(model, make_guidance("cfg", scale=w, reg="short", reg_blocks=2), x, y, t)  # nothing cut: paper
+    torch.testing.assert_close(whole, call(model, make_guidance("cfg", scale=w, reg="paper"), x, y, t), **TOL)
+
+
+def test_short_backward_runs_the_unets_early_blocks_without_graph():
+    from lightning_reg.models.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(num_classes=2, image_size=8, channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(), norm_groups=4)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.1)
+    grad_modes = {}
+    for name in ("down.0", "middle.0", "up.2", "up.3", "up.4"):
+        net.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: grad_modes.setdefault(name, []).append(torch.is_grad_enabled()))
+    model = Denoiser(net, VPSchedule(1000), Prediction("eps"))
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    short = call(model, make_guidance("cfg", scale=1.0, reg="short", reg_blocks=2, branch_layout="split"), x, y, 400.0)
+    # the calls: the null label without graph, then the conditional branch with the short backward's graph
+    assert {name: modes[0] for name, modes in grad_modes.items()} == {
+        "down.0": False, "middle.0": False, "up.2": False, "up.3": False, "up.4": False}
+    assert {name: modes[-1] for name, modes in grad_modes.items()} == {
+        "down.0": True, "middle.0": False, "up.2": False, "up.3": True, "up.4": True}
+    paper = call(model, make_guidance("cfg", scale=1.0, reg="paper"), x, y, 400.0)
+    assert 0 < (short - paper).abs().max() < (paper - call(model, make_guidance("cfg", scale=1.0), x, y, 400.0)).abs().max()
+
+
+@pytest.mark.parametrize("net, blocks, message", [
+    (LinearEps(A, BIAS), 2, "reg: short needs a backbone that names its last blocks"),
+    (TwoBlockResidual(), 3, None),
+])
+def test_short_backward_refusals(xy, net, blocks, message):
+    x, y = xy
+    if message is None:  # the test backbone does not check its count: the UNet's and DiT's own checks below
+        from lightning_reg.models.dit import DiT
+        net, message = DiT(input_size=4, in_channels=1, num_classes=2, depth=2, hidden_size=8, num_heads=2,
+                           patch_size=2), "reg_blocks=3: this DiT has 2 blocks"
+    with pytest.raises(ConfigError, match=message):
+        GuidedDenoiser(model_for("vp-eps", net), make_guidance("cfg", scale=1.0, reg="short", reg_blocks=blocks), y)
+
+
 @pytest.mark.parametrize("params, message", [
     (dict(reg="reuse", reg_every=0), "reg_every must be a positive integer"),
     (dict(reg="window", reg_window=[0.7, 0.2]), "reg_window must be"),
     (dict(reg="window", reg_window=[0.5]), "reg_window must be"),
     (dict(reg="cheap"), "unknown REG mode 'cheap'"),
+    (dict(reg="adaptive", reg_tolerance=-0.1), "reg_tolerance must be >= 0"),
+    (dict(reg="graph_free_reuse", reg_every=1.5), "reg_every must be a positive integer"),
     (dict(branch_layout="stacked"), "unknown branch_layout 'stacked'"),
 ])
 def test_bad_reg_options_raise_config_error(params, message):
@@ -242,18 +335,124 @@ def test_bad_reg_options_raise_config_error(params, message):
         make_guidance("cfg", scale=1.0, **params)
 
 
-@pytest.mark.parametrize("reg", ["reuse", "window", "graph_free"])
+CHEAP_MODES = ["reuse", "window", "graph_free", "graph_free_reuse", "adaptive"]  # short: by hand below
+
+
+@pytest.mark.parametrize("reg", CHEAP_MODES)
 @pytest.mark.parametrize("method, params", [
-    ("apg", dict(eta=0.0, momentum=-0.5)), ("cosine", {}), ("linear", {}), ("cfg_zero_star", {}),
-    ("interval", dict(t_lo=0.0, t_hi=1e9)),
+    ("cfg", {}), ("apg", dict(eta=0.0, momentum=-0.5)), ("cosine", {}), ("linear", {}),
+    ("cfg_zero_star", dict(zero_init_steps=0)), ("interval", dict(t_lo=0.0, t_hi=1e9)),
 ])
-def test_every_method_runs_each_cheap_mode(xy, reg, method, params):
-    """A short chain with every method; the guided result differs from the method without REG."""
+def test_every_method_under_each_cheap_mode_is_the_closed_form(xy, reg, method, params):
+    """On ``eps = S x + b_y`` with ``S`` symmetric every factor is exact and constant in eps units: along a whole
+    chain, each call of every method under every cheap mode is ``x0_c + (1 - s_t S^T 1) ⊙ g``, with ``g`` the
+    plain method's term at the same ``x`` (a plain chain fed the same calls, so stateful rules agree)."""
     x, y = xy
-    model = model_for("vp-eps", SmoothNet())
-    plain = chain(model, make_guidance(method, scale=2.0, **params), x, y, "vp-eps")
-    out = chain(model, make_guidance(method, scale=2.0, reg=reg, reg_window=[0.0, 1.0], **params), x, y, "vp-eps")
-    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-6
+    model = model_for("vp-eps", LinearEps(SYMMETRIC, BIAS))
+    rectified = GuidedDenoiser(model, make_guidance(method, scale=2.0, reg=reg, reg_window=[0.0, 1.0], **params), y)
+    plain = GuidedDenoiser(model, make_guidance(method, scale=2.0, **params), y)
+    seen = []
+
+    def checked(x_t, t):
+        out, plain_out = rectified(x_t, t), plain(x_t, t)
+        _, s = model.coefficients(t, x_t)
+        x0_c = model(x_t, t, y)
+        torch.testing.assert_close(out, x0_c + (1 - s * SYMMETRIC.sum(0)) * (plain_out - x0_c), **TOL)
+        seen.append(float((plain_out - x0_c).abs().max()))
+        return out
+
+    get_sampler("ddim")(checked, x, model.schedule, 8)
+    assert len(seen) == 8 and sum(v > 1e-3 for v in seen) >= 7  # guided calls (linear's w(t) ends at 0)
+
+
+# --- graph_free_reuse and adaptive --------------------------------------------------------------------
+
+def fresh_calls(net: Counting, rows: int) -> list[int]:
+    """The indices of the (batched-layout) calls that ran the 3B graph-free probes."""
+    assert all(grad is False for _, grad in net.calls) and net.backwards == 0
+    return [i for i, (n, _) in enumerate(net.calls) if n == 3 * rows]
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_graph_free_reuse_every_call_is_graph_free(xy, kind):
+    x, y = xy
+    model = model_for(kind, SmoothNet())
+    free = chain(model, make_guidance("cfg", scale=1.0, reg="graph_free"), x, y, kind)
+    reused = chain(model, make_guidance("cfg", scale=1.0, reg="graph_free_reuse", reg_every=1), x, y, kind)
+    torch.testing.assert_close(reused, free, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_graph_free_reuse_costs_and_equals_paper_for_a_constant_symmetric_jacobian(xy, k):
+    """Every k-th call the 3B probes, CFG's 2B forward in between, no graph; exact where ``J`` is symmetric and
+    constant (the carried row sums never change)."""
+    x, y = xy
+    net = Counting(LinearEps(SYMMETRIC, BIAS))
+    model = model_for("vp-eps", net)
+    reused = chain(model, make_guidance("cfg", scale=1.0, reg="graph_free_reuse", reg_every=k,
+                                        branch_layout="batched"), x, y, "vp-eps", steps=12)
+    assert fresh_calls(net, len(x)) == list(range(0, 12, k)) and len(net.calls) == 12
+    paper = chain(model, make_guidance("cfg", scale=1.0, reg="paper"), x, y, "vp-eps", steps=12)
+    torch.testing.assert_close(reused, paper, **TOL)
+
+
+def test_adaptive_doubles_its_interval_while_the_carried_factor_is_exact(xy):
+    """Constant ``J``: the carried factor's drift is 0 at every check, so the interval goes 1, 2, 4, 8 (capped
+    by ``reg_every``): fresh factors at calls 0, 1, 3, 7, 15, 23."""
+    x, y = xy
+    net = Counting(LinearEps(SYMMETRIC, BIAS))
+    model = model_for("vp-eps", net)
+    out = chain(model, make_guidance("cfg", scale=1.0, reg="adaptive", reg_every=8, branch_layout="batched"),
+                x, y, "vp-eps", steps=25)
+    assert fresh_calls(net, len(x)) == [0, 1, 3, 7, 15, 23]
+    paper = chain(model, make_guidance("cfg", scale=1.0, reg="paper"), x, y, "vp-eps", steps=25)
+    torch.testing.assert_close(out, paper, **TOL)
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_adaptive_with_zero_tolerance_is_graph_free(xy, kind):
+    """A curved backbone drifts at every check: with tolerance 0 every interval stays 1."""
+    x, y = xy
+    model = model_for(kind, SmoothNet())
+    free = chain(model, make_guidance("cfg", scale=1.0, reg="graph_free"), x, y, kind)
+    adaptive = chain(model, make_guidance("cfg", scale=1.0, reg="adaptive", reg_tolerance=0.0), x, y, kind)
+    torch.testing.assert_close(adaptive, free, rtol=0, atol=0)
+
+
+class CurvedForClassOne(nn.Module):
+    """``eps = S x + c [y = 1] sin(x) + b_y``: class 0's Jacobian is constant, class 1's changes along the chain."""
+
+    def __init__(self, c: float = 0.3):
+        super().__init__()
+        self.num_classes, self.data_shape, self.c = 2, (3,), c
+        self.register_buffer("a", SYMMETRIC)
+        self.register_buffer("bias", BIAS)
+
+    def forward(self, x, t, y):
+        return x @ self.a.T + self.c * (y == 1).to(x.dtype)[:, None] * torch.sin(x) + self.bias[y]
+
+
+def test_adaptive_intervals_are_each_samples_own(xy):
+    """Class-0 samples (exact carried factor) lengthen their interval, class-1 samples (drifting) keep 1; each
+    sample's chain equals the chain it gets alone."""
+    x, y = xy
+    model = model_for("vp-eps", CurvedForClassOne())
+    guidance = make_guidance("cfg", scale=1.0, reg="adaptive", reg_tolerance=1e-3)
+    guided = GuidedDenoiser(model, guidance, y)
+    batch = get_sampler("ddim")(guided, x, model.schedule, 10)
+    every = guided.state.values["reg_factor"]["every"]
+    assert every[y == 0].min() > 1 and (every[y == 1] == 1).all()
+    for i in range(len(x)):
+        alone = get_sampler("ddim")(GuidedDenoiser(model, guidance, y[i:i + 1]), x[i:i + 1], model.schedule, 10)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=0, atol=1e-12)
+
+
+def test_correction_drift_by_hand():
+    f = torch.tensor([[0.5, 2.0], [1.0, 1.0]])
+    carried = torch.tensor([[1.0, 2.0], [1.0, 3.0]])
+    g = torch.tensor([[2.0, 1.0], [1.0, 0.0]])
+    # sample 0: ||(0.5, 0) * (2, 1)|| / ||(-0.5, 1) * (2, 1)|| = 1 / sqrt(2); sample 1: nothing to correct, exact
+    torch.testing.assert_close(correction_drift(carried, f, g), torch.tensor([2 ** -0.5, 0.0]))
 
 
 @pytest.mark.timeout(120)

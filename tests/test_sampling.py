@@ -106,6 +106,14 @@ def test_setting_name():
     assert setting_name({"method": "cfg", "scale": 7.5, "convention": "w2", "reg": "paper",
                          "pag": {"scale": 3.0, "layers": ["^mid$", "up/0"]}}) == \
         "cfg_w2x7.5_paper_paglayersmid-up0-scale3"
+    assert setting_name({"method": "cfg", "pag": {"scale": 3, "layers": ["up.1"]}}) == \
+        "cfg_w1_none_paglayersup.1-scale3"
+    assert setting_name({"method": "cfg", "scale": 4.5, "convention": "w2", "reg": "paper", "slg": {
+        "scale": 2.8, "layers": [7, 8, 9], "start": 0.01, "stop": 0.08}}) == \
+        "cfg_w2x4.5_paper_slglayers7-8-9-scale2.8-start0.01-stop0.08"
+    # floats as %g, a tuple as a list: exponents keep their sign, nothing else is added
+    assert setting_name({"method": "cfg", "scale": 1e-5, "reg": "window", "reg_window": (0.0, 1e-3)}) == \
+        "cfg_w1e-05_window_reg_window0-0.001"
 
 
 @pytest.mark.parametrize("reg", ["none", "paper"])

@@ -204,3 +204,17 @@ def test_flow_and_vp_progress_by_hand_and_the_window_edges():
     weights = [rule.weight_at(torch.tensor((hi + p * (lo - hi)) ** 7, dtype=torch.float64), schedule)
                for p in (0.2499, 0.2501, 0.4, 0.4999, 0.5001)]
     assert weights == [0.0, 2.0, 2.0, 2.0, 0.0]
+
+
+def test_flow_progress_on_a_shifted_grid_and_the_window_edges():
+    """Flow progress is ``1 - t``: SD3's shifted grid ``t = 3u / (1 + 2u)`` at u = 1, 3/4, 1/2, 1/4 sits at
+    t = 1, 0.9, 0.75, 0.5 (progress 0, 0.1, 0.25, 0.5, all exact in binary but 0.1); a window [0.25, 0.5] of
+    progress guides its edges (the last two steps) and nothing just past them."""
+    schedule = FlowSchedule(shift=3.0)
+    times = schedule.sampling_times(4)
+    assert times.tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-15)
+    assert [schedule.progress(t) for t in times] == pytest.approx([0.0, 0.1, 0.25, 0.5, 1.0], abs=1e-15)
+    rule = make_guidance("cfg", scale=2.0, start=0.25, stop=0.5).rule
+    assert [rule.weight_at(t, schedule) for t in times[:-1]] == [0.0, 0.0, 2.0, 2.0]
+    assert [rule.weight_at(torch.tensor(t, dtype=torch.float64), schedule)
+            for t in (0.7501, 0.7499, 0.5001, 0.4999)] == [0.0, 2.0, 2.0, 0.0]

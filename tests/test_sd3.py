@@ -6,12 +6,12 @@ transformer, and a saved folder samples through ``sample.py`` with its errors in
 
 import copy
 import shutil
-import string
 
 import numpy as np
 import pytest
 import torch
-from helpers import LATENT, PROMPTS, edit_json, refuse_edited_pipeline
+from helpers import (HAND_METHODS, LATENT, PROMPTS, check_flow_reg_by_hand, edit_json, local_t5_tokenizer,
+                     refuse_edited_pipeline)
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.samplers import get_sampler
@@ -34,14 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def t5_tokenizer():
-    """A T5 tokenizer (Unigram) over a local vocabulary: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, characters and
-    word-initial lower-case letters; 98 ids."""
-    from transformers import T5TokenizerFast
-
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), *((c, -3.0) for c in chars),
-             *(("▁" + c, -2.5) for c in string.ascii_lowercase)]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)  # SD3's tokenizer_3 config
+    return local_t5_tokenizer()
 
 
 def make_sd3_components(clip_tokenizer, t5_tokenizer, seed: int = 0) -> dict:
@@ -184,50 +177,19 @@ def velocity(transformer, x, t, y):
                        encoder_hidden_states=y["prompt_embeds"], pooled_projections=y["pooled_projections"]).sample
 
 
-def hand_term(method: str, x0_c, x0_u, w):
-    """The guidance term ``g`` in x0 units: CFG ``w d``; APG ``w (d_orth + eta d_par)`` of the clipped ``d``
-    (eta 0.25, threshold 1: it clips at t = 0.93 and 0.6, not at 0.21), ``d_par`` along ``x0_c`` per sample."""
-    d = x0_c - x0_u
-    if method == "cfg":
-        return w * d
-    norm = lambda v: torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True)  # noqa: E731
-    d = d * (1 / norm(d)).clamp(max=1)
-    unit = x0_c / norm(x0_c)
-    parallel = (d * unit).sum(dim=(1, 2, 3), keepdim=True) * unit
-    return w * (d - parallel + 0.25 * parallel)
-
-
-@pytest.mark.parametrize("method, extra", [("cfg", {}), ("apg", {"eta": 0.25, "norm_threshold": 1.0})])
+@pytest.mark.parametrize("method, extra", HAND_METHODS)
 @pytest.mark.parametrize("reg", ["paper", "vjp"])
 def test_reg_matches_a_float64_hand_computation_on_the_sd3_transformer(sd3_parts, method, extra, reg):
     """Flow: ``x0 = x - t v``, ``a_t = 1 - t``. paper: ``x0_c + a_t grad_x(1^T x0_c) ⊙ g``; vjp: ``x0_c + a_t J^T g``
     (``J = d x0_c / d x``), ``g`` the method's term, the null condition the empty prompt's parts; by autograd on the
-    bare transformer in float64 at three times, compared in velocity units; no weight gets a grad."""
+    bare transformer in float64 at three times, compared in velocity units (``check_flow_reg_by_hand``)."""
     encoder = our_encoder(sd3_parts)
     y32, null32 = encoder(PROMPTS), encoder.null("")
     y, null = ({key: value.double() for key, value in parts.items()} for parts in (y32, null32))
     denoiser = copy.deepcopy(our_denoiser(sd3_parts, null32)).double()
     transformer = denoiser.net.transformer
     x = torch.randn(len(PROMPTS), *LATENT, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    y_null = {key: value.expand_as(y[key]) for key, value in null.items()}
-    w = 2.5
-    for t in (0.93, 0.6, 0.21):
-        x0_bar = GuidedDenoiser(denoiser, make_guidance(method, scale=w, reg=reg, **extra), y)(
-            x, torch.tensor(t, dtype=torch.float64))
-        x_in = x.clone().requires_grad_(True)
-        x0_c = x_in - t * velocity(transformer, x_in, t, y)
-        with torch.no_grad():
-            x0_u = x - t * velocity(transformer, x, t, y_null)
-        g = hand_term(method, x0_c.detach(), x0_u, w)
-        if reg == "paper":
-            (grad,) = torch.autograd.grad(x0_c.sum(), x_in)
-            expected = x0_c.detach() + (1 - t) * grad * g
-        else:
-            (jtg,) = torch.autograd.grad(x0_c, x_in, grad_outputs=g)
-            expected = x0_c.detach() + (1 - t) * jtg
-        torch.testing.assert_close((x - x0_bar) / t, (x - expected) / t, rtol=1e-9, atol=1e-10)
-        assert ((expected - x0_c.detach() - g) / t).abs().max() > 1e-3  # the rectification is not negligible
-    assert all(p.grad is None for p in denoiser.parameters())
+    check_flow_reg_by_hand(denoiser, lambda x, t, y: velocity(transformer, x, t, y), x, y, null, method, extra, reg)
 
 
 def test_the_flow_schedule_s_shift_and_the_vae_s_shift_factor(sd3_parts):
@@ -303,12 +265,12 @@ def test_an_sd3_folder_without_t5_loads(sd3_parts, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda f: edit_json(f / "model_index.json", _class_name="FluxPipeline"),
-     r"is a FluxPipeline pipeline: only .*\(Flux, ControlNet, video ... are not\)"),
+    (lambda f: edit_json(f / "model_index.json", _class_name="StableDiffusion3ControlNetPipeline"),
+     r"is a StableDiffusion3ControlNetPipeline pipeline: only .*\(ControlNet, video ... are not\)"),
     (lambda f: shutil.rmtree(f / "transformer"),
      r"lacks the component folder\(s\) \['transformer'\]: a StableDiffusion3Pipeline needs"),
 ])
-def test_flux_and_a_missing_transformer_are_refused_by_sample_py(sd3_folder, tmp_path, refused, edit, message):
+def test_controlnet_and_a_missing_transformer_are_refused_by_sample_py(sd3_folder, tmp_path, refused, edit, message):
     refuse_edited_pipeline(refused, sd3_folder, tmp_path, edit, message, "--sampler", EULER)
 
 

@@ -1,5 +1,6 @@
 """``sweep.py``: fronts and best points, resumption (settings and shards), and one-line errors that write nothing."""
 
+import io
 import json
 import math
 import re
@@ -10,9 +11,11 @@ import torch
 from PIL import Image
 
 import lightning_reg.sampling.cli as sample_cli
+import lightning_reg.sampling.sweep as sweep_module
 from lightning_reg.guidance.reg import REG_MODES
-from lightning_reg.metrics.fronts import (CHAIN_COLUMNS, best_rows, chain_labels, chains, dominates, pareto_front,
-                                          summary, write_table)
+from lightning_reg.metrics.fronts import (CHAIN_COLUMNS, axis_limits, best_rows, chain_labels, chains, dominates,
+                                          fronts_figure, markdown_table, pareto_front, source_names, summary,
+                                          write_table)
 from lightning_reg.metrics.fronts import main as fronts_main
 from lightning_reg.sampling.sweep import build_parser
 from lightning_reg.sampling.sweep import main as sweep_main
@@ -104,10 +107,11 @@ def test_fronts_cli_puts_two_sweeps_on_one_figure(reference_sweep, tmp_path, cap
     assert Image.open(tmp_path / "both.png").size[0] >= 800
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows)  # the header and one line per row, in the tables' order
-    assert table[5].startswith(f"| interval | none | 1 | {float(rows[4]['energy_distance']):.4g} |")
-    line = next(line for line in out.splitlines() if re.match(r"interval\s+paper\s", line))
+    assert table[0].startswith("| source | method | reg | w |")  # which table each row came from
+    assert table[5].startswith(f"| b | interval | none | 1 | {float(rows[4]['energy_distance']):.4g} |")
+    line = next(line for line in out.splitlines() if re.match(r"b\s+interval\s+paper\s", line))
     best = min(rows[6:], key=lambda r: float(r["energy_distance"]))
-    assert line.split()[2] == f"{float(best['w']):g}"
+    assert line.split()[3] == f"{float(best['w']):g}"
     for bad, message in (([str(tmp_path / "missing.csv")], "missing.csv does not exist"),
                          ([str(tmp_path / "a.csv"), "--front", "fid", "on_shape"], r"--front \['fid'\] are not")):
         argv = bad + (["--front", "energy_distance", "on_shape"] if "--front" not in bad else [])
@@ -117,7 +121,7 @@ def test_fronts_cli_puts_two_sweeps_on_one_figure(reference_sweep, tmp_path, cap
         assert not (tmp_path / "bad.png").exists()
 
 
-def test_sweep_outputs(reference_sweep, capsys):
+def test_sweep_outputs(reference_sweep, capsys, monkeypatch):
     rows = read_table(reference_sweep / "sweep.csv")
     assert [r["setting"] for r in rows] == NAMES
     assert [(r["method"], r["reg"], float(r["w"]), r["convention"], float(r["weight"])) for r in rows[:2]] == [
@@ -133,6 +137,8 @@ def test_sweep_outputs(reference_sweep, capsys):
     assert Image.open(reference_sweep / "fronts.png").size[0] >= 800
     # the same command again: every setting is finished, nothing is sampled, the summary is printed again
     capsys.readouterr()
+    titles = []
+    monkeypatch.setattr(sweep_module, "save_fronts", lambda *args, title: titles.append(title))
     sweep_main(["--checkpoint", str(json.loads((reference_sweep / "cfg_w2_none" / "meta.json").read_text())
                                     ["checkpoint"]), "--output", str(reference_sweep), *SWEEP])
     out = capsys.readouterr().out
@@ -141,6 +147,7 @@ def test_sweep_outputs(reference_sweep, capsys):
     line = next(line for line in out.splitlines() if re.match(r"cfg\s+paper\s", line))
     assert line.split()[2:4] == [f"{float(best['w']):g}", f"{float(best['energy_distance']):.4g}"]
     assert "8 of 8 settings" in out
+    assert titles == ["sweep: 12 samples per setting, ddpm 4 steps"]  # the run's folder, not "last.ckpt"
 
 
 def test_interrupted_sweep_resumes_and_equals_uninterrupted(reference_sweep, checkpoint, tmp_path, capsys,
@@ -231,7 +238,7 @@ def test_shipped_reg_modes_sweep_parses():
     config = Path(__file__).parents[1] / "configs" / "sweep_mnist_reg_modes.yaml"
     cfg = build_parser().parse_args(["--config", str(config)])
     assert [(m["method"], list(m["weights"])) for m in cfg.methods] == [("cfg", [1, 3])]
-    assert list(cfg.reg) == list(REG_MODES) and cfg.num_samples >= 2000 and cfg.evaluation is not None
+    assert sorted(cfg.reg) == sorted(REG_MODES) and cfg.num_samples >= 2000 and cfg.evaluation is not None
 
 
 def test_shipped_autoguidance_sweep_parses():
@@ -430,3 +437,85 @@ def test_summary_columns_stay_aligned_for_long_method_and_reg_names():
     assert all(line[w_end - 1] == "1" and line[w_end] == " " for line in lines[1:])
     assert lines[2].split()[:2] == ["cfg", "graph_free"] and lines[3].split()[:2] == ["cfg_zero_star_long_name",
                                                                                          "paper"]
+
+
+def front_rows(source=None, num_samples=None, regs=("none", "paper", "vjp", "graph_free"), fid_shift=0.0):
+    """``interval`` over w = 0, 1, 2 per REG mode: best FID at w = 1 (the lowest accuracy), the four best points
+    bunched in the lower left corner, accuracy reaching 1.0 at w = 2."""
+    return [{"source": source, "num_samples": num_samples, "method": "interval", "reg": reg, "w": w,
+             "fid": fid + 0.05 * k + fid_shift, "accuracy": acc + 0.001 * k, "time_per_sample_ms": 2.0}
+            for k, reg in enumerate(regs) for w, fid, acc in ((0, 6.0, 0.9), (1, 2.0, 0.8), (2, 4.0, 0.997))]
+
+
+def w_label_boxes(fig):
+    """Per axes: its box and the display boxes of its ``w=`` labels."""
+    renderer = fig.canvas.get_renderer()
+    return [(ax.get_window_extent(renderer), [t.get_window_extent(renderer) for t in ax.texts
+                                                 if t.get_text().startswith("w=")]) for ax in fig.axes]
+
+
+def test_fronts_figure_title_axes_legend_and_labels():
+    """Titled by the run, axes span the data with a margin clipped at the metric's bounds (accuracy never above
+    1), a legend of what is drawn only, ``w=`` labels inside their axes and apart, also once saved."""
+    rows = front_rows()
+    fig = fronts_figure(rows, "fid", "accuracy", title="run_a: 12 samples per setting")
+    ax = fig.axes[0]
+    assert fig.get_suptitle().splitlines()[0] == "run_a: 12 samples per setting"
+    assert ax.get_ylim() == pytest.approx((0.8 - 0.06 * 0.2, 1.0))  # data 0.8 .. 1.0: the margin stops at 1
+    assert ax.get_xlim() == pytest.approx((2.0 - 0.06 * 4.15, 6.15 + 0.06 * 4.15))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "Pareto front (all rows)", "REG none", "REG paper", "REG vjp", "REG graph_free"]
+    front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front (all rows)")
+    assert front.get_marker() == "o"  # w = 1 and 2 of every mode (each mode: more FID for more accuracy); w = 0 not
+    assert list(front.get_xdata()) == pytest.approx([2.0, 2.05, 2.1, 2.15, 4.0, 4.05, 4.1, 4.15])
+    for _ in range(2):  # as laid out, then as saved (the layout runs again)
+        for frame, boxes in w_label_boxes(fig):
+            assert len(boxes) == 4
+            assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[:i])
+        fig.savefig(io.BytesIO(), format="png", dpi=100)
+    assert axis_limits([0.02, 1.0], "fid") == pytest.approx((0.0, 1.0588))  # FID never below 0
+    assert axis_limits([-1.0, 1.0], "kid") == pytest.approx((-1.12, 1.12))  # KID (unbiased) may be negative
+    assert axis_limits([1.0, 100.0], "fid", log=True) == pytest.approx((10 ** -0.12, 10 ** 2.12))
+    one = fronts_figure([{**rows[1], "accuracy": 1.0}], "fid", "accuracy")  # one row: a point on the front
+    assert one.axes[0].get_ylim() == pytest.approx((0.94, 1.0))
+    assert [t.get_text() for t in one.legends[0].get_texts()] == ["Pareto front (all rows)", "REG none"]
+
+
+def test_merged_sweeps_are_curves_of_their_own_with_a_source_column():
+    """Rows of two sweeps (500 and 400 samples) of the same method and REG mode: two curves, never one line
+    through both; the summary and the Markdown table name the source and the sample count."""
+    rows = front_rows("a", 500, regs=("none",)) + front_rows("b", 400, regs=("none",), fid_shift=0.5)
+    fig = fronts_figure(rows, "fid", "accuracy")
+    lines = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines()
+             if not line.get_label().startswith("_")}
+    assert lines == {"Pareto front (all rows)": [2.0, 4.0], "a, n=500, REG none": [6.0, 2.0, 4.0],
+                     "b, n=400, REG none": [6.5, 2.5, 4.5]}
+    assert summary(rows, "fid", "accuracy").splitlines() == [
+        "source  samples  method    reg   best w  fid  accuracy  ms/sample",
+        "a       500      interval  none       1    2       0.8          2",
+        "b       400      interval  none       1  2.5       0.8          2"]
+    table = markdown_table(rows, ["fid"]).splitlines()
+    assert [table[i] for i in (0, 2, 5)] == [
+        "| source | samples | method | reg | w | fid |", "| a | 500 | interval | none | 0 | 6 |",
+        "| b | 400 | interval | none | 0 | 6.5 |"]
+    assert source_names([Path("x/cfg/sweep.csv"), Path("y/auto/sweep.csv")]) == ["cfg", "auto"]
+    assert source_names([Path("t/a.csv"), Path("t/b.csv")]) == ["a", "b"]  # one folder: the file names
+
+
+def test_summary_aligns_long_reg_and_metric_names():
+    """REG names up to 20 characters and metric names longer than their numbers: every cell of a text column
+    starts under its header, every number ends under its header."""
+    rows = [{"method": "cfg", "reg": reg, "w": w, "energy_distance": ed, "sliced_wasserstein": 12.3456789,
+             "time_per_sample_ms": 1234.5} for reg, w, ed in (("none", 1, 0.5), ("graph_free_reuse", 2.5, 0.25),
+                                                             ("adaptive", 0.125, 1e-5))]
+    lines = summary(rows, "energy_distance", "sliced_wasserstein").splitlines()
+    header = lines[0]
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    for name in ("method", "reg"):
+        start = header.index(name)
+        assert all(line[start] != " " and line[start - 1] == " " for line in lines[1:] if start)
+    for name in ("best w", "energy_distance", "sliced_wasserstein", "ms/sample"):
+        end = header.index(name) + len(name)
+        assert all(line[end - 1] != " " and line[end:end + 1] in ("", " ") for line in lines[1:])
+    assert lines[2].split() == ["cfg", "graph_free_reuse", "2.5", "0.25", "12.35", "1.23e+03"]

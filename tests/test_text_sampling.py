@@ -105,9 +105,9 @@ def edited_pipeline(folder: Path, tmp_path: Path, edit: str) -> Path:
     shutil.copytree(folder, copy)
     if edit == "no unet":
         shutil.rmtree(copy / "unet")
-    elif edit == "flux":
+    elif edit == "video":
         index = json.loads((copy / "model_index.json").read_text())
-        (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+        (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableVideoDiffusionPipeline"}))
     elif edit == "sample prediction":
         config = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
         (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "sample"}))
@@ -118,8 +118,8 @@ def edited_pipeline(folder: Path, tmp_path: Path, edit: str) -> Path:
     ("", None, [], "is empty: give one caption a line"),
     ("a seven\n\na dot\n", None, [], "line(s) 2 are empty"),
     ("a seven\n", "no unet", [], "lacks the component folder(s) ['unet']"),
-    ("a seven\n", "flux", [], "is a FluxPipeline pipeline: only ['StableDiffusionPipeline', "
-                              "'StableDiffusionXLPipeline', 'StableDiffusion3Pipeline']"),
+    ("a seven\n", "video", [], "is a StableVideoDiffusionPipeline pipeline: only ['StableDiffusionPipeline', "
+                               "'StableDiffusionXLPipeline', 'StableDiffusion3Pipeline', 'FluxPipeline']"),
     ("a seven\n", "sample prediction", [], "prediction_type 'sample' is not supported"),
     (None, None, [], "is a text-to-image model: give --prompts FILE"),
     ("a seven\n", None, ["--labels", "[1]"], "--labels are class ids"),

@@ -189,8 +189,8 @@ def corrupt(folder, tmp_path, edit):
 @pytest.mark.parametrize("edit, message", [
     (lambda f: shutil.rmtree(f / "unet"), r"lacks the component folder\(s\) \['unet'\]"),
     (lambda f: (f / "model_index.json").unlink(), "has no model_index.json"),
-    (lambda f: edit_json(f / "model_index.json", _class_name="FluxPipeline"),
-     r"is a FluxPipeline pipeline: only .*\(Flux, ControlNet, video ... are not\)"),
+    (lambda f: edit_json(f / "model_index.json", _class_name="StableVideoDiffusionPipeline"),
+     r"is a StableVideoDiffusionPipeline pipeline: only .*\(ControlNet, video ... are not\)"),
     (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="sample"),
      "prediction_type 'sample' is not supported; supported: \\['epsilon', 'v_prediction'\\]"),
     (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True),

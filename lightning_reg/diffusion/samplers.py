@@ -30,6 +30,21 @@ def _steps(times: Tensor, progress: bool, name: str):
     return tqdm(list(enumerate(pairs)), desc=name, leave=False, disable=None if progress else True)
 
 
+def renoising_x0(denoiser: DenoiserFn, x0_hat: Tensor) -> Tensor:
+    """The x0 whose noise ``(x - a_t x0) / s_t`` a first-order step renoises with: the denoiser's
+    ``renoising_x0()`` of its last call where it has one (``GuidedDenoiser``: CFG++'s unconditional prediction),
+    else ``x0_hat`` itself."""
+    x0_r = getattr(denoiser, "renoising_x0", lambda: None)()
+    return x0_hat if x0_r is None else x0_r
+
+
+def refuse_renoising(denoiser: DenoiserFn, sampler: str, why: str) -> None:
+    """A ConfigError before the first step if ``denoiser`` renoises (CFG++), which ``sampler`` does not define."""
+    if getattr(denoiser, "renoises", False):
+        raise ConfigError(f"cfgpp is defined for first-order steps (ddim, ddpm, flow_euler), not for sampler "
+                          f"{sampler!r}: {why}; use ddim (the Euler step of every schedule, edm included)")
+
+
 def _check_finite(x: Tensor, step: int, t: Tensor, denoiser) -> None:
     if not torch.isfinite(x).all():
         raise FloatingPointError(
@@ -44,7 +59,9 @@ def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: in
     """DDIM (Song et al. 2021, eq. 12) for any ``x_t = a x0 + s eps``; ``eta = 1`` is DDPM ancestral.
 
     ``x_next = a_next x0_hat + sqrt(s_next^2 - c^2) eps_hat + c z`` with the posterior std
-    ``c = eta * s_next * sqrt(1 - (a_cur s_next / (a_next s_cur))^2)``.
+    ``c = eta * s_next * sqrt(1 - (a_cur s_next / (a_next s_cur))^2)``; ``eps_hat`` is the noise of
+    ``renoising_x0`` (CFG++: the unconditional ``eps_u``; in sigma units, ``x / a``, the k-diffusion Euler and Euler
+    ancestral steps, eta = 0 and > 0).
     ``times`` (optional) continues a chain: ``noise`` is then the state ``x`` at ``times[0]`` itself
     (not rescaled) and the walk follows ``times`` instead of ``schedule.sampling_times(steps)``.
 
@@ -61,7 +78,7 @@ def ddim(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: in
     for i, (t_cur, t_next) in _steps(times, progress, "ddpm" if eta == 1 else "ddim"):
         (a_cur, s_cur), (a_next, s_next) = schedule.alpha_sigma(t_cur), schedule.alpha_sigma(t_next)
         x0_hat = denoiser(x, t_cur)
-        eps_hat = eps_from_x0(x0_hat, x, float(a_cur), float(s_cur))
+        eps_hat = eps_from_x0(renoising_x0(denoiser, x0_hat), x, float(a_cur), float(s_cur))
         c = eta * s_next * (1 - (a_cur * s_next / (a_next * s_cur)) ** 2).clamp(min=0).sqrt()
         x = float(a_next) * x0_hat + float((s_next ** 2 - c ** 2).clamp(min=0).sqrt()) * eps_hat
         if c > 0:
@@ -79,6 +96,7 @@ def edm_heun(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps
     """EDM deterministic Heun 2nd-order sampler (Karras et al. 2022, Alg. 1): ``dx/dsigma = (x - D)/sigma``."""
     if not isinstance(schedule, EDMSchedule):
         raise ConfigError("sampler 'edm_heun' needs the 'edm' schedule")
+    refuse_renoising(denoiser, "edm_heun", "its second-order correction has no CFG++ form")
     times = schedule.sampling_times(steps)
     x = noise * schedule.prior_std
     for i, (t_cur, t_next) in _steps(times, progress, "edm_heun"):
@@ -95,14 +113,19 @@ def edm_heun(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps
 @torch.no_grad()
 def flow_euler(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSchedule, steps: int, *,
                noise_sampler=None, progress: bool = False) -> Tensor:
-    """Euler on the flow ODE ``dx/dt = v = (x - x0_hat) / t`` from t = 1 to 0."""
+    """Euler on the flow ODE ``dx/dt = v = (x - x0_hat) / t`` from t = 1 to 0.
+
+    With CFG++ (``renoising_x0`` ``x0_u``), DDIM's ``x_next = (1 - t_next) x0_hat + t_next eps_u`` on the flow path:
+    the Euler step with ``v = (x - x0_u) / t``, plus ``(1 - t_next) (x0_hat - x0_u)`` (zero without CFG++)."""
     if not isinstance(schedule, FlowSchedule):
         raise ConfigError("sampler 'flow_euler' needs the 'flow' schedule")
     times = schedule.sampling_times(steps)
     x = noise * schedule.prior_std
     for i, (t_cur, t_next) in _steps(times, progress, "flow_euler"):
-        v = (x - denoiser(x, t_cur)) / float(t_cur)
-        x = x + float(t_next - t_cur) * v
+        x0_hat = denoiser(x, t_cur)
+        x0_r = renoising_x0(denoiser, x0_hat)
+        v = (x - x0_r) / float(t_cur)
+        x = x + float(t_next - t_cur) * v + float(1 - t_next) * (x0_hat - x0_r)
         _check_finite(x, i, t_cur, denoiser)
     return x
 
@@ -116,6 +139,8 @@ def diffusers_scheduler(denoiser: DenoiserFn, noise: Tensor, schedule: NoiseSche
     steps: ``x_T = noise * init_noise_sigma``, then per timestep ``x0 = D(x_model, t)`` and
     ``x = scheduler.step(model_output(x0), timestep, x)``. Its noise comes from ``noise_sampler``'s per-sample
     generators (``PerSampleNoise``); ``prediction``: the model's own target (what a VP scheduler is handed)."""
+    refuse_renoising(denoiser, f"{PREFIX}{scheduler}", "a scheduler's step takes one model output, not a second "
+                     "noise to renoise with")
     chain = Scheduled(scheduler, schedule, steps, options, prediction)
     generators = getattr(noise_sampler, "generators", None)
     x = noise * float(getattr(chain.scheduler, "init_noise_sigma", 1.0))  # FlowMatch: plain noise

@@ -49,7 +49,7 @@ def mode_errors(denoiser, x, y, w: float, log_reward, steps: int, rollouts: int,
 def main(argv: list[str] | None = None) -> None:
     p = parser("toy tasks: the cheaper REG modes against the optimal guidance oracle", steps=25, rollouts=64,
                out="outputs/cheap_reg")
-    p.add_argument("--task", choices=["toy1d", "toy2d"], default="toy2d")
+    p.add_argument("--task", choices=["toy1d", "toy2d"], default="toy2d", help="which toy's grid and model")
     p.add_argument("--grid", type=int, default=15, help="2D: points per axis; 1D: points")
     args = p.parse_args(argv)
     prepare(args)
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                          args.rollouts, args.eta, args.seed, args.batch_size)
     print(f"{args.task}, {args.checkpoint or 'exact denoiser'}: w = {args.w}, {args.steps} steps, {len(x)} points, "
           f"{args.rollouts} rollouts")
+    print("||estimate - oracle grad_x log E_t|| over the sampling steps and the grid points, per REG mode:")
     print("| mode | mean error to oracle | median | mean, first half of the steps | mean, second half |")
     print("|---|---|---|---|---|")
     half = args.steps // 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 from typing import IO, Callable
 
@@ -29,40 +30,70 @@ STYLES = {"cfg": dict(color="tab:blue", ls="--"), "reg_paper": dict(color="tab:r
           "reg_vjp": dict(color="tab:orange", ls=":"), "oracle": dict(color="black", ls="-", lw=2)}
 
 
+class Renamed(argparse.Action):
+    """A flag's old spelling (``--num-timesteps`` for ``--num_timesteps``): stores the value as the new one does,
+    with a one-line deprecation warning on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def renamed(p: argparse.ArgumentParser, new: str, old: str, **kwargs) -> None:
+    """Add the flag ``new`` (underscores, as the entry points spell theirs) and its old spelling ``old``, kept
+    working (``Renamed``) but left out of ``--help``."""
+    action = p.add_argument(new, **kwargs)
+    p.add_argument(old, dest=action.dest, type=action.type, action=Renamed, new=new, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, except where there is none (``None``, a switch's ``False``)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parser(description: str, steps: int, rollouts: int, out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    """The toy experiments' shared flags; ``--help`` shows each default."""
+    p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelp)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a trained ConditionalDiffusion checkpoint (EMA weights)")
     source.add_argument("--exact", action="store_true", help="the exact mixture denoiser (no network)")
-    p.add_argument("--steps", type=int, default=steps, help="DDPM sampling steps, respaced from --num-timesteps")
-    p.add_argument("--num-timesteps", type=int, default=1000,
-                   help="T of the linear-beta (1e-4..0.02) VP schedule: 1000 = the standard schedule respaced to "
-                        "--steps; T = --steps = 20 = the authors' 1D toy chain (raw steps, abar_T = 0.82)")
+    p.add_argument("--steps", type=int, default=steps, help="DDPM sampling steps, respaced from --num_timesteps")
+    renamed(p, "--num_timesteps", "--num-timesteps", type=int, default=1000,
+            help="T of the linear-beta (1e-4..0.02) VP schedule: 1000 = the standard schedule respaced to --steps; "
+                 "T = --steps = 20 = the authors' 1D toy chain (raw steps, abar_T = 0.82)")
     p.add_argument("--w", type=float, default=1.0, help="guidance weight, eps_c + w (eps_c - eps_u)")
     p.add_argument("--rollouts", type=int, default=rollouts, help="Monte Carlo chains per point for the oracle")
     p.add_argument("--eta", type=float, default=1.0, help="oracle chain: 1 = DDPM ancestral, 0 = deterministic DDIM")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8192, help="oracle chains run at once (bounds memory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the oracle chains and the samples")
+    renamed(p, "--batch_size", "--batch-size", type=int, default=8192,
+            help="oracle chains run at once (bounds memory)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads; 1 is fastest for these small tensors on a shared CPU")
-    p.add_argument("--out", type=Path, default=Path(out), help="output folder")
+    renamed(p, "--output", "--out", type=Path, default=Path(out), help="output folder")
     return p
 
 
 def prepare(args: argparse.Namespace) -> None:
     """Check the shared flags, then set the thread count and the seed."""
     for field in ("steps", "num_timesteps", "rollouts", "batch_size", "threads"):
-        check_int(f"--{field.replace('_', '-')}", getattr(args, field))
+        check_int(f"--{field}", getattr(args, field))
     check_number("--w", args.w, minimum=0)
     if args.steps > args.num_timesteps:
-        raise ConfigError(f"--steps {args.steps} exceeds --num-timesteps {args.num_timesteps}")
+        raise ConfigError(f"--steps {args.steps} exceeds --num_timesteps {args.num_timesteps}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
 
 def load_denoiser(args: argparse.Namespace, distribution: ToyDistribution) -> Denoiser:
-    """The exact mixture denoiser (float64, linear-beta VP over ``--num-timesteps``) or a checkpoint's EMA
-    denoiser (whose schedule must have ``--num-timesteps`` steps)."""
+    """The exact mixture denoiser (float64, linear-beta VP over ``--num_timesteps``) or a checkpoint's EMA
+    denoiser (whose schedule must have ``--num_timesteps`` steps)."""
     if args.exact:
         return ExactMixtureDenoiser(distribution, VPSchedule(args.num_timesteps))
     from lightning_reg.sources import load_denoiser as load_checkpoint_denoiser
@@ -74,7 +105,7 @@ def load_denoiser(args: argparse.Namespace, distribution: ToyDistribution) -> De
         raise ConfigError(f"--checkpoint uses the {denoiser.schedule.name!r} schedule; the toy experiments need 'vp'")
     if denoiser.schedule.num_timesteps != args.num_timesteps:
         raise ConfigError(f"--checkpoint was trained with num_timesteps={denoiser.schedule.num_timesteps}; "
-                          f"pass --num-timesteps {denoiser.schedule.num_timesteps}")
+                          f"pass --num_timesteps {denoiser.schedule.num_timesteps}")
     return denoiser
 
 
@@ -93,9 +124,12 @@ def error_table(times: Tensor, grads: dict[str, Tensor]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'step':>5} {'t':>5} " + " ".join(f"{m:>11}" for m in METHODS))
+    """``error_table``'s rows under a caption saying what the numbers are."""
+    print("error to the oracle grad_x log E_t, ||estimate - oracle|| (|.| in 1D), mean over the grid per sampling "
+          "step\n(step 0 = the noisiest, t = its time index; all / median: over every step and grid point)")
+    print(f"{'step':>6} {'t':>5} " + " ".join(f"{m:>11}" for m in METHODS))
     for r in rows:
-        print(f"{r['step']:>5} {r['t']:>5} " + " ".join(f"{r[m]:11.4g}" for m in METHODS))
+        print(f"{r['step']:>6} {r['t']:>5} " + " ".join(f"{r[m]:11.4g}" for m in METHODS))
     worse = [r["step"] for r in rows if isinstance(r["step"], int) and r["reg_paper"] >= r["cfg"]]
     print(f"steps where REG (paper) is not closer to the oracle than CFG: {worse or 'none'}")
 

@@ -3,7 +3,7 @@
 ``python -m lightning_reg.experiments.toy1d --exact`` (or ``--checkpoint PATH``): on a grid of x in
 [-1, 2] and at every one of the 20 DDPM steps, each method's estimate of ``grad_x log E_t``
 (docs/theory.md §1-2, §4) is compared with the Monte Carlo oracle. The 20 steps are the 1000-step linear
-schedule respaced (default) or, with ``--num-timesteps 20``, 20 raw steps of the betas 1e-4..0.02 as in
+schedule respaced (default) or, with ``--num_timesteps 20``, 20 raw steps of the betas 1e-4..0.02 as in
 the authors' toy code (``abar_T = 0.82``). Writes ``values.png`` (estimates over
 x at six steps), ``abs_error.png`` (|estimate - oracle| over x and step) and ``errors.csv``.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import MaxNLocator
 
 from lightning_reg.data.toy import toy1d_distribution
 from lightning_reg.errors import check_int
@@ -49,6 +50,7 @@ def error_figure(x, times, grads):
         ax.set_title(f"|{LABELS[m]} - oracle|")
         ax.set_xlabel("x_t")
     axes[0].set_ylabel("sampling step (0 = noisiest)")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
     fig.colorbar(im, ax=axes, label="absolute error")
     fig.suptitle("1D toy: absolute error to the oracle over x_t and sampling step")
     return fig
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     s = args.steps
     shown = sorted({min(max(i, 0), s - 1) for i in (s // 4, s // 2, 3 * s // 4, s - 3, s - 2, s - 1)})
-    write_outputs(args.out, rows, {"values": values_figure(x[:, 0], times, grads, shown),
+    write_outputs(args.output, rows, {"values": values_figure(x[:, 0], times, grads, shown),
                                    "abs_error": error_figure(x[:, 0], times, grads)},
                   {"x": x, "times": times, **grads})
 

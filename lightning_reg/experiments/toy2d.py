@@ -10,13 +10,14 @@ and vjp forms) and the Monte Carlo oracle ``grad log E_t`` (docs/theory.md §1-2
 the guided target: energy distance, sliced Wasserstein, share on the class's shape).
 
 The paper's ``t`` counts the denoising steps still to come after the current one (``steps - 1`` at
-the first step, 0 at the last); ``--paper-t 9`` is our step index ``steps - 1 - 9``.
+the first step, 0 at the last); ``--paper_t 9`` is our step index ``steps - 1 - 9``.
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from matplotlib.colors import Normalize
+from matplotlib.ticker import MaxNLocator
 import torch
 from einops import rearrange
 
@@ -24,12 +25,14 @@ from lightning_reg.data.toy import TOY2D_TASKS, toy2d_distribution
 from lightning_reg.diffusion.samplers import get_sampler
 from lightning_reg.errors import ConfigError, check_int
 from lightning_reg.experiments.common import (LABELS, STYLES, dtype_of, error_table, load_denoiser, main_guard,
-                                              parser, prepare, print_table, write_outputs)
+                                              parser, prepare, print_table, renamed, write_outputs)
 from lightning_reg.guidance import GuidedDenoiser, make_guidance
 from lightning_reg.metrics.toy import energy_distance, on_shape_fraction, sliced_wasserstein
 from lightning_reg.oracle import METHODS, density_ratio_log_reward, guidance_gradients, sample_guided_target
 
 LIMIT = 1.5
+DECADES = 6  # of log10 |gradient| on the fields' colour and length scale
+MIN_ARROW = 0.25  # the shortest arrow, a share of the longest
 REG_FORMS = {"cfg": "none", "reg_paper": "paper", "reg_vjp": "vjp"}
 
 
@@ -63,33 +66,41 @@ def samples_figure(density, samples, label, w):
     return fig
 
 
-def agreement(g, oracle) -> str:
-    """Median angle to the oracle's arrows and median length ratio ``|g| / |oracle|`` over the grid."""
+def median_angle(g, oracle) -> float:
+    """Median angle in degrees between ``g``'s arrows and the oracle's over the grid."""
     cos = torch.nn.functional.cosine_similarity(g, oracle, dim=1).clamp(-1, 1)
-    ratio = g.norm(dim=1) / oracle.norm(dim=1).clamp(min=1e-300)
-    return f"to oracle: angle {float(cos.acos().rad2deg().median()):.0f} deg, length x{float(ratio.median()):.2g}"
+    return float(cos.acos().rad2deg().median())
+
+
+def arrow_lengths(logs: torch.Tensor, norm) -> torch.Tensor:
+    """Arrow length in grid spacings: ``MIN_ARROW`` at the colour scale's bottom (``norm.vmin``) up to 0.8 at its
+    top, linear in ``log10 |gradient|``: a weak field draws short arrows, whatever its direction."""
+    return 0.8 * (MIN_ARROW + (1 - MIN_ARROW) * ((logs - norm.vmin) / (norm.vmax - norm.vmin)).clamp(0, 1))
 
 
 def fields_figure(x, grads, i, t, paper_t, density):
-    """Unit arrows (direction) coloured by ``log10 |gradient|`` on one colour scale for all panels, over the
-    contours of the guided target ``density`` (where the samples should land)."""
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), sharex=True, sharey=True)
+    """Arrows pointing along each field, their length and colour both ``log10 |gradient|`` on one scale for all
+    panels (``arrow_lengths``, at most ``DECADES`` decades), over the contours of the guided target ``density``
+    (where the samples should land); each panel titled with its median magnitude and its median angle to the
+    oracle."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 5), sharex=True, sharey=True, layout="constrained")
     fields = {m: grads[m][i] for m in ("oracle", *METHODS)}
-    logs = {m: (g.norm(dim=1) + 1e-12).log10() for m, g in fields.items()}
+    logs = {m: (g.norm(dim=1) + 1e-300).log10() for m, g in fields.items()}
     top = max(float(v.max()) for v in logs.values())
-    norm = Normalize(max(min(float(v.min()) for v in logs.values()), top - 6), top)  # at most 6 decades
+    norm = Normalize(max(min(float(v.min()) for v in logs.values()), top - DECADES), top)
     spacing = float(x[:, 0].unique().diff().min())
     for ax, (m, g) in zip(axes, fields.items()):
-        unit = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        q = ax.quiver(x[:, 0], x[:, 1], unit[:, 0], unit[:, 1], logs[m].clamp(min=norm.vmin), cmap="viridis",
-                      norm=norm, angles="xy", pivot="mid", scale_units="xy", scale=1 / (0.8 * spacing), width=0.006)
+        arrows = g / g.norm(dim=1, keepdim=True).clamp(min=1e-300) * arrow_lengths(logs[m], norm)[:, None]
+        q = ax.quiver(x[:, 0], x[:, 1], arrows[:, 0], arrows[:, 1], logs[m].clamp(min=norm.vmin), cmap="viridis",
+                      norm=norm, angles="xy", pivot="mid", scale_units="xy", scale=1 / spacing, width=0.006)
         ax.contour(density, levels=4, origin="lower", extent=(-LIMIT, LIMIT, -LIMIT, LIMIT), colors="grey",
                    linewidths=0.8)
-        ax.set_title(LABELS[m] if m == "oracle" else f"{LABELS[m]}\n{agreement(g, fields['oracle'])}", fontsize=10)
+        angle = "" if m == "oracle" else f", {median_angle(g, fields['oracle']):.0f} deg to the oracle"
+        ax.set_title(f"{LABELS[m]}\nmedian |g| = {float(g.norm(dim=1).median()):.2g}{angle}", fontsize=10)
         ax.set_aspect("equal")
-    fig.colorbar(q, ax=axes, shrink=0.85, label="log10 |gradient|")
-    fig.suptitle(f"2D toy: guidance direction at step {i} (t = {int(t)}; paper's t = {paper_t}); "
-                 "unit arrows, colour = magnitude")
+    fig.colorbar(q, ax=axes, shrink=0.85, label="log10 |gradient| (arrow colour and length)")
+    fig.suptitle(f"2D toy: guidance fields at step {i} (t = {int(t)}; paper's t = {paper_t})\narrows along each "
+                 f"field; colour and length: log10 |gradient| (shortest: {norm.vmin:.1f} or less)")
     return fig
 
 
@@ -112,6 +123,7 @@ def error_figure(rows):
     for m in METHODS:
         ax.plot([r["step"] for r in per_step], [r[m] for r in per_step], marker="o", ms=3, label=LABELS[m], **STYLES[m])
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("sampling step (0 = noisiest)")
     ax.set_ylabel("mean |estimate - oracle| over the grid")
     ax.legend()
@@ -126,6 +138,8 @@ def sample_metrics(samples: dict[str, torch.Tensor], target: torch.Tensor, distr
     rows = [{"method": m, "energy_distance": energy_distance(x, target),
              "sliced_wasserstein": sliced_wasserstein(x, target),
              "on_shape": on_shape_fraction(x, torch.full((len(x),), label), distribution)} for m, x in samples.items()]
+    print("each method's samples against draws of the guided target p(x0|y) R_0: energy distance and sliced "
+          "Wasserstein-2 (lower is closer), share of samples on the class's shape")
     print(f"{'samples':>10} {'energy_dist':>12} {'sliced_W2':>10} {'on_shape':>9}")
     for r in rows:
         print(f"{r['method']:>10} {r['energy_distance']:12.4g} {r['sliced_wasserstein']:10.4g} {r['on_shape']:9.4f}")
@@ -139,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", choices=sorted(TOY2D_TASKS), default="ring_cross",
                    help="ring_cross: disjoint shapes; overlap: two classes sharing a region")
     p.add_argument("--label", type=int, default=0, help="class: 0 = ring / left, 1 = cross / right")
-    p.add_argument("--paper-t", type=int, default=9, help="the step shown in fields/reg_correction (paper's t)")
+    renamed(p, "--paper_t", "--paper-t", type=int, default=9,
+            help="the step shown in fields/reg_correction (paper's t)")
     p.add_argument("--samples", type=int, default=10000, help="samples per method (and target draws)")
     args = p.parse_args(argv)
     prepare(args)
@@ -150,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         names = TOY2D_TASKS[args.task][0]
         raise ConfigError(f"--label must be 0 ({names[0]}) or 1 ({names[1]}) for --task {args.task}, got {args.label}")
     if not 0 <= args.paper_t < args.steps:
-        raise ConfigError(f"--paper-t must lie in [0, {args.steps - 1}] for --steps {args.steps}, got {args.paper_t}")
+        raise ConfigError(f"--paper_t must lie in [0, {args.steps - 1}] for --steps {args.steps}, got {args.paper_t}")
     denoiser = load_denoiser(args, distribution)
     dtype = dtype_of(denoiser)
     x, log_reward = grid(args.grid, dtype), density_ratio_log_reward(distribution, args.w)
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         fine, torch.full((len(fine),), args.label))
 
     i, density = args.steps - 1 - args.paper_t, target_density(log_target, 200)
-    write_outputs(args.out, rows, {
+    write_outputs(args.output, rows, {
         "samples": samples_figure(density, samples, args.label, args.w),
         "fields": fields_figure(x, grads, i, times[i], args.paper_t, density),
         "reg_correction": correction_figure(grads, args.grid, i, times[i]),

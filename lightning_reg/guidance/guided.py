@@ -53,37 +53,52 @@ class Guidance:
         return self.branches.reference
 
     def bind(self, model: Denoiser) -> None:
-        """Check the models this method will run with."""
+        """Check the models this method will run with, and this guidance against the backbone's own
+        ``check_guidance`` where it has one."""
         self.branches.bind(model, self.rule.name, self.rule.needs_reference_model, self.rule.guides)
+        self.rectifier.bind(model)
         for term in self.terms:
             term.bind(model)
+        check = getattr(model.net, "check_guidance", None)  # distilled Flux: REG needs true CFG
+        if check is not None:
+            check(self)
 
-    def guided(self, model: Denoiser, x: Tensor, t, y: Condition, state: ChainState) -> tuple[Tensor, Tensor | None]:
-        """``(x0, v_c)``: the guided estimate and the conditional branch's learned variance (``None`` without)."""
+    def guided(self, model: Denoiser, x: Tensor, t, y: Condition,
+               state: ChainState) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(x0, v_c, x0_r)``: the guided estimate, the conditional branch's learned variance (``None`` without)
+        and what the sampler renoises with: CFG++'s reference prediction (on the guided channels, ``x0_c`` on the
+        others) inside its window, else ``None`` (``x0`` itself)."""
         w = self.rule.weight_at(t, model.schedule)
+        renoise = self.rule.renoises and self.rule.in_window(t, model.schedule)  # CFG++: the reference at any w
         terms = [(term, w_k) for term in self.terms if (w_k := term.weight_at(t, model.schedule))]
-        if w == 0 and not terms:
-            return self.branches.conditional(model, x, t, y)
+        if w == 0 and not terms and not renoise:
+            return *self.branches.conditional(model, x, t, y), None
         step = GuidanceStep(model, x, t, state)
         replaced = self.rule.replacement(step) if w else None
         if replaced is not None:  # its learned variance, as every step's, is the conditional branch's
             if self.branches.channels is None and not model.learn_sigma:
-                return replaced, None
+                return replaced, None, None
             x0_c, v = self.branches.conditional(model, x, t, y)
-            return (replaced if self.branches.channels is None else x0_c + self.branches.mask(replaced - x0_c)), v
+            return (replaced if self.branches.channels is None else x0_c + self.branches.mask(replaced - x0_c)), v, None
         with torch.no_grad():
             perturbed = [(term, w_k, term.reference_prediction(model, x, t, y)) for term, w_k in terms]
+        renoising = {}
 
         def applied_term(x0_c: Tensor, x0_ref: Tensor | None) -> Tensor:
             """The step's terms summed, rescaled and masked by the branches: what REG multiplies."""
+            if renoise:
+                renoising["x0"] = x0_ref if self.branches.channels is None else x0_c + self.branches.mask(x0_ref - x0_c)
             g = self.rule.guidance_term(x0_c, x0_ref, w, step) if w else torch.zeros_like(x0_c)
             return self.branches.applied(x0_c, sum((term.guidance_term(x0_c, x0_p, w_k, step)
                                                     for term, w_k, x0_p in perturbed), g), step)
 
-        if self.rectifier.active(step.progress):
-            return self.rectifier.guided(applied_term, self.branches, model, x, t, y, step, reference=bool(w))
-        x0_c, x0_ref, v = self.branches.predict(model, x, t, y, reference=bool(w))
-        return x0_c + applied_term(x0_c, x0_ref), v
+        reference = bool(w) or renoise
+        if self.rectifier.active(step.progress) and (w or terms):
+            x0, v = self.rectifier.guided(applied_term, self.branches, model, x, t, y, step, reference=reference)
+        else:
+            x0_c, x0_ref, v = self.branches.predict(model, x, t, y, reference=reference)
+            x0 = x0_c + applied_term(x0_c, x0_ref)
+        return x0, v, renoising.get("x0")
 
     def __repr__(self):
         terms = "".join(f", {term!r}" for term in self.terms)
@@ -93,17 +108,23 @@ class Guidance:
 class GuidedDenoiser:
     """``D(x, t)`` for a fixed condition ``y``: what the samplers call in place of the bare denoiser.
 
-    It owns the ``ChainState`` of its chain (APG's momentum, CFG-Zero*'s step count, REG ``reuse``'s factor) and
-    the conditional branch's learned variance of its last call (``learned_variance``, which the DDPM sampler
-    asks after each call), so one ``GuidedDenoiser`` per chain (``generate`` builds one per batch) keeps batches
-    and ranks independent; ``reset()`` or a call at a noisier time than the last starts a new chain.
+    It owns the ``ChainState`` of its chain (APG's momentum, CFG-Zero*'s step count, REG ``reuse``'s factor), and
+    of its last call the conditional branch's learned variance (``learned_variance``, which the DDPM sampler asks
+    after each call) and CFG++'s renoising prediction (``renoising_x0``, which the first-order steps ask), so one
+    ``GuidedDenoiser`` per chain (``generate`` builds one per batch) keeps batches and ranks independent;
+    ``reset()`` or a call at a noisier time than the last starts a new chain.
     """
 
     def __init__(self, model: Denoiser, guidance: Guidance, y: Condition):
         model.conditioning.check(y)
         guidance.bind(model)
         self.model, self.guidance, self.y = model, guidance, y
-        self.state, self.variance = ChainState(), None
+        self.state, self.variance, self.x0_r = ChainState(), None, None
+
+    @property
+    def renoises(self) -> bool:
+        """Whether a step must renoise with ``renoising_x0`` (CFG++), which only first-order steps define."""
+        return self.guidance.rule.renoises
 
     def reset(self) -> None:
         self.state.reset()
@@ -112,9 +133,14 @@ class GuidedDenoiser:
         """``v`` of the conditional branch of the last call (improved DDPM eq. 15's interpolation), or ``None``."""
         return self.variance
 
+    def renoising_x0(self) -> Tensor | None:
+        """``x0_r`` of the last call, whose noise ``(x - a_t x0_r) / s_t`` the step renoises with: CFG++'s
+        unconditional prediction, or ``None`` (the returned estimate's own noise)."""
+        return self.x0_r
+
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.state.visit(t)
-        x0, self.variance = self.guidance.guided(self.model, x, t, self.y, self.state)
+        x0, self.variance, self.x0_r = self.guidance.guided(self.model, x, t, self.y, self.state)
         return x0
 
     def __repr__(self):
@@ -123,7 +149,8 @@ class GuidedDenoiser:
 
 BRANCH_OPTIONS = {"branch_layout": "layout", "reference": "reference", "guidance_channels": "channels",
                   "guidance_rescale": "rescale"}
-REG_OPTIONS = {"reg": "mode", "reg_every": "every", "reg_window": "window"}
+REG_OPTIONS = {"reg": "mode", "reg_every": "every", "reg_window": "window", "reg_tolerance": "tolerance",
+               "reg_blocks": "blocks"}
 
 
 def rule_parameters(cls: type) -> list[str]:
@@ -162,7 +189,7 @@ def make_term(kind: str, options) -> PerturbedTerm:
 
 def make_guidance(method: str = "cfg", **params) -> Guidance:
     """A guidance method by name from one flat dict, e.g. ``make_guidance("cfg", scale=1, reg="paper")``:
-    ``reg``, ``reg_every``, ``reg_window`` go to REG; ``branch_layout``, ``reference`` (a ``Denoiser``),
+    ``reg`` and its ``reg_*`` options go to REG; ``branch_layout``, ``reference`` (a ``Denoiser``),
     ``guidance_channels``, ``guidance_rescale`` to the branches; ``pag``, ``seg``, ``slg`` (mappings,
     ``make_term``) are more terms; the rest goes to the method's rule."""
     if method not in GUIDANCE:

@@ -47,6 +47,40 @@ class CFG(GuidanceRule):
     name = "cfg"
 
 
+class CFGPlusPlus(GuidanceRule):
+    """CFG++ (Chung et al. 2024, arXiv 2406.08070): CFG's ``x0_g = x0_u + lam d`` with ``lam`` in [0, 1], renoised
+    with the *unconditional* noise, the DDIM step ``x_next = a_next x0_g + s_next eps_u``, ``eps_u = (x - a_t x0_u) /
+    s_t`` (the samplers take ``x0_u`` from ``GuidedDenoiser.renoising_x0``).
+
+    ``lam`` is the weight in the ``w2`` convention (``scale: lam, convention: w2``); in ``w``, ``w = lam - 1`` in
+    [-1, 0]. The term is CFG's ``w (x0_c - x0_ref)``, so REG rectifies it as any other; the renoising is not.
+    ``scale`` has no default: the paper's ``lam`` and our ``w`` differ by one.
+    """
+
+    name = "cfgpp"
+    renoises = True
+
+    def __init__(self, scale: float | None = None, **kwargs):
+        if scale is None:
+            raise ConfigError("cfgpp needs scale: the paper's lambda in [0, 1] with convention: w2 (e.g. {method: "
+                              "cfgpp, scale: 0.6, convention: w2}), or w = lambda - 1 in [-1, 0]")
+        super().__init__(scale, **kwargs)
+
+    @staticmethod
+    def to_w(value: float, convention: str, field: str) -> float:
+        """``w = lam - 1``; refuses ``lam`` outside [0, 1]."""
+        w = value - 1.0 if convention == "w2" else value
+        if not -1.0 <= w <= 0.0:
+            raise ConfigError(f"cfgpp {field}={value} ({convention} convention) is lambda = {w + 1:g}, outside "
+                              "CFG++'s [0, 1]: give lambda with convention: w2 (e.g. {method: cfgpp, scale: 0.6, "
+                              "convention: w2}) or w = lambda - 1 in [-1, 0]")
+        return w
+
+    @property
+    def guides(self):
+        return True  # the unconditional prediction renoises at every lam, 1 included
+
+
 class IntervalCFG(GuidanceRule):
     """CFG only for ``t_lo <= t <= t_hi`` (Kynkäänniemi et al. 2024), the conditional prediction outside.
 
@@ -329,5 +363,5 @@ class FDG(GuidanceRule):
         return g[..., :height, :width]
 
 
-GUIDANCE = {cls.name: cls for cls in (Conditional, CFG, IntervalCFG, LinearCFG, CosineCFG, Autoguidance, APG,
-                                      CFGZeroStar, APGMix, FDG, MamboG, TCFG)}
+GUIDANCE = {cls.name: cls for cls in (Conditional, CFG, CFGPlusPlus, IntervalCFG, LinearCFG, CosineCFG, Autoguidance,
+                                      APG, CFGZeroStar, APGMix, FDG, MamboG, TCFG)}

@@ -11,7 +11,8 @@ forward and its backward never see them.
 * ``seg`` (Hong 2024, arXiv 2408.00760): the queries blurred by a Gaussian of std ``blur_sigma`` on the square
   token grid, which blurs the attention logits ``q k^T`` along the queries (a smoothed attention energy).
 * ``slg`` (SD 3.5's skip layer guidance; STG, Hyung et al. 2024): the chosen blocks skipped, each returning its
-  input.
+  input; a joint block of SD3 (``SD3Transformer.block_returns``) returns both of its streams' inputs, as
+  ``SD3Transformer2DModel(skip_layers=...)`` skips it.
 
 Layers are chosen as diffusers chooses them: an int is a block of the net's transformer stack (``blocks``,
 ``transformer_blocks``, ...; diffusers' ``fqn="auto"``), a string a regular expression searched in the module
@@ -23,9 +24,11 @@ any attention written with it is covered; one computed otherwise is refused.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -87,8 +90,8 @@ class Perturbation:
         """The modules of a scope this perturbation hooks."""
         raise NotImplementedError
 
-    def install(self, module: nn.Module) -> list[RemovableHandle]:
-        """Hook one chosen module; the handles remove the hooks."""
+    def install(self, module: nn.Module, net: nn.Module) -> list[RemovableHandle]:
+        """Hook one chosen module of ``net``; the handles remove the hooks."""
         raise NotImplementedError
 
     def targets(self, net: nn.Module) -> list[nn.Module]:
@@ -107,7 +110,7 @@ class Perturbation:
         handles = []
         try:
             for module in self.targets(net):
-                handles += self.install(module)
+                handles += self.install(module, net)
             yield
         finally:
             for handle in handles:
@@ -157,7 +160,7 @@ class AttentionPerturbation(Perturbation):
     def attend(self, sdpa: Callable[..., Tensor], query: Tensor, key: Tensor, value: Tensor, *args, **kwargs) -> Tensor:
         raise NotImplementedError
 
-    def install(self, module):
+    def install(self, module, net):
         override = AttentionOverride(self.attend)
 
         def enter(module, args):
@@ -222,7 +225,9 @@ def smoothed_queries(query: Tensor, sigma: float) -> Tensor:
 
 class SLG(Perturbation):
     """Skip layer guidance (SD 3.5; STG, Hyung et al. 2024): each chosen block returns its input (its first argument
-    or ``hidden_states``): the outermost modules of each ``layers`` entry, a whole block for an int."""
+    or ``hidden_states``): the outermost modules of each ``layers`` entry, a whole block for an int. A block of the
+    transformer stack of a net that declares ``block_returns`` (``SD3Transformer``: its joint blocks return
+    ``(encoder_hidden_states, hidden_states)``) returns those inputs, so both streams pass it unchanged."""
 
     name = "slg"
     what = "block"
@@ -234,17 +239,39 @@ class SLG(Perturbation):
                 outermost.append((name, m))
         return outermost
 
-    def install(self, module):
-        return [module.register_forward_hook(skipped, with_kwargs=True)]
+    def install(self, module, net):
+        return [module.register_forward_hook(partial(skipped, returns=block_returns(net, module)), with_kwargs=True)]
 
 
-def skipped(module: nn.Module, args: tuple, kwargs: dict, output) -> Tensor:
-    """A skipped block's output: its input, which must be shaped as what the block returns."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if not (isinstance(output, Tensor) and isinstance(hidden, Tensor) and hidden.shape == output.shape):
+def block_returns(net: nn.Module, module: nn.Module) -> tuple[str, ...] | None:
+    """The names of the inputs a skipped ``module`` returns: ``net.block_returns`` for a block of the transformer
+    stack of a net that declares it, else ``None`` (the block returns its one input)."""
+    returns = getattr(net, "block_returns", None)
+    if returns is None or not any(module is block for block in net.get_submodule(block_stack(net))):
+        return None
+    return tuple(returns)
+
+
+def skipped(module: nn.Module, args: tuple, kwargs: dict, output, returns: tuple[str, ...] | None = None):
+    """A skipped block's output: its input (its first argument or ``hidden_states``), or the tuple of its inputs
+    named by ``returns``; each shaped as the output it replaces (an output ``None``, the text stream of SD3's last
+    block, is replaced by its input too)."""
+    if returns is None:
+        inputs, outputs = (args[0] if args else kwargs.get("hidden_states"),), (output,)
+    else:
+        named = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        inputs, outputs = tuple(named.get(name) for name in returns), output
+    def stands_for(new, old) -> bool:  # an input in place of an output
+        if old is None:
+            return returns is not None and isinstance(new, Tensor)
+        return isinstance(new, Tensor) and isinstance(old, Tensor) and new.shape == old.shape
+
+    if not (isinstance(outputs, tuple) and len(outputs) == len(inputs)
+            and all(stands_for(new, old) for new, old in zip(inputs, outputs))):
         raise ConfigError(f"slg cannot skip {type(module).__name__}: only a block that returns one tensor shaped as "
-                          "its input (its first argument or hidden_states) can be skipped")
-    return hidden
+                          "its input (its first argument or hidden_states), or a block of a transformer stack whose "
+                          "wrapper declares block_returns (SD3's joint blocks), can be skipped")
+    return inputs if returns is not None else inputs[0]
 
 
 PERTURBATIONS = {cls.name: cls for cls in (PAG, SEG, SLG)}

@@ -23,6 +23,21 @@ Three cheaper forms of ``paper`` (docs/guidance.md, "Cheaper REG"; measured in b
   ``a_t' f / a_t``, measured worse on the trained nets). ``every = 1`` is ``paper``.
 * ``window``: ``paper`` while sampling progress lies in ``[start, stop]`` of ``window``, the plain method
   elsewhere (where REG's correction ``(f - 1) ⊙ g`` is small).
+* ``graph_free_reuse``: the ``graph_free`` factor every ``every`` guided calls, carried in between as ``reuse``
+  carries the autograd one: CFG's memory, and CFG's own forward on the calls in between.
+* ``adaptive``: the ``graph_free`` factor on a schedule each sample's chain decides for itself. Every time a
+  fresh factor is computed for a sample, the factor it would otherwise have carried is compared with it on REG's
+  correction, ``drift = ||(f_carried - f) ⊙ g|| / ||(f - 1) ⊙ g||`` (``g``: this call's guidance term; 0: the
+  carried factor was exact, 1: as wrong as no REG). ``drift <= tolerance`` doubles the sample's interval (up to
+  ``every``), a larger drift halves it (down to 1, a fresh factor each call). Chains start at interval 1. The
+  batch computes a fresh factor when any of its samples is due; the others keep their carried factor, so a sample's
+  chain does not depend on its batch-mates (but for ``x0_c``, the probes' mean on those calls, ``O(h^2)``).
+* ``short``: the ``paper`` factor with a short backward: the backbone's last ``blocks`` blocks keep their graph,
+  the earlier ones run without (``reg_short_backward``: our UNet and DiT name them). In a residual network
+  ``h_L = e + sum_l F_l(h_l)``; with the early blocks' Jacobian taken as the identity on the residual stream
+  (``h.detach() + e - e.detach()``, ``e`` the patch embedding), the backward runs through the last blocks and the
+  embedding only. The UNet's decoder needs no such path: its skips from the encoder carry ``x``'s gradient.
+  Measured against the full factor along a chain in ``benchmarks/reg_factor_error.py``.
 * ``graph_free``: for an ideal eps-model ``J`` is symmetric (a scaled Hessian of ``log p_t``), so
   ``J^T 1 ≈ J 1``, the derivative along the all-ones direction: the central difference
   ``(x0_c(x + h 1) - x0_c(x - h 1)) / 2h`` with ``h = FD_STEP * s_t``, run with the reference as CFG's branches
@@ -39,23 +54,28 @@ conditional forward as ``x0_c``.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_reg.diffusion.conditions import Condition
 from lightning_reg.diffusion.denoiser import Denoiser
-from lightning_reg.errors import ConfigError, check_int
+from lightning_reg.errors import ConfigError, check_int, check_number
 from lightning_reg.guidance.branches import Branches
 from lightning_reg.guidance.step import GuidanceStep
 
-REG_MODES = ("none", "paper", "vjp", "reuse", "window", "graph_free")
+REG_MODES = ("none", "paper", "vjp", "reuse", "window", "graph_free", "graph_free_reuse", "adaptive", "short")
 AUTOGRAD_FORMS = ("paper", "vjp")
+GRAPH_FREE = ("graph_free", "graph_free_reuse", "adaptive")  # modes whose factor is the finite difference
+CARRIED = ("reuse", "graph_free_reuse", "adaptive")  # modes that carry a factor between calls
 REUSE_SPACE = "eps"  # what ``reuse`` keeps between steps: "eps" (r, rescaled by s_t) or "x0" (by a_t)
 FD_STEP = 1e-2  # graph_free's finite-difference step in units of s_t
-DEFAULT_EVERY = 2
+DEFAULT_EVERY = {"reuse": 2, "graph_free_reuse": 4, "adaptive": 8}  # adaptive: the longest interval
 DEFAULT_WINDOW = (0.0, 0.5)
+DEFAULT_TOLERANCE = 0.1  # adaptive: the drift under which a sample's interval doubles
+DEFAULT_BLOCKS = 2  # short: the blocks the backward runs through
 
 Term = Callable[[Tensor, Tensor | None], Tensor]  # (x0_c, x0_ref) -> the applied guidance term g
 
@@ -110,12 +130,57 @@ def finite_difference_factor(branches: Branches, model: Denoiser, x: Tensor, t, 
     return (x0_plus + x0_minus) / 2, x0_ref, step.a * (x0_plus - x0_minus) / (2 * h), v
 
 
-class Rectifier:
-    """REG ``mode`` with its options (``every`` for ``reuse``, ``window`` for ``window``; module docstring)."""
+@contextmanager
+def short_backward(net: torch.nn.Module, blocks: int) -> Iterator[None]:
+    """Within: ``net``'s modules before its last ``blocks`` (``net.reg_short_backward``) run without graph, and an
+    identity path from its embedding, if it names one, joins their output (module docstring, ``short``)."""
+    without_graph, embedding = net.reg_short_backward(blocks)
+    modes, embedded, handles = [], {}, []
 
-    def __init__(self, mode: str = "none", every: int = DEFAULT_EVERY, window: Sequence[float] = DEFAULT_WINDOW):
+    def off(module, args):
+        modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def on(module, args, out):
+        torch.set_grad_enabled(modes.pop())
+
+    def identity_path(module, args, out):
+        return out + embedded["e"] - embedded["e"].detach()
+
+    try:
+        for module in without_graph:
+            handles += [module.register_forward_pre_hook(off), module.register_forward_hook(on, always_call=True)]
+        if embedding is not None and without_graph:
+            handles += [embedding.register_forward_hook(lambda module, args, out: embedded.update(e=out)),
+                        without_graph[-1].register_forward_hook(identity_path)]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def per_sample(v: Tensor, x: Tensor) -> Tensor:
+    """``v`` (a scalar or one value per sample, broadcastable against ``x``) as one value per sample, ``(B, 1, ...)``."""
+    return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[:1] + (1,) * (x.ndim - 1)).clone()
+
+
+def correction_drift(f_carried: Tensor, f: Tensor, g: Tensor) -> Tensor:
+    """Per sample, ``||(f_carried - f) ⊙ g|| / ||(f - 1) ⊙ g||``: the carried factor's error on REG's correction
+    (``adaptive``); 0 where REG corrects nothing and the carried factor is exact there too."""
+    error = torch.linalg.vector_norm(((f_carried - f) * g).flatten(1), dim=1)
+    size = torch.linalg.vector_norm(((f - 1) * g).flatten(1), dim=1)
+    return torch.where(size > 0, error / size.clamp_min(torch.finfo(size.dtype).tiny), error)
+
+
+class Rectifier:
+    """REG ``mode`` with its options (``every`` for the carried modes, ``window`` for ``window``, ``tolerance``
+    for ``adaptive``, ``blocks`` for ``short``; module docstring)."""
+
+    def __init__(self, mode: str = "none", every: int | None = None, window: Sequence[float] = DEFAULT_WINDOW,
+                 tolerance: float = DEFAULT_TOLERANCE, blocks: int = DEFAULT_BLOCKS):
         if mode not in REG_MODES:
             raise ConfigError(f"unknown REG mode {mode!r}; choose one of {list(REG_MODES)}")
+        every = DEFAULT_EVERY.get(mode, 1) if every is None else every
         check_int("reg_every", every)
         window = tuple(window)
         if (len(window) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)
@@ -123,6 +188,17 @@ class Rectifier:
             raise ConfigError(f"reg_window must be [start, stop] with 0 <= start <= stop <= 1 (sampling progress), "
                               f"got {list(window)!r}")
         self.mode, self.every, self.window = mode, every, tuple(float(v) for v in window)
+        self.tolerance = check_number("reg_tolerance", tolerance, 0.0)
+        self.blocks = check_int("reg_blocks", blocks)
+
+    def bind(self, model: Denoiser) -> None:
+        """Check the model REG will differentiate (``short``: a backbone that names its blocks)."""
+        net = model.net
+        if self.mode == "short":
+            if not callable(getattr(net, "reg_short_backward", None)):
+                raise ConfigError(f"reg: short needs a backbone that names its last blocks (UNet, DiT); "
+                                  f"{type(net).__name__} does not: use reg: paper or graph_free")
+            net.reg_short_backward(self.blocks)
 
     def active(self, progress: float) -> bool:
         """Whether REG rectifies at sampling progress ``progress``."""
@@ -130,39 +206,79 @@ class Rectifier:
             return self.window[0] <= progress <= self.window[1]
         return self.mode != "none"
 
-    def cached_factor(self, x: Tensor, step: GuidanceStep) -> Tensor | None:
-        """``reuse``: the chain's factor carried to this call while it is fresh (fewer than ``every`` guided calls
-        since it was computed), else ``None``."""
-        cache = step.state.values.get("reg_factor") if self.mode == "reuse" else None
-        if cache is None or cache["left"] == 0 or cache["f"].shape != x.shape:
-            return None
-        cache["left"] -= 1
-        return reused_factor(cache["f"], cache["a"], cache["s"], step.a, step.s)
+    def carried(self, x: Tensor, step: GuidanceStep) -> tuple[dict | None, Tensor]:
+        """The chain's carried factor (``None`` for other modes or a new chain) and which samples are due a fresh
+        one: those whose factor is ``every`` (``adaptive``: their own interval) guided calls old."""
+        cache = step.state.values.get("reg_factor") if self.mode in CARRIED else None
+        if cache is None or cache["f"].shape != x.shape:
+            return None, torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return cache, cache["left"] == 0
+
+    def fresh_factor(self, term: Term, branches: Branches, model: Denoiser, x: Tensor, t, y: Condition,
+                     step: GuidanceStep, reference: bool):
+        """``(x0_c, x0_ref, f, v_c)`` with a fresh factor: the finite difference (no graph) or by autograd."""
+        with torch.no_grad():
+            if self.mode in GRAPH_FREE:
+                return finite_difference_factor(branches, model, x, t, y, step, reference)
+            x0_ref = branches.reference_prediction(model, x, t, y) if reference else None
+        branch = branches.differentiable(model, t, y)
+        if self.mode == "short":
+            with short_backward(model.net, self.blocks):
+                x0_c, f = paper_factor(branch, x, step.a)
+        else:
+            x0_c, f = paper_factor(branch, x, step.a)
+        return x0_c, x0_ref, f, branch.variance
+
+    def remember(self, cache: dict | None, due: Tensor, f_fresh: Tensor, f_carried: Tensor | None, g: Tensor,
+                 x: Tensor, step: GuidanceStep) -> None:
+        """Store the factor the chain carries on: the fresh one for the ``due`` samples; ``adaptive`` also doubles
+        or halves their intervals by the carried factor's drift (module docstring)."""
+        every = torch.full_like(due, self.every, dtype=torch.long) if cache is None else cache["every"]
+        if self.mode == "adaptive":
+            start = torch.ones_like(every) if cache is None else every
+            if f_carried is not None:
+                smooth = correction_drift(f_carried, f_fresh, g) <= self.tolerance
+                start = torch.where(smooth, (start * 2).clamp_max(self.every), (start // 2).clamp_min(1))
+            every = torch.where(due, start, every)
+        a, s = per_sample(step.a, x), per_sample(step.s, x)
+        if cache is not None:
+            keep = ~due.view(-1, *(1,) * (x.ndim - 1))
+            f_fresh, a, s = (torch.where(keep, old, new) for old, new in
+                             ((cache["f"], f_fresh), (cache["a"], a), (cache["s"], s)))
+        left = torch.where(due, every - 1, cache["left"] - 1 if cache is not None else every - 1)
+        step.state.values["reg_factor"] = {"f": f_fresh, "a": a, "s": s, "left": left, "every": every}
 
     def guided(self, term: Term, branches: Branches, model: Denoiser, x: Tensor, t, y: Condition,
                step: GuidanceStep, reference: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(x0_c + g rectified, v_c)`` (channels outside the branches' mask keep ``x0_c``; ``vjp``'s
         rectification of the masked term is masked again, since ``J^T`` mixes channels). ``reference`` false:
         the branches' reference is not evaluated, ``term`` gets ``None`` for it (only other terms guide)."""
-        f = self.cached_factor(x, step)
-        with torch.no_grad():
-            if self.mode == "graph_free":
-                x0_c, x0_ref, f, v = finite_difference_factor(branches, model, x, t, y, step, reference)
-            elif f is not None:  # reuse: CFG's own forward
-                x0_c, x0_ref, v = branches.predict(model, x, t, y, reference=reference)
-            else:
-                x0_ref = branches.reference_prediction(model, x, t, y) if reference else None
         if self.mode == "vjp":
+            with torch.no_grad():
+                x0_ref = branches.reference_prediction(model, x, t, y) if reference else None
             branch = branches.differentiable(model, t, y)
             x0_c, rectified = rectified_guidance(branch, x, step.a, lambda x0_c: term(x0_c, x0_ref), "vjp")
             return x0_c + branches.mask(rectified), branch.variance
-        if f is None:
-            branch = branches.differentiable(model, t, y)
-            x0_c, f = paper_factor(branch, x, step.a)
-            v = branch.variance
-            if self.mode == "reuse":
-                step.state.values["reg_factor"] = {"left": self.every - 1, "f": f, "a": step.a, "s": step.s}
-        return x0_c + branches.mask(f * term(x0_c, x0_ref)), v
+        cache, due = self.carried(x, step)
+        f_carried = None if cache is None else reused_factor(cache["f"], cache["a"], cache["s"], step.a, step.s)
+        if due.any():
+            x0_c, x0_ref, f, v = self.fresh_factor(term, branches, model, x, t, y, step, reference)
+        else:  # every sample carries its factor: CFG's own forward
+            with torch.no_grad():
+                x0_c, x0_ref, v = branches.predict(model, x, t, y, reference=reference)
+            f = f_carried
+        g = term(x0_c, x0_ref)
+        if self.mode in CARRIED:
+            if due.any():
+                self.remember(cache, due, f, f_carried, g, x, step)
+                if f_carried is not None:
+                    f = torch.where(due.view(-1, *(1,) * (x.ndim - 1)), f, f_carried)
+            else:
+                cache["left"] = cache["left"] - 1
+        return x0_c + branches.mask(f * g), v
 
     def __repr__(self):
-        return f"Rectifier({self.mode!r}, every={self.every}, window={list(self.window)})"
+        options = {"reuse": f", every={self.every}", "graph_free_reuse": f", every={self.every}",
+                   "window": f", window={list(self.window)}",
+                   "adaptive": f", every={self.every}, tolerance={self.tolerance}", "short": f", blocks={self.blocks}"}
+        return f"Rectifier({self.mode!r}{options.get(self.mode, '')})"

@@ -31,6 +31,7 @@ class GuidanceRule:
     name = "guidance"
     needs_reference_model = False
     fixed: tuple[str, ...] = ()  # base parameters a method sets itself (``Conditional``: its weight)
+    renoises = False  # CFG++: the samplers renoise with the reference prediction (``GuidedDenoiser.renoising_x0``)
 
     def __init__(self, scale: float = 1.0, convention: str = "w", start: float = 0.0, stop: float = 1.0):
         if convention not in CONVENTIONS:
@@ -58,9 +59,13 @@ class GuidanceRule:
         """``w(t)``, the weight of ``d`` at time ``t`` (subclasses vary it)."""
         return self.w
 
+    def in_window(self, t: Tensor, schedule: NoiseSchedule) -> bool:
+        """Whether sampling progress at ``t`` lies in the ``[start, stop]`` window."""
+        return self.start <= schedule.progress(t) <= self.stop
+
     def weight_at(self, t: Tensor, schedule: NoiseSchedule) -> float:
         """``w(t)`` inside the ``[start, stop]`` window of sampling progress, 0 outside it."""
-        return self.weight(t, schedule) if self.start <= schedule.progress(t) <= self.stop else 0.0
+        return self.weight(t, schedule) if self.in_window(t, schedule) else 0.0
 
     def guidance_term(self, x0_c: Tensor, x0_ref: Tensor, w: float, step: GuidanceStep) -> Tensor:
         """The method's ``g`` in x0 units, added to ``x0_c``: CFG's ``w(t) (x0_c - x0_ref)``."""

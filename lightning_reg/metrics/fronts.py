@@ -8,10 +8,13 @@ are left out of fronts and best points.
   strictly better in one), e.g. FID (min) against IS (max), or energy distance (min) against on-shape (max).
 * ``best_rows(rows, by, metric, goal)``: per group (e.g. ``("method", "reg")``, one curve over the weight
   grid), the row with the best ``metric``: a curve's turning point, where more guidance stops helping.
-* ``chains(rows)``: the sampler chains (sampler, steps, sampler_kwargs) of a table; with several (a sweep's
-  ``--samplers``), every curve, best point and summary line is per chain too.
+* ``chains(rows)``: the sampler chains (sampler, steps, sampler_kwargs) of a table; ``series(row)``: its source
+  (the sweep a merged row came from), sample count and chain. Rows of different series never share a curve, a
+  best point or a summary line; with several (a sweep's ``--samplers``, merged sweeps), each is labelled.
 
-The sweep's table (``write_table`` / ``read_table``), figure (``save_fronts``) and summary (``summary``) live here.
+The sweep's table (``write_table`` / ``read_table``), figure (``fronts_figure``: axes clamped to the data and the
+metrics' bounds, ``w`` labels placed inside the axes without overlap, a legend of what is drawn) and summary
+(``summary``, aligned whatever the names' lengths) live here.
 A table read back is checked (at most ``MAX_TABLE_BYTES`` and ``MAX_TABLE_ROWS``; the columns the figure reads;
 a number in every cell of a number column) before anything is drawn: a bad cell is one line naming it.
 """
@@ -24,19 +27,24 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from lightning_reg.errors import ConfigError, does_not_exist
 from lightning_reg.io.files import atomic_write, read_text
 
 GOALS = ("min", "max")
-REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--"}
+REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--",
+              "graph_free_reuse": (0, (3, 1, 1, 1, 1, 1)), "adaptive": (0, (1, 1))}  # another mode: solid
 LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params", "sampler", "steps",
                 "sampler_kwargs")
 CHAIN_COLUMNS = ("sampler", "steps", "sampler_kwargs")  # a sampler chain: its own curves when a table has several
+SERIES_COLUMNS = ("source", "num_samples", *CHAIN_COLUMNS)  # rows that may share a curve: equal in all of these
 COST_COLUMNS = ("num_samples", "time_per_sample_ms", "peak_memory_mib", "peak_memory_measure")
 METRIC_GOALS = {"energy_distance": "min", "sliced_wasserstein": "min", "log_likelihood": "max", "on_shape": "max",
                 "fid": "min", "kid": "min", "is": "max", "accuracy": "max", "clip_score": "max"}
+METRIC_BOUNDS = {"energy_distance": (0, math.inf), "sliced_wasserstein": (0, math.inf), "fid": (0, math.inf),
+                 "is": (1, math.inf), "accuracy": (0, 1), "on_shape": (0, 1), "clip_score": (0, 100)}  # kid: may be < 0
+MARGIN = 0.06  # of the data's span, each side of an axis
+STAR_SIZE = 14  # points: a curve's best point
+LABEL_OFFSETS = ((8, 0), (-8, 0), (0, 9), (0, -9), *((dx, dy) for dy in (12, -12, 24, -24, 36, -36) for dx in (8, -8)))
 TABLE_COLUMNS = ("method", "reg", "w", "time_per_sample_ms")  # what the figure and the summary read
 NUMBER_COLUMNS = ("w", "weight", "steps", "num_samples", "time_per_sample_ms", "peak_memory_mib", *METRIC_GOALS)
 MAX_TABLE_BYTES = 16 << 20  # a sweep's table is a few KB
@@ -159,63 +167,159 @@ def _is_number(cell: str | None) -> bool:
     return True
 
 
-def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -> None:
+def series(row: Mapping) -> tuple:
+    """A row's series: its ``SERIES_COLUMNS`` (the sweep it came from, its sample count, its sampler chain); rows
+    of different series never share a curve, a best point or a summary line."""
+    return tuple(row.get(c) for c in SERIES_COLUMNS)
+
+
+def series_parts(keys: Sequence[tuple]) -> dict[tuple, dict[str, str]]:
+    """Each series' parts that differ between ``keys``, by column header: ``source``, ``samples`` (the sample
+    count) and ``sampler`` (``chain_labels``); no parts when there is one series."""
+    chain_names = chain_labels(list(dict.fromkeys(key[2:] for key in keys)))
+    parts = {key: {"source": str(key[0] or ""), "samples": "" if key[1] is None else f"{int(float(key[1]))}",
+                   "sampler": chain_names[key[2:]]} for key in keys}
+    varying = [h for h in ("source", "samples", "sampler") if len({p[h] for p in parts.values()}) > 1]
+    return {key: {h: p[h] for h in varying} for key, p in parts.items()}
+
+
+def series_labels(keys: Sequence[tuple]) -> dict[tuple, str]:
+    """Each series' label: its ``series_parts``, comma-separated, the sample count as ``n=500``."""
+    return {key: ", ".join(f"n={v}" if h == "samples" else v for h, v in parts.items() if v)
+            for key, parts in series_parts(keys).items()}
+
+
+def axis_limits(values: Sequence[float], metric: str, log: bool = False) -> tuple[float, float]:
+    """The axis range of ``values``: their span plus ``MARGIN`` of it each side (in log10 for a log axis), clipped
+    at the metric's bounds (``METRIC_BOUNDS``: accuracy never above 1, FID never below 0)."""
+    finite = [v for v in values if math.isfinite(v) and (v > 0 or not log)]
+    if not finite:
+        return (0.0, 1.0) if not log else (0.1, 10.0)
+    lo, hi = (math.log10(v) for v in (min(finite), max(finite))) if log else (min(finite), max(finite))
+    pad = MARGIN * ((hi - lo) or abs(hi) or 1.0)
+    lo, hi = (10 ** (lo - pad), 10 ** (hi + pad)) if log else (lo - pad, hi + pad)
+    low, high = METRIC_BOUNDS.get(metric, (-math.inf, math.inf))
+    return max(lo, low), min(hi, high)
+
+
+def place_labels(ax, labels: Sequence) -> None:
+    """Move each of ``labels`` (annotations at ``offset points`` from their star, in order) to the first of
+    ``LABEL_OFFSETS`` whose box lies inside the axes and overlaps no star and no label placed before it; where
+    none does, to the offset inside the axes overlapping least (clipped to the axes: a label never leaves them).
+    Needs the figure laid out (``draw_without_rendering``) first."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    half = STAR_SIZE / 2 * ax.figure.dpi / 72
+    stars = [ax.transData.transform(label.xy) for label in labels]
+    taken = [Bbox.from_extents(*(star - half), *(star + half)) for star in stars]  # the stars, then each label
+
+    def overlap(box) -> float:
+        return sum(max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0)) * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0))
+                   for b in taken)
+
+    def move(label, offset):
+        dx, dy = offset
+        label.set_position(offset)
+        label.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
+        label.set_verticalalignment("bottom" if dy > 0 else "top" if dy < 0 else "center")
+        return label.get_window_extent(renderer)
+
+    for label in labels:
+        options = []
+        for offset in LABEL_OFFSETS:
+            box = move(label, offset)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            options.append((not inside, overlap(box), len(options), offset))
+            if inside and not options[-1][1]:
+                break
+        taken.append(move(label, min(options)[3]))
+
+
+def fronts_figure(rows: list[dict], x: str, y: str, title: str = ""):
     """One panel per method (shared axes): a curve per REG mode over the weight grid in ``(x, y)``, line style
-    by REG mode, each curve's best-``x`` point starred and labelled with its ``w``; the Pareto front of all
-    rows in grey behind. Rows of several sampler chains: a curve per chain and REG mode, coloured by chain."""
+    by REG mode, each curve's best-``x`` point starred and labelled with its ``w`` (``place_labels``); the Pareto
+    front of all rows in grey behind. Rows of several series (sources, sample counts, sampler chains): a curve
+    per series and REG mode, coloured by series. Axes span the data (``axis_limits``); one legend, below the
+    panels, of what is drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    from lightning_reg.metrics.plots import save_figure
     goals = {x: METRIC_GOALS[x], y: METRIC_GOALS[y]}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cols = min(len(methods), 3) or 1
     nrows = max(1, math.ceil(len(methods) / cols))
-    fig = Figure(figsize=(max(4.6 * cols, 8.0), 3.9 * nrows), layout="constrained")  # room for the title
+    fig = Figure(figsize=(max(4.6 * cols, 8.0), 3.9 * nrows + 0.8), layout="constrained")  # + the legend
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, cols, squeeze=False, sharex=True, sharey=True).ravel()
     front = sorted((rows[i] for i in pareto_front(rows, goals)), key=lambda r: float(r[x]))
-    best = best_rows(rows, ("method", "reg", *CHAIN_COLUMNS), x, goals[x])
-    keys = chains(rows)
-    labels = chain_labels(keys)
-    several = len(keys) > 1  # several sampler chains: coloured by chain, else by REG mode
-    values = np.array([float(r[x]) for r in rows]) if rows else np.ones(1)
+    best = best_rows(rows, ("method", "reg", *SERIES_COLUMNS), x, goals[x])
+    keys = list(dict.fromkeys(series(row) for row in rows))
+    labels = series_labels(keys)
+    several = len(keys) > 1  # several series: coloured by series, else by REG mode
+    regs = list(dict.fromkeys([*REG_STYLES, *(r["reg"] for r in rows)]))
+    w_labels = {}
     for ax, method in zip(axes, methods):
-        ax.plot([float(r[x]) for r in front], [float(r[y]) for r in front], color="0.75", lw=5, alpha=0.6,
-                zorder=0, label="Pareto front (all)")
-        drawn = 0
+        if front:  # a marker too: a front of one row is a point
+            ax.plot([float(r[x]) for r in front], [float(r[y]) for r in front], color="0.75", lw=5, alpha=0.6,
+                    marker="o", ms=9, zorder=0, label="Pareto front (all rows)")
         for c, key in enumerate(keys):
-            for reg, style in REG_STYLES.items():
-                curve = sorted((r for r in rows if r["method"] == method and r["reg"] == reg and chain(r) == key),
+            for reg in regs:
+                curve = sorted((r for r in rows if r["method"] == method and r["reg"] == reg and series(r) == key),
                                key=lambda r: float(r["w"]))
                 if not curve:
                     continue
-                slot = drawn if several else list(REG_STYLES).index(reg)  # where the best point's label goes
-                colour = f"C{c if several else slot}"
-                ax.plot([float(r[x]) for r in curve], [float(r[y]) for r in curve], style, marker="o", ms=3.5,
-                        color=colour, label=f"{labels[key]}, REG {reg}" if several else f"REG {reg}")
+                colour = f"C{(c if several else regs.index(reg)) % 10}"
+                ax.plot([float(r[x]) for r in curve], [float(r[y]) for r in curve], ls=REG_STYLES.get(reg, "-"),
+                        marker="o", ms=3.5, color=colour,
+                        label=f"{labels[key]}, REG {reg}" if several else f"REG {reg}")
                 top = best.get((method, reg, *key))
                 if top is not None:
-                    ax.plot(float(top[x]), float(top[y]), "*", ms=14, color=colour, mec="k", mew=0.8, zorder=3)
-                    ax.annotate(f"w={float(top['w']):g}", (float(top[x]), float(top[y])),
-                                textcoords="offset points", xytext=(6, -12 - 9 * slot), fontsize=7, color=colour)
-                drawn += 1
+                    ax.plot(float(top[x]), float(top[y]), "*", ms=STAR_SIZE, color=colour, mec="k", mew=0.8, zorder=3)
+                    label = ax.annotate(f"w={float(top['w']):g}", (float(top[x]), float(top[y])),
+                                        textcoords="offset points", xytext=LABEL_OFFSETS[0], fontsize=7,
+                                        color=colour, clip_on=True, zorder=4)
+                    label.set_in_layout(False)  # placed after the layout, inside the axes
+                    w_labels.setdefault(ax, []).append(label)
         ax.set_title(method)
         ax.grid(alpha=0.3)
-    if values.size and values.min() > 0 and values.max() / values.min() > 20:
+    xs, ys = [float(r[x]) for r in rows], [float(r[y]) for r in rows]
+    finite = [v for v in xs if math.isfinite(v)]
+    log = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 20
+    if log:
         axes[0].set_xscale("log")
         axes[0].xaxis.set_minor_formatter(FuncFormatter(_minor_log_label))  # 2 and 5 of each decade only
+    axes[0].set_xlim(*axis_limits(xs, x, log))
+    axes[0].set_ylim(*axis_limits(ys, y))
     for ax in axes[len(methods):]:
         ax.set_axis_off()
     for ax in axes[(nrows - 1) * cols:]:
         ax.set_xlabel(f"{x} ({'lower' if goals[x] == 'min' else 'higher'} is better)")
     for ax in axes[::cols]:
         ax.set_ylabel(f"{y} ({'lower' if goals[y] == 'min' else 'higher'} is better)")
-    axes[0].legend(fontsize="small", loc="best")
-    per = "sampler chain and REG mode" if several else "REG mode"
+    handles = {}
+    for ax in axes:
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                handles.setdefault(line.get_label(), line)
+    if handles:
+        per_row = int(fig.get_figwidth() * 72 // (5 * max(map(len, handles)) + 40))  # ~5 points a character
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize="small",
+                   ncols=max(1, min(len(handles), per_row)))
+    per = "series and REG mode" if several else "REG mode"
     fig.suptitle("\n".join(filter(None, [title, f"a curve per {per} over the weights; ★ best {x} per curve"])))
-    save_figure(fig, path)
+    fig.draw_without_rendering()  # the layout, then the labels inside it
+    for ax, texts in w_labels.items():
+        place_labels(ax, texts)
+    return fig
+
+
+def save_fronts(path: Path, rows: list[dict], x: str, y: str, title: str = "") -> None:
+    """``fronts_figure`` as a PNG at ``path``."""
+    from lightning_reg.metrics.plots import save_figure
+    save_figure(fronts_figure(rows, x, y, title), path)
 
 
 def save_step_curves(path: Path, rows: list[dict], metrics: Sequence[str], title: str = "") -> None:
@@ -245,7 +349,7 @@ def save_step_curves(path: Path, rows: list[dict], metrics: Sequence[str], title
                            key=lambda r: float(r["steps"]))
             label = f"{names[(sampler, kwargs)]}, REG {reg}" + (f", {method} w={w:g}" if several else "")
             ax.plot([float(r["steps"]) for r in curve], [float(r[metric]) for r in curve],
-                    REG_STYLES.get(reg, "-"), marker="o", ms=4, label=label,
+                    ls=REG_STYLES.get(reg, "-"), marker="o", ms=4, label=label,
                     color=f"C{samplers.index((sampler, kwargs)) % 10}")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator(steps))  # the grid's step counts, as integers
@@ -267,35 +371,47 @@ def _minor_log_label(value: float, _) -> str:
     return f"{value:g}" if any(math.isclose(mantissa, m) for m in (2, 5)) else ""
 
 
+def aligned(header: Sequence[str], lines: Sequence[Sequence[str]], text_columns: int) -> str:
+    """A plain-text table: every column as wide as its longest cell, two spaces apart, the first
+    ``text_columns`` left-aligned, the numbers after them right-aligned under their headers."""
+    widths = [max(map(len, column)) for column in zip(header, *lines)]
+    return "\n".join("  ".join(cell.ljust(n) if i < text_columns else cell.rjust(n)
+                                for i, (cell, n) in enumerate(zip(cells, widths)))
+                      for cells in (header, *lines))
+
+
 def summary(rows: list[dict], x: str, y: str) -> str:
-    """Per method and REG mode (and sampler chain, a first column, when the rows have several), the best-``x``
-    row: its weight (w convention), ``x``, ``y`` and time per sample."""
-    best = best_rows(rows, ("method", "reg", *CHAIN_COLUMNS), x, METRIC_GOALS[x])
-    labels = chain_labels(chains(rows))
-    several = len(labels) > 1
-    samplers = {key: labels[key[2:]] if several else "" for key in best}
-    s = max([len("sampler")] + [len(v) for v in samplers.values()]) + 2 if several else 0
-    m = max([len("method")] + [len(key[0]) for key in best]) + 2  # columns as wide as their longest entry
-    r = max([len("reg")] + [len(key[1]) for key in best]) + 2
-    lines = [f"{'sampler' if s else '':<{s}}{'method':<{m}}{'reg':<{r}}{'best w':>8}{x:>18}{y:>16}{'ms/sample':>11}"]
-    for key, row in best.items():
-        lines.append(f"{samplers[key]:<{s}}{key[0]:<{m}}{key[1]:<{r}}{float(row['w']):>8g}{float(row[x]):>18.4g}"
-                     f"{float(row[y]):>16.4g}{float(row['time_per_sample_ms']):>11.3g}")
-    return "\n".join(lines)
+    """Per series (first columns, where the rows have several: ``series_parts``), method and REG mode, the
+    best-``x`` row: its weight (w convention), ``x``, ``y`` and time per sample (``aligned``)."""
+    best = best_rows(rows, ("method", "reg", *SERIES_COLUMNS), x, METRIC_GOALS[x])
+    parts = series_parts(list(dict.fromkeys(series(row) for row in rows)))
+    lead = list(next(iter(parts.values()), {}))
+    header = [*lead, "method", "reg", "best w", x, y, "ms/sample"]
+    lines = [[*parts[key[2:]].values(), key[0], key[1], f"{float(row['w']):g}", f"{float(row[x]):.4g}",
+              f"{float(row[y]):.4g}", f"{float(row['time_per_sample_ms']):.3g}"] for key, row in best.items()]
+    return aligned(header, lines, len(lead) + 2)
 
 
 def markdown_table(rows: list[dict], metrics: Sequence[str]) -> str:
-    """``rows`` as a Markdown table: (the sampler chain, when the rows have several,) method, REG mode, ``w``, then
-    ``metrics`` (4 significant digits)."""
-    labels = chain_labels(chains(rows))
-    several = len(labels) > 1
-    lead = ["sampler"] * several + ["method", "reg", "w"]
+    """``rows`` as a Markdown table: (the series parts, where the rows have several: ``series_parts``,) method,
+    REG mode, ``w``, then ``metrics`` (4 significant digits)."""
+    parts = series_parts(list(dict.fromkeys(series(row) for row in rows)))
+    lead = [*next(iter(parts.values()), {}), "method", "reg", "w"]
     lines = ["| " + " | ".join(lead + list(metrics)) + " |", "|---" * (len(lead) + len(metrics)) + "|"]
     for row in rows:
         values = [f"{float(row[m]):.4g}" if row.get(m) not in (None, "") else "" for m in metrics]
-        cells = [labels[chain(row)]] * several + [row["method"], row["reg"], f"{float(row['w']):g}"] + values
+        cells = [*parts[series(row)].values(), row["method"], row["reg"], f"{float(row['w']):g}", *values]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def source_names(tables: Sequence[Path]) -> list[str]:
+    """Each table's ``source`` cell: its folder's name (a sweep's ``--output``), else its file name without the
+    suffix where two folders share a name, else the path as given."""
+    for names in ([t.parent.name for t in tables], [t.stem for t in tables]):
+        if len(set(names)) == len(names):
+            return names
+    return [str(t) for t in tables]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,23 +426,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("tables", nargs="+", type=Path, help="sweep.csv files (their rows are concatenated in order)")
     p.add_argument("--front", nargs=2, required=True, metavar=("X", "Y"), help=f"two of {sorted(METRIC_GOALS)}")
     p.add_argument("--output", type=Path, required=True, help="the figure (.png)")
-    p.add_argument("--title", default="")
+    p.add_argument("--title", help="the figure's title (default: the tables' source names)")
     args = p.parse_args(argv)
     rows, shared = [], set(METRIC_GOALS)
-    for table in args.tables:
+    sources = source_names(args.tables)
+    for table, source in zip(args.tables, sources):
         if not table.is_file():
             fail(f"{table} {does_not_exist(table)}; give the sweep.csv a sweep.py run wrote")
         try:
             table_rows = read_table(table)
         except ConfigError as err:
             fail(str(err))
-        rows += table_rows
+        rows += [{"source": source, **row} for row in table_rows] if len(args.tables) > 1 else table_rows
         shared &= set(table_rows[0]) if table_rows else set()
     missing = [m for m in args.front if m not in shared]
     if missing:
         fail(f"--front {missing} are not metrics of {[str(t) for t in args.tables]}; give two of {sorted(shared)}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    save_fronts(args.output, rows, *args.front, title=args.title)
+    save_fronts(args.output, rows, *args.front, title=args.title or ", ".join(dict.fromkeys(sources)))
     metrics = [m for m in METRIC_GOALS if m in rows[0]]
     print(f"{len(rows)} rows of {len(args.tables)} tables in {args.output}\n{summary(rows, *args.front)}\n\n"
           f"{markdown_table(rows, metrics)}")

@@ -206,6 +206,13 @@ class DiT(nn.Module):
         """The class embedding, ``num_classes + 1`` rows with the null label last."""
         return self.y_embedder.embedding_table
 
+    def reg_short_backward(self, blocks: int) -> tuple[list[nn.Module], nn.Module]:
+        """REG's short backward (guidance/reg.py): all blocks but the last ``blocks`` run without graph, and the
+        patch embedding joins their output as the residual stream's identity path."""
+        if not 1 <= blocks <= len(self.blocks):
+            raise ConfigError(f"reg_blocks={blocks}: this DiT has {len(self.blocks)} blocks")
+        return list(self.blocks[:len(self.blocks) - blocks]), self.x_embedder
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)

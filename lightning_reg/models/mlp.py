@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lightning_reg.errors import ConfigError
 from lightning_reg.models.embeddings import sinusoidal_embedding
 
 
@@ -39,6 +40,13 @@ class ToyMLP(nn.Module):
     def label_embedding(self) -> nn.Embedding:
         """The class embedding (``num_classes + 1`` rows, the null label last), as every backbone has."""
         return self.y_embed
+
+    def reg_short_backward(self, blocks: int) -> tuple[list[nn.Module], nn.Module]:
+        """REG's short backward (guidance/reg.py): all residual blocks but the last ``blocks`` run without graph, and
+        the x embedding joins their output as the residual stream's identity path."""
+        if not 1 <= blocks <= len(self.blocks):
+            raise ConfigError(f"reg_blocks={blocks}: this ToyMLP has {len(self.blocks)} blocks")
+        return list(self.blocks[:len(self.blocks) - blocks]), self.x_proj
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         h = self.x_proj(sinusoidal_embedding(self.x_scale * x, self.embedding_dim))

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x/2.x, SDXL and SD3 components as backbones (docs/text_to_image.md).
+"""Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 components as backbones (docs/text_to_image.md).
 
 SD 1.x/2.x: the condition ``y`` is a prompt embedding ``(B, L, D)``, the text encoder's last hidden states,
 computed once per prompt by ``PromptEncoder`` before sampling; ``PromptUNet`` runs diffusers'
@@ -9,9 +9,13 @@ pooled projection, and ``time_ids`` ``(B, 6)``, the size ids; ``SDXLUNet`` hands
 ``added_cond_kwargs``. SD3 (``SD3PromptEncoder``, as ``StableDiffusion3Pipeline.encode_prompt``): ``prompt_embeds``
 ``(B, L + S, W)``, both CLIP encoders' penultimate hidden states concatenated and zero-padded to T5's width ``W``,
 then T5's ``S`` tokens (zeros without T5), and ``pooled_projections`` ``(B, P1 + P2)``, both CLIP encoders' pooled
-projections; ``SD3Transformer`` runs ``SD3Transformer2DModel`` on them. ``text_denoiser`` puts any of them under the
-pipeline's schedule and prediction type (epsilon or ``v``; SD3: flow, velocity) with the empty (or negative)
-prompt's condition as the reference condition of guidance (``PromptEmbeddings``, ``PromptParts``). The VAE
+projections; ``SD3Transformer`` runs ``SD3Transformer2DModel`` on them. Flux (``FluxPromptEncoder``, as
+``FluxPipeline.encode_prompt``): ``prompt_embeds`` ``(B, S, W)``, T5's hidden states, and ``pooled_projections``
+``(B, P)``, CLIP's pooled output; ``FluxTransformer`` runs ``FluxTransformer2DModel`` on packed latents with their
+position ids and, for guidance-distilled models, the fixed distilled guidance input. ``text_denoiser`` puts any
+of them under the pipeline's schedule and prediction type (epsilon or ``v``; SD3, Flux: flow, velocity) with the
+empty (or negative) prompt's condition as the reference condition of guidance (``PromptEmbeddings``,
+``PromptParts``). The VAE
 decodes only after the chain (``LatentDenoiser``), so guidance and REG see the backbone alone, and REG
 differentiates the conditional backbone call only.
 
@@ -26,18 +30,22 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from lightning_reg.diffusion.conditions import Conditioning, PromptEmbeddings, PromptParts
 from lightning_reg.diffusion.latent import LatentCodec, LatentDenoiser
 from lightning_reg.diffusion.predictions import Prediction
 from lightning_reg.diffusion.schedules import NoiseSchedule
-from lightning_reg.errors import ConfigError
+from lightning_reg.errors import ConfigError, check_number
 
 
 EXTRA_CONDITIONING = ("addition_embed_type", "class_embed_type", "time_cond_proj_dim")  # UNet config keys
 TIME_IDS = 6  # SDXL's size ids: original size (h, w), crop top-left (y, x), target size (h, w)
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length (at most 512)
+T5_LIMIT = 512  # the pipelines' limit on max_sequence_length; FluxPipeline's default
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: a guidance-distilled model's guidance input
+FLUX_LATENT_SIDE = 128  # FluxPipeline's default_sample_size: latents of its default images (1024 px, VAE factor 8)
 
 
 def checkpoint_frozen(backbone: nn.Module) -> None:
@@ -127,22 +135,21 @@ class SDXLUNet(PromptUNet):
         return PromptParts(null, {"time_ids": (TIME_IDS,)}, encoder)
 
 
-class SD3Transformer(nn.Module):
-    """An ``SD3Transformer2DModel`` (MMDiT; SD3, SD3.5) as a backbone ``net(x, t, y)``, ``y`` the mapping of
-    ``SD3PromptEncoder``: ``prompt_embeds`` is the joint attention's context, ``pooled_projections`` joins the time
-    embedding, as ``StableDiffusion3Pipeline`` calls it; ``t`` is the flow schedule's ``1000 t``, the pipeline's
-    ``timestep`` (its scheduler's ``sigma * 1000``). Its output is the flow velocity ``eps - x0``."""
+class JointTransformer(nn.Module):
+    """What SD3's and Flux's transformers share as backbones: text-to-image only (as many output as input
+    channels), the prompt condition in parts (``prompt_embeds`` the joint attention's context,
+    ``pooled_projections`` joining the time embedding), ``data_shape`` the latent shape ``(C, H, W)``."""
 
     num_classes = 0
 
-    def __init__(self, transformer: nn.Module, gradient_checkpointing: bool = False):
+    def __init__(self, transformer: nn.Module, data_shape: tuple[int, int, int], gradient_checkpointing: bool):
         super().__init__()
         config = transformer.config
         out_channels = config.out_channels or config.in_channels
         if out_channels != config.in_channels:
             raise ConfigError(f"the transformer has {config.in_channels} input and {out_channels} output channels: "
                               "only text-to-image transformers are covered")
-        self.data_shape = (config.in_channels, config.sample_size, config.sample_size)
+        self.data_shape = tuple(data_shape)
         self.transformer = transformer
         if gradient_checkpointing:
             checkpoint_frozen(transformer)
@@ -150,10 +157,6 @@ class SD3Transformer(nn.Module):
     @property
     def joint_attention_dim(self) -> int:
         return int(self.transformer.config.joint_attention_dim)
-
-    def forward(self, x: Tensor, t: Tensor, y: Mapping[str, Tensor]) -> Tensor:
-        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=y["prompt_embeds"].to(x.dtype),
-                                pooled_projections=y["pooled_projections"].to(x.dtype), return_dict=False)[0]
 
     def prompt_conditioning(self, null: Mapping[str, Tensor], encoder: nn.Module | None) -> Conditioning:
         """``PromptParts`` with the null parts ``null`` (``prompt_embeds`` (L, W), ``pooled_projections`` (P,);
@@ -164,13 +167,98 @@ class SD3Transformer(nn.Module):
         return PromptParts(null, {}, encoder)
 
 
-def text_denoiser(net: PromptUNet | SD3Transformer, schedule: NoiseSchedule, prediction: Prediction,
+class SD3Transformer(JointTransformer):
+    """An ``SD3Transformer2DModel`` (MMDiT; SD3, SD3.5) as a backbone ``net(x, t, y)``, ``y`` the mapping of
+    ``SD3PromptEncoder``: ``prompt_embeds`` is the joint attention's context, ``pooled_projections`` joins the time
+    embedding, as ``StableDiffusion3Pipeline`` calls it; ``t`` is the flow schedule's ``1000 t``, the pipeline's
+    ``timestep`` (its scheduler's ``sigma * 1000``). Its output is the flow velocity ``eps - x0``."""
+
+    # a joint block's outputs, named by its inputs: a block skipped by SLG returns these (guidance/perturbed.py)
+    block_returns = ("encoder_hidden_states", "hidden_states")
+
+    def __init__(self, transformer: nn.Module, gradient_checkpointing: bool = False):
+        config = transformer.config
+        super().__init__(transformer, (config.in_channels, config.sample_size, config.sample_size),
+                         gradient_checkpointing)
+
+    def forward(self, x: Tensor, t: Tensor, y: Mapping[str, Tensor]) -> Tensor:
+        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=y["prompt_embeds"].to(x.dtype),
+                                pooled_projections=y["pooled_projections"].to(x.dtype), return_dict=False)[0]
+
+
+def patch_ids(rows: int, cols: int) -> Tensor:
+    """The position ids ``(rows * cols, 3)`` of a grid of 2x2 latent patches in row-major order: ``(0, row, col)``,
+    as ``FluxPipeline`` gives its packed latents (text tokens: all zeros)."""
+    grid = torch.cartesian_prod(torch.arange(rows), torch.arange(cols))
+    return F.pad(grid, (1, 0)).float()
+
+
+class FluxTransformer(JointTransformer):
+    """A ``FluxTransformer2DModel`` (Flux.1 dev, schnell) as a backbone ``net(x, t, y)`` on latents ``x``
+    ``(B, C, H, W)``, ``y`` the mapping of ``FluxPromptEncoder``. As ``FluxPipeline`` calls it: ``x`` is packed into
+    its ``H W / 4`` 2x2 patches of ``4 C`` values (channel, then row and column in the patch) with position ids
+    ``(0, row, col)``, the text tokens get ids 0, the timestep is the flow time ``t`` (the schedule's ``1000 t``
+    over 1000: the transformer multiplies by 1000 itself); the output velocity ``eps - x0`` is unpacked.
+
+    ``guidance``: a guidance-distilled model's (``guidance_embeds``, dev) guidance input, the pipeline's
+    ``guidance_scale`` (default ``FLUX_GUIDANCE``), the same for every call and both branches of guidance: a fixed
+    model input, not a guidance method; ``None`` for a model without one (schnell). ``latent_size``: ``(H, W)``,
+    even (default the pipeline's ``FLUX_LATENT_SIDE``; the transformer has no sample size of its own)."""
+
+    def __init__(self, transformer: nn.Module, latent_size: Sequence[int] = (FLUX_LATENT_SIDE, FLUX_LATENT_SIDE),
+                 guidance: float | None = None, gradient_checkpointing: bool = False):
+        config = transformer.config
+        if config.patch_size != 1 or config.in_channels % 4:
+            raise ConfigError(f"the transformer takes patch_size {config.patch_size} and {config.in_channels} input "
+                              "channels: Flux's take packed 2x2 latent patches (patch_size 1, 4 x latent channels)")
+        height, width = (int(side) for side in latent_size)
+        if height <= 0 or width <= 0 or height % 2 or width % 2:
+            raise ConfigError(f"Flux's latents are packed in 2x2 patches: their size must be even, got "
+                              f"{height}x{width}")
+        super().__init__(transformer, (config.in_channels // 4, height, width), gradient_checkpointing)
+        if config.guidance_embeds:
+            guidance = check_number("Flux's distilled guidance", FLUX_GUIDANCE if guidance is None else guidance, 0.0)
+        elif guidance is not None:
+            raise ConfigError(f"distilled guidance {guidance}: the transformer takes no guidance input "
+                              "(guidance_embeds false, e.g. Flux.1 schnell); leave it unset")
+        self.guidance = guidance
+
+    @property
+    def image_tokens(self) -> int:
+        """The packed latents' sequence length (what ``FluxPipeline`` shifts its times by)."""
+        _, height, width = self.data_shape
+        return height * width // 4
+
+    def forward(self, x: Tensor, t: Tensor, y: Mapping[str, Tensor]) -> Tensor:
+        _, _, height, width = x.shape
+        text = y["prompt_embeds"].to(x.dtype)
+        guidance = None if self.guidance is None else x.new_full((len(x),), self.guidance)
+        out = self.transformer(hidden_states=rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2),
+                               timestep=t / 1000, guidance=guidance, encoder_hidden_states=text,
+                               pooled_projections=y["pooled_projections"].to(x.dtype),
+                               txt_ids=text.new_zeros(text.shape[1], 3),
+                               img_ids=patch_ids(height // 2, width // 2).to(x), return_dict=False)[0]
+        return rearrange(out, "b (h w) (c p q) -> b c (h p) (w q)", h=height // 2, p=2, q=2)
+
+    def check_guidance(self, guidance) -> None:
+        """A guidance-distilled model guided by nothing but its distilled input (no true CFG weight, no other
+        term) has no guidance term for REG to rectify: REG is refused there (``Guidance.bind``)."""
+        if self.guidance is not None and guidance.rectifier.mode != "none" and not guidance.rule.guides \
+                and not guidance.terms:
+            raise ConfigError(f"reg: {guidance.rectifier.mode} on a guidance-distilled Flux model without true CFG: "
+                              f"its distilled guidance ({self.guidance}) is a model input, not a guidance term, "
+                              "and with guidance weight 0 there is nothing to rectify; give true CFG a weight "
+                              "(diffusers' true_cfg_scale s is {method: cfg, scale: s, convention: w2}, s > 1, "
+                              "with --negative_prompt) or set reg: none")
+
+
+def text_denoiser(net: PromptUNet | JointTransformer, schedule: NoiseSchedule, prediction: Prediction,
                   codec: LatentCodec, null: Tensor | Mapping[str, Tensor],
                   prompt_encoder: nn.Module | None = None) -> LatentDenoiser:
     """A ``LatentDenoiser`` over ``net`` whose condition is a prompt embedding ``(B, L, D)`` (``PromptUNet``:
-    ``PromptEmbeddings``) or a mapping (``SDXLUNet``, ``SD3Transformer``: ``PromptParts``). ``null`` is the empty or
-    negative prompt's condition (``prompt_encoder.null``), the reference condition of every guidance method;
-    ``prompt_encoder`` turns captions into conditions."""
+    ``PromptEmbeddings``) or a mapping (``SDXLUNet``, ``SD3Transformer``, ``FluxTransformer``: ``PromptParts``).
+    ``null`` is the empty or negative prompt's condition (``prompt_encoder.null``), the reference condition of every
+    guidance method; ``prompt_encoder`` turns captions into conditions."""
     return LatentDenoiser(net, schedule, prediction, codec, net.prompt_conditioning(null, prompt_encoder))
 
 
@@ -189,6 +277,27 @@ def prompt_ids(tokenizer, prompts: list[str], length: int | None = None) -> Tens
 
 def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def check_t5_length(family: str, max_sequence_length: int) -> int:
+    """T5's ``max_sequence_length``, in ``[1, T5_LIMIT]`` (the pipelines' limit)."""
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+            or not 0 < max_sequence_length <= T5_LIMIT:
+        raise ConfigError(f"{family}'s max_sequence_length must be an integer in [1, {T5_LIMIT}] (the pipeline's "
+                          f"limit), got {max_sequence_length!r}")
+    return max_sequence_length
+
+
+@torch.no_grad()
+def t5_states(tokenizer, encoder: nn.Module, prompts: list[str], length: int) -> Tensor:
+    """T5's last hidden states ``(B, length, W)`` of ``prompts`` padded and truncated to ``length`` tokens
+    (``prompt_ids``), as the pipelines' ``_get_t5_prompt_embeds``."""
+    return encoder(prompt_ids(tokenizer, prompts, length).to(device_of(encoder)))[0]
+
+
+def null_parts(encoder: nn.Module, negative_prompt: str) -> dict[str, Tensor]:
+    """The null condition of a prompt encoder of parts: ``negative_prompt``'s parts, one sample's."""
+    return {key: value[0] for key, value in encoder([negative_prompt]).items()}
 
 
 class PromptEncoder(nn.Module):
@@ -285,11 +394,9 @@ class SD3PromptEncoder(CLIPPair):
     def __init__(self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], t5: tuple | None, width: int,
                  max_sequence_length: int = T5_TOKENS):
         super().__init__(tokenizers, text_encoders, "SD3")
-        if not 0 < max_sequence_length <= 512:
-            raise ConfigError(f"SD3's max_sequence_length must lie in [1, 512] (the pipeline's limit), got "
-                              f"{max_sequence_length}")
+        self.max_sequence_length = check_t5_length("SD3", max_sequence_length)
         self.t5_tokenizer, self.t5_encoder = (t5[0], t5[1].eval().requires_grad_(False)) if t5 else (None, None)
-        self.width, self.max_sequence_length = int(width), int(max_sequence_length)
+        self.width = int(width)
 
     def forward(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         prompts = list(prompts)
@@ -298,13 +405,42 @@ class SD3PromptEncoder(CLIPPair):
         if self.t5_encoder is None:
             t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.width)
         else:
-            ids = prompt_ids(self.t5_tokenizer, prompts, self.max_sequence_length)
-            with torch.no_grad():
-                t5 = self.t5_encoder(ids.to(device_of(self.t5_encoder)))[0]
+            t5 = t5_states(self.t5_tokenizer, self.t5_encoder, prompts, self.max_sequence_length)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"prompt_embeds": torch.cat([clip, t5], dim=-2),
                 "pooled_projections": torch.cat([out.text_embeds for out in outputs], dim=-1)}
 
     def null(self, negative_prompt: str = "") -> dict[str, Tensor]:
         """The null parts ``prompt_embeds`` (L + S, W), ``pooled_projections`` (P1 + P2,): ``negative_prompt``'s."""
-        return {key: value[0] for key, value in self([negative_prompt]).items()}
+        return null_parts(self, negative_prompt)
+
+
+class FluxPromptEncoder(nn.Module):
+    """Flux's text stack, as ``FluxPipeline.encode_prompt``: a CLIP tokenizer and ``CLIPTextModel`` (its pooled
+    output) and a T5 tokenizer and ``T5EncoderModel``. Prompts -> a mapping of ``prompt_embeds`` ``(B, S, W)``, T5's
+    last hidden states (``S = max_sequence_length``, the pipeline's default ``T5_LIMIT``), and
+    ``pooled_projections`` ``(B, P)``, CLIP's pooled output; each tokenizer pads and truncates (with a warning, as
+    diffusers) to its length (``prompt_ids``). The null parts are the negative (by default the empty) prompt's, as
+    the pipeline's true CFG encodes ``negative_prompt``."""
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, t5_tokenizer, t5_encoder: nn.Module,
+                 max_sequence_length: int = T5_LIMIT):
+        super().__init__()
+        self.max_sequence_length = check_t5_length("Flux", max_sequence_length)
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval().requires_grad_(False)
+        self.t5_tokenizer, self.t5_encoder = t5_tokenizer, t5_encoder.eval().requires_grad_(False)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def forward(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        prompts = list(prompts)
+        with torch.no_grad():
+            pooled = self.text_encoder(prompt_ids(self.tokenizer, prompts).to(device_of(self.text_encoder)))
+        return {"prompt_embeds": t5_states(self.t5_tokenizer, self.t5_encoder, prompts, self.max_sequence_length),
+                "pooled_projections": pooled.pooler_output}
+
+    def null(self, negative_prompt: str = "") -> dict[str, Tensor]:
+        """The null parts ``prompt_embeds`` (S, W), ``pooled_projections`` (P,): ``negative_prompt``'s."""
+        return null_parts(self, negative_prompt)

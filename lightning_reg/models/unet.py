@@ -171,6 +171,13 @@ class UNet(nn.Module):
         """The class embedding, ``num_classes + 1`` rows with the null label last."""
         return self.label_embed
 
+    def reg_short_backward(self, blocks: int) -> tuple[list[nn.Module], None]:
+        """REG's short backward (guidance/reg.py): the middle and the decoder but its last ``blocks`` modules run
+        without graph; the encoder keeps its graph, the skips it hands the last blocks carry ``x``'s gradient."""
+        if not 1 <= blocks <= len(self.up):
+            raise ConfigError(f"reg_blocks={blocks}: this UNet's decoder has {len(self.up)} blocks")
+        return [*self.middle, *self.up[:len(self.up) - blocks]], None
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         emb = self.time_mlp(sinusoidal_embedding(t, self.base_channels).to(x.dtype)) + self.label_embed(y)
         h = self.input_conv(x)

@@ -220,7 +220,8 @@ class SweepConfig(SampleConfig):
         num_samples: samples per setting.
         methods: one entry per method: {method: interval, weights: [0.5, 1, 2], t_lo: 100, t_hi: 600}; keys other
             than method and weights are fixed parameters of make_guidance.
-        reg: REG modes, from none, paper, vjp, reuse, window, graph_free (guidance/reg.py).
+        reg: REG modes, from none, paper, vjp, reuse, window, graph_free, graph_free_reuse, adaptive, short
+            (guidance/reg.py).
         samplers: the sampler x steps axes: [{sampler: ddim, steps: [20, 50]}, {sampler:
             "diffusers:DPMSolverMultistepScheduler", steps: 10, sampler_kwargs: {use_karras_sigmas: true}, name:
             dpmpp2m_karras}]; steps an int or a list; name (optional) tags the folders, <name><steps>_<setting>,

@@ -277,7 +277,7 @@ class Sweep:
         write_table(self.output / TABLE_FILE, rows)
         keys = dict.fromkeys(tuple(chain_cells(s).values()) for s in self.settings.values())  # the grid's chains
         chains = list(chain_labels(list(keys)).values())
-        title = f"{Path(self.config.checkpoint).name}: {self.config.num_samples} samples per setting"
+        title = f"{self.output.name}: {self.config.num_samples} samples per setting"  # the run, by its folder
         title += (f", {chains[0]} steps" if len(chains) == 1
                   else "\n" + textwrap.fill(f"samplers: {', '.join(chains)}", 90))  # the figure's width
         save_fronts(self.output / FIGURE_FILE, rows, *self.front, title=title)
