@@ -12,10 +12,8 @@ per step (medians over the batch of per-sample norms over all non-batch dimensio
   (``1 - s_t r``) or x0-space (``a_t f / a_t'``): what ``reuse 2`` uses on every other step;
 * ``graph_free reuse``: the previous step's finite-difference factor carried in eps-space (``graph_free_reuse 2``
   and ``adaptive`` on their carried steps);
-* ``short 1`` / ``short 2``: a short backward, the autograd factor through the network's last one or two blocks
-  only, the earlier activations detached (UNet: the last decoder stages, their skips from the input convolution
-  and first encoder stage kept; DiT: the last blocks, with the patch embedding added to their input as the
-  residual stream's identity path, ``h.detach() + e - e.detach()``).
+* ``short 1`` / ``short 2``: REG ``short`` (``reg_blocks`` 1 / 2): the autograd factor through the network's last
+  one or two blocks only (``guidance/reg.py``, ``short_backward``).
 
     python benchmarks/reg_factor_error.py --checkpoint checkpoints/runs/mnist/version_0/checkpoints/last.ckpt
     python benchmarks/reg_factor_error.py --dit DiT-S/8          # random weights (J is not symmetric there)
@@ -32,7 +30,7 @@ from guidance_cost import denoiser, public_dit
 
 from lightning_reg.diffusion.samplers import ddim
 from lightning_reg.guidance import ChainState, GuidanceStep, make_guidance
-from lightning_reg.guidance.reg import finite_difference_factor, paper_factor, reused_factor
+from lightning_reg.guidance.reg import finite_difference_factor, paper_factor, reused_factor, short_backward
 from lightning_reg.sampling.engine import autocast
 from lightning_reg.sources import load_denoiser
 
@@ -42,17 +40,6 @@ COLUMNS = ("correction", "graph_free", "graph_free bf16", "reuse eps", "reuse x0
 
 def norms(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v.flatten(1).double(), dim=1)
-
-
-def short_backward(net: torch.nn.Module, blocks: int):
-    """Forward hooks that cut ``net``'s graph before its last ``blocks`` blocks (module docstring); remove them
-    with ``.remove()`` on each."""
-    if hasattr(net, "up"):  # the UNet: detach what enters the last decoder stages but their skips
-        return [net.up[-(blocks + 1)].register_forward_hook(lambda module, args, out: out.detach())]
-    embedded = {}
-    return [net.x_embedder.register_forward_hook(lambda module, args, out: embedded.update(e=out)),
-            net.blocks[-(blocks + 1)].register_forward_hook(
-                lambda module, args, out: out.detach() + embedded["e"] - embedded["e"].detach())]
 
 
 def errors_along_chain(model, batch: int, steps: int, w: float, seed: int = 0) -> list[dict]:
@@ -74,22 +61,17 @@ def errors_along_chain(model, batch: int, steps: int, w: float, seed: int = 0) -
         correction = norms((f - 1) * g_term)
         row = {"t": float(t), "progress": model.schedule.progress(t), "correction": correction / norms(g_term)}
         with torch.no_grad():
-            for name, precision in (("graph_free", "fp32"), ("graph_free bf16", "bf16")):
+            for name, precision in (("graph_free bf16", "bf16"), ("graph_free", "fp32")):  # fp32's f_fd kept
                 with autocast("cpu", precision):
                     f_fd = finite_difference_factor(guidance.branches, model, x, t, y, step)[2].float()
                 row[name] = norms((f_fd - f) * g_term) / correction
-            f_fd = finite_difference_factor(guidance.branches, model, x, t, y, step)[2]
             for column, carried, space in (("reuse eps", previous, "eps"), ("reuse x0", previous, "x0"),
                                            ("graph_free reuse", previous_fd, "eps")):
                 row[column] = (norms((reused_factor(*carried, step.a, step.s, space) - f) * g_term) / correction
                                if carried else torch.full_like(correction, float("nan")))
         for blocks in (1, 2):
-            hooks = short_backward(model.net, blocks)
-            try:
+            with short_backward(model.net, blocks):
                 f_short = paper_factor(guidance.branches.differentiable(model, t, y), x, step.a)[1]
-            finally:
-                for hook in hooks:
-                    hook.remove()
             row[f"short {blocks}"] = norms((f_short - f) * g_term) / correction
         previous, previous_fd = (f, step.a, step.s), (f_fd, step.a, step.s)
         rows.append({k: v if isinstance(v, float) else float(v.median()) for k, v in row.items()})

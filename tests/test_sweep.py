@@ -519,3 +519,10 @@ def test_summary_aligns_long_reg_and_metric_names():
         end = header.index(name) + len(name)
         assert all(line[end - 1] != " " and line[end:end + 1] in ("", " ") for line in lines[1:])
     assert lines[2].split() == ["cfg", "graph_free_reuse", "2.5", "0.25", "12.35", "1.23e+03"]
+
+
+def test_every_reg_mode_has_a_line_style_of_its_own():
+    from lightning_reg.metrics.fronts import REG_STYLES
+
+    assert set(REG_STYLES) == set(REG_MODES)
+    assert len({repr(style) for style in REG_STYLES.values()}) == len(REG_STYLES)

@@ -14,7 +14,7 @@ estimate, in any parameterisation:
 Both cost one forward of the conditional branch with a graph plus one backward pass to ``x`` only;
 the forward runs with detached weights (``branches.DifferentiableBranch``), so the graph keeps only what
 ``d/dx`` needs (no layer inputs saved for weight gradients) and no weight ``.grad`` is ever touched.
-Three cheaper forms of ``paper`` (docs/guidance.md, "Cheaper REG"; measured in benchmarks/):
+Six cheaper forms of ``paper`` (docs/guidance.md, "Cheaper REG"; measured in benchmarks/):
 
 * ``reuse``: the autograd factor every ``every`` guided calls of a chain (one per step for DDIM/DDPM and
   Euler, two for Heun), reused in between. What is kept is the
@@ -29,11 +29,11 @@ Three cheaper forms of ``paper`` (docs/guidance.md, "Cheaper REG"; measured in b
   fresh factor is computed for a sample, the factor it would otherwise have carried is compared with it on REG's
   correction, ``drift = ||(f_carried - f) ⊙ g|| / ||(f - 1) ⊙ g||`` (``g``: this call's guidance term; 0: the
   carried factor was exact, 1: as wrong as no REG). ``drift <= tolerance`` doubles the sample's interval (up to
-  ``every``), a larger drift halves it (down to 1, a fresh factor each call). Chains start at interval 1. The
-  batch computes a fresh factor when any of its samples is due; the others keep their carried factor, so a sample's
-  chain does not depend on its batch-mates (but for ``x0_c``, the probes' mean on those calls, ``O(h^2)``).
+  ``every``), a larger drift halves it (down to 1, a fresh factor each call). Chains start at interval 1. Only
+  the due samples' rows are probed (3 rows each); the others run CFG's forward with their carried factor, so a
+  sample's chain is the one it gets alone and the probes cost what the due samples need.
 * ``short``: the ``paper`` factor with a short backward: the backbone's last ``blocks`` blocks keep their graph,
-  the earlier ones run without (``reg_short_backward``: our UNet and DiT name them). In a residual network
+  the earlier ones run without (``reg_short_backward``: our UNet, DiT and toy MLP name them). In a residual network
   ``h_L = e + sum_l F_l(h_l)``; with the early blocks' Jacobian taken as the identity on the residual stream
   (``h.detach() + e - e.detach()``, ``e`` the patch embedding), the backward runs through the last blocks and the
   embedding only. The UNet's decoder needs no such path: its skips from the encoder carry ``x``'s gradient.
@@ -60,6 +60,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lightning_reg.diffusion import conditions
 from lightning_reg.diffusion.conditions import Condition
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.errors import ConfigError, check_int, check_number
@@ -159,6 +160,13 @@ def short_backward(net: torch.nn.Module, blocks: int) -> Iterator[None]:
             handle.remove()
 
 
+def merge_rows(mask: Tensor, chosen: Tensor, others: Tensor) -> Tensor:
+    """The rows of a batch: ``chosen``'s where ``mask``, ``others``' elsewhere (each holding just those rows)."""
+    out = chosen.new_empty((len(mask), *chosen.shape[1:]))
+    out[mask], out[~mask] = chosen, others
+    return out
+
+
 def per_sample(v: Tensor, x: Tensor) -> Tensor:
     """``v`` (a scalar or one value per sample, broadcastable against ``x``) as one value per sample, ``(B, 1, ...)``."""
     return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[:1] + (1,) * (x.ndim - 1)).clone()
@@ -196,7 +204,7 @@ class Rectifier:
         net = model.net
         if self.mode == "short":
             if not callable(getattr(net, "reg_short_backward", None)):
-                raise ConfigError(f"reg: short needs a backbone that names its last blocks (UNet, DiT); "
+                raise ConfigError(f"reg: short needs a backbone that names its last blocks (UNet, DiT, ToyMLP); "
                                   f"{type(net).__name__} does not: use reg: paper or graph_free")
             net.reg_short_backward(self.blocks)
 
@@ -214,8 +222,8 @@ class Rectifier:
             return None, torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         return cache, cache["left"] == 0
 
-    def fresh_factor(self, term: Term, branches: Branches, model: Denoiser, x: Tensor, t, y: Condition,
-                     step: GuidanceStep, reference: bool):
+    def fresh_factor(self, branches: Branches, model: Denoiser, x: Tensor, t, y: Condition, step: GuidanceStep,
+                     reference: bool):
         """``(x0_c, x0_ref, f, v_c)`` with a fresh factor: the finite difference (no graph) or by autograd."""
         with torch.no_grad():
             if self.mode in GRAPH_FREE:
@@ -261,18 +269,23 @@ class Rectifier:
             return x0_c + branches.mask(rectified), branch.variance
         cache, due = self.carried(x, step)
         f_carried = None if cache is None else reused_factor(cache["f"], cache["a"], cache["s"], step.a, step.s)
-        if due.any():
-            x0_c, x0_ref, f, v = self.fresh_factor(term, branches, model, x, t, y, step, reference)
-        else:  # every sample carries its factor: CFG's own forward
+        if due.all():
+            x0_c, x0_ref, f, v = self.fresh_factor(branches, model, x, t, y, step, reference)
+        elif not due.any():  # every sample carries its factor: CFG's own forward
             with torch.no_grad():
                 x0_c, x0_ref, v = branches.predict(model, x, t, y, reference=reference)
             f = f_carried
+        else:  # adaptive: the due rows get a fresh factor, the others CFG's forward
+            with torch.no_grad():
+                carried = branches.predict(model, x[~due], t, conditions.index(y, ~due), reference=reference)
+            fresh = self.fresh_factor(branches, model, x[due], t, conditions.index(y, due),
+                                      GuidanceStep(model, x[due], t, step.state), reference)
+            x0_c, x0_ref, f, v = (None if part is None else merge_rows(due, part, rest) for part, rest in
+                                  zip(fresh, (*carried[:2], f_carried[~due], carried[2])))
         g = term(x0_c, x0_ref)
         if self.mode in CARRIED:
             if due.any():
                 self.remember(cache, due, f, f_carried, g, x, step)
-                if f_carried is not None:
-                    f = torch.where(due.view(-1, *(1,) * (x.ndim - 1)), f, f_carried)
             else:
                 cache["left"] = cache["left"] - 1
         return x0_c + branches.mask(f * g), v

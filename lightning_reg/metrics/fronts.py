@@ -31,8 +31,9 @@ from lightning_reg.errors import ConfigError, does_not_exist
 from lightning_reg.io.files import atomic_write, read_text
 
 GOALS = ("min", "max")
-REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": "-.", "graph_free": "--",
-              "graph_free_reuse": (0, (3, 1, 1, 1, 1, 1)), "adaptive": (0, (1, 1))}  # another mode: solid
+REG_STYLES = {"none": "-", "paper": "--", "vjp": ":", "reuse": "-.", "window": (0, (5, 1)), "graph_free": (0, (5, 5)),
+              "graph_free_reuse": (0, (3, 1, 1, 1, 1, 1)), "adaptive": (0, (1, 1)),
+              "short": (0, (3, 5, 1, 5))}  # one per REG mode (tests/test_sweep.py)
 LEAD_COLUMNS = ("setting", "method", "reg", "w", "convention", "weight", "params", "sampler", "steps",
                 "sampler_kwargs")
 CHAIN_COLUMNS = ("sampler", "steps", "sampler_kwargs")  # a sampler chain: its own curves when a table has several
