@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TRAIN_CONFIG
+from helpers import (TRAIN_CONFIG, local_t5_tokenizer, make_flux_components, make_sd3_components,
+                     make_sdxl_components)
 
 from lightning_reg.diffusion.schedules import VPSchedule
 from lightning_reg.models.mlp import ToyMLP
@@ -109,23 +110,62 @@ def tiny_pipeline(tmp_path_factory, clip_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def clip_folder(tmp_path_factory, clip_tokenizer):
-    """A random CLIP (width 8, 2 layers, 16x16 images in 8x8 patches) with its processor, saved locally."""
+def clip_folder(tiny_clip):
+    """A random CLIP (width 8, 2 layers, 16x16 images in 8x8 patches) with its processor, saved locally: seed 0."""
+    return tiny_clip(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, clip_tokenizer):
+    """``tiny_clip(seed)``: ``clip_folder``'s random CLIP drawn from another seed, saved once a seed."""
+    folders = {}
+
+    def folder(seed: int) -> Path:
+        if seed not in folders:
+            folders[seed] = save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", clip_tokenizer, seed)
+        return folders[seed]
+
+    return folder
+
+
+def save_tiny_clip(folder: Path, tokenizer, seed: int) -> Path:
+    """``clip_folder``'s random CLIP of ``seed`` and its processor, saved in ``folder``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
                          vocab_size=1000, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
                            image_size=16, patch_size=8),
         projection_dim=8)
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
     CLIPModel(config).save_pretrained(folder)
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
                                                                  crop_size={"height": 16, "width": 16}),
-                              tokenizer=clip_tokenizer)
+                              tokenizer=tokenizer)
     processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_folder(tmp_path_factory, clip_tokenizer, tiny_pipeline):
+    """``family_folder(family)``: the saved tiny pipeline folder of a text-to-image family, built once a session
+    from ``helpers``' builders (nothing downloaded): ``sd`` (``tiny_pipeline``), ``sdxl`` (epsilon,
+    ``force_zeros_for_empty_prompt``), ``sd3`` (with T5) or ``flux`` (dev: the distilled guidance input)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    builders = {"sdxl": lambda: StableDiffusionXLPipeline(**make_sdxl_components(clip_tokenizer),
+                                                          force_zeros_for_empty_prompt=True, add_watermarker=False),
+                "sd3": lambda: StableDiffusion3Pipeline(**make_sd3_components(clip_tokenizer, local_t5_tokenizer())),
+                "flux": lambda: FluxPipeline(**make_flux_components(clip_tokenizer, local_t5_tokenizer(), "dev"))}
+    folders = {"sd": tiny_pipeline}
+
+    def folder(family: str) -> Path:
+        if family not in folders:
+            folders[family] = tmp_path_factory.mktemp(family) / f"tiny-{family}"
+            builders[family]().save_pretrained(folders[family])
+        return folders[family]
+
     return folder
 
 

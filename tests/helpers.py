@@ -283,3 +283,106 @@ def check_flow_reg_by_hand(denoiser, velocity, x, y, null, method: str, extra: d
         assert ((expected - x0_c.detach() - g) / t).abs().max() > 1e-3  # the rectification is not negligible
     assert all(p.grad is None for p in denoiser.parameters())
     return worst
+
+
+# --- tiny SDXL, SD3 and Flux components (test_sdxl, test_sd3, test_flux; conftest's ``family_folder``) -----------
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json, the prediction type aside
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+                  "num_train_timesteps": 1000, "sample_max_value": 1.0, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+                  "use_karras_sigmas": False}
+SD3_SHIFT = 3.0  # SD3's and SD3.5's scheduler/scheduler_config.json
+# the tiny T5's width (SD3's and Flux's joint attention width), SD3's CLIP tokens, Flux's CLIP width
+T5_WIDTH, CLIP_TOKENS, CLIP_WIDTH = 32, 16, 8
+# black-forest-labs/FLUX.1-dev's and -schnell's scheduler/scheduler_config.json
+FLUX_DYNAMIC = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15}
+FLUX_SCHEDULERS = {"dev": {**FLUX_DYNAMIC, "shift": 3.0, "use_dynamic_shifting": True},
+                   "schnell": {**FLUX_DYNAMIC, "shift": 1.0, "use_dynamic_shifting": False}}
+
+
+def make_sdxl_components(tokenizer, prediction_type: str = "epsilon", seed: int = 0, projection_dim: int = 6) -> dict:
+    """SDXL-like components: a 2-level UNet with ``addition_embed_type="text_time"`` (added embedding: pooled 6 +
+    6 size ids x 4) and cross attention of width 8 + 12, the tiny SD VAE, a CLIP text encoder of width 8 and a
+    ``CLIPTextModelWithProjection`` of width 12 (projection 6), SDXL's Euler scheduler config."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=20,
+                                norm_num_groups=2, addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=6 + 6 * 4)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2)
+    clip = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=16, num_attention_heads=2,
+                num_hidden_layers=2, vocab_size=1000, max_position_embeddings=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, **clip))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=12, projection_dim=projection_dim, **clip))
+    scheduler = EulerDiscreteScheduler.from_config({**SDXL_SCHEDULER, "prediction_type": prediction_type})
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
+
+
+def make_sd3_components(clip_tokenizer, t5_tokenizer, seed: int = 0) -> dict:
+    """SD3-like components: an MMDiT of 2 blocks (width 16, 2x2 patches of 8x8x4 latents, joint attention 32, pooled
+    12; SD3.5's layout: dual attention in the first block, RMS qk norm), SD3's VAE layout (no quant convs) with its
+    shift and scale factors, two ``CLIPTextModelWithProjection`` of widths 8 and 12 (projections 6), a one-layer T5
+    of width 32, SD3's scheduler (shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                        caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=8,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2, shift_factor=0.0609, scaling_factor=1.5305,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    clip = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=16, num_attention_heads=2,
+                num_hidden_layers=2, vocab_size=1000, max_position_embeddings=CLIP_TOKENS, projection_dim=6)
+    t5 = T5Config(vocab_size=len(t5_tokenizer), d_model=T5_WIDTH, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return dict(transformer=transformer.eval(), vae=vae.eval(),
+                text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=8, **clip)).eval(),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=12, **clip)).eval(),
+                text_encoder_3=T5EncoderModel(t5).eval(), tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer,
+                tokenizer_3=t5_tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT))
+
+
+def make_flux_components(clip_tokenizer, t5_tokenizer, model: str = "dev", seed: int = 0) -> dict:
+    """Flux-like components: a transformer of one double and one single block (2 heads of 8, rotary axes 2 + 2 + 4,
+    joint attention 32, pooled 8; dev: ``guidance_embeds``) on 2x2-packed 8x8x4 latents, Flux's VAE layout (no
+    quant convs) with its shift and scale factors, a ``CLIPTextModel`` of width 8, a one-layer T5 of width 32, the
+    model's FlowMatch scheduler config."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * LATENT[0], num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                         pooled_projection_dim=CLIP_WIDTH, guidance_embeds=model == "dev",
+                                         axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=LATENT[0], norm_num_groups=2, shift_factor=0.1159, scaling_factor=0.3611,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    clip = CLIPTextConfig(hidden_size=CLIP_WIDTH, bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=16,
+                          num_attention_heads=2, num_hidden_layers=2, vocab_size=1000, max_position_embeddings=16)
+    t5 = T5Config(vocab_size=len(t5_tokenizer), d_model=T5_WIDTH, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=CLIPTextModel(clip).eval(),
+                text_encoder_2=T5EncoderModel(t5).eval(), tokenizer=clip_tokenizer, tokenizer_2=t5_tokenizer,
+                scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[model]))
+
+
+def joint_prompt_embeds(y: dict, null: dict) -> dict:
+    """SD3's / Flux's pipeline keywords for our prompt parts ``y`` and the negative prompt's ``null`` (broadcast)."""
+    return dict(prompt_embeds=y["prompt_embeds"], pooled_prompt_embeds=y["pooled_projections"],
+                negative_prompt_embeds=null["prompt_embeds"].expand_as(y["prompt_embeds"]),
+                negative_pooled_prompt_embeds=null["pooled_projections"].expand_as(y["pooled_projections"]))

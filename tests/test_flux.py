@@ -12,8 +12,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import (HAND_METHODS, PROMPTS, check_flow_reg_by_hand, edit_json, local_t5_tokenizer,
-                     refuse_edited_pipeline)
+from helpers import (CLIP_WIDTH, HAND_METHODS, PROMPTS, T5_WIDTH, check_flow_reg_by_hand, edit_json,
+                     joint_prompt_embeds, local_t5_tokenizer, make_flux_components, refuse_edited_pipeline)
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.samplers import get_sampler
@@ -27,41 +27,11 @@ from lightning_reg.sources.diffusers import flow_schedule_from_scheduler_config,
 
 LATENT = (4, 8, 8)  # 16 packed tokens of 16 values; 16x16 images through a VAE of factor 2
 IMAGE = 16
-T5_WIDTH, T5_TOKENS, CLIP_WIDTH = 32, 24, 8
+T5_TOKENS = 24
 SHAPE = {"prompt_embeds": (T5_TOKENS, T5_WIDTH), "pooled_projections": (CLIP_WIDTH,)}
-# black-forest-labs/FLUX.1-dev's and -schnell's scheduler/scheduler_config.json
-DYNAMIC = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15}
-SCHEDULERS = {"dev": {**DYNAMIC, "shift": 3.0, "use_dynamic_shifting": True},
-              "schnell": {**DYNAMIC, "shift": 1.0, "use_dynamic_shifting": False}}
 DEV_SHIFT = math.exp(0.5 + 0.65 * (16 - 256) / (4096 - 256))  # FluxPipeline's calculate_shift at 16 tokens
 MODELS = ["dev", "schnell"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_flux_components(clip_tokenizer, t5_tokenizer, model: str = "dev", seed: int = 0) -> dict:
-    """Flux-like components: a transformer of one double and one single block (2 heads of 8, rotary axes 2 + 2 + 4,
-    joint attention 32, pooled 8; dev: ``guidance_embeds``) on 2x2-packed 8x8x4 latents, Flux's VAE layout (no
-    quant convs) with its shift and scale factors, a ``CLIPTextModel`` of width 8, a one-layer T5 of width 32, the
-    model's FlowMatch scheduler config."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * LATENT[0], num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
-                                         pooled_projection_dim=CLIP_WIDTH, guidance_embeds=model == "dev",
-                                         axes_dims_rope=(2, 2, 4))
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=LATENT[0], norm_num_groups=2, shift_factor=0.1159, scaling_factor=0.3611,
-                        use_quant_conv=False, use_post_quant_conv=False)
-    clip = CLIPTextConfig(hidden_size=CLIP_WIDTH, bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=16,
-                          num_attention_heads=2, num_hidden_layers=2, vocab_size=1000, max_position_embeddings=16)
-    t5 = T5Config(vocab_size=len(t5_tokenizer), d_model=T5_WIDTH, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
-                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=CLIPTextModel(clip).eval(),
-                text_encoder_2=T5EncoderModel(t5).eval(), tokenizer=clip_tokenizer, tokenizer_2=t5_tokenizer,
-                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[model]))
 
 
 def flux_pipeline(parts: dict):
@@ -134,10 +104,8 @@ def test_reg_off_reproduces_the_flux_pipeline_s_true_cfg(flux_parts, model, nega
     encoder = our_encoder(parts)
     y, null = encoder(PROMPTS), encoder.null(negative)
     latents = torch.randn(len(PROMPTS), *LATENT, generator=torch.Generator().manual_seed(3))
-    call = dict(prompt_embeds=y["prompt_embeds"], pooled_prompt_embeds=y["pooled_projections"],
-                negative_prompt_embeds=null["prompt_embeds"].expand_as(y["prompt_embeds"]),
-                negative_pooled_prompt_embeds=null["pooled_projections"].expand_as(y["pooled_projections"]),
-                latents=pack(latents), height=IMAGE, width=IMAGE, num_inference_steps=4, true_cfg_scale=3.0)
+    call = dict(**joint_prompt_embeds(y, null), latents=pack(latents), height=IMAGE, width=IMAGE,
+                num_inference_steps=4, true_cfg_scale=3.0)
     pipe = flux_pipeline(parts)
     theirs_calls, our_calls = [], []
     hook = record_timesteps(parts["transformer"], theirs_calls)

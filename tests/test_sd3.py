@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import (HAND_METHODS, LATENT, PROMPTS, check_flow_reg_by_hand, edit_json, local_t5_tokenizer,
-                     refuse_edited_pipeline)
+from helpers import (CLIP_TOKENS, HAND_METHODS, LATENT, PROMPTS, T5_WIDTH, check_flow_reg_by_hand, edit_json,
+                     joint_prompt_embeds, local_t5_tokenizer, make_sd3_components, refuse_edited_pipeline)
+from helpers import SD3_SHIFT as SHIFT  # the builder's scheduler shift
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.samplers import get_sampler
@@ -25,8 +26,7 @@ from lightning_reg.sampling.engine import generate
 from lightning_reg.sources.diffusers import flow_schedule_from_scheduler_config, load_text_to_image
 
 EULER = "diffusers:FlowMatchEulerDiscreteScheduler"
-SHIFT = 3.0  # SD3's and SD3.5's scheduler/scheduler_config.json
-T5_WIDTH, T5_TOKENS, CLIP_TOKENS = 32, 256, 16  # T5's width is the transformer's joint_attention_dim
+T5_TOKENS = 256
 SHAPE = {"prompt_embeds": (CLIP_TOKENS + T5_TOKENS, T5_WIDTH), "pooled_projections": (12,)}  # CLIP 8 + 12, pooled 6 + 6
 WITH_T5 = [True, False]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,34 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def t5_tokenizer():
     return local_t5_tokenizer()
-
-
-def make_sd3_components(clip_tokenizer, t5_tokenizer, seed: int = 0) -> dict:
-    """SD3-like components: an MMDiT of 2 blocks (width 16, 2x2 patches of 8x8x4 latents, joint attention 32, pooled
-    12; SD3.5's layout: dual attention in the first block, RMS qk norm), SD3's VAE layout (no quant convs) with its
-    shift and scale factors, two ``CLIPTextModelWithProjection`` of widths 8 and 12 (projections 6), a one-layer T5
-    of width 32, SD3's scheduler (shift 3)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
-                                        caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=8,
-                                        dual_attention_layers=(0,), qk_norm="rms_norm")
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, norm_num_groups=2, shift_factor=0.0609, scaling_factor=1.5305,
-                        use_quant_conv=False, use_post_quant_conv=False)
-    clip = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=16, num_attention_heads=2,
-                num_hidden_layers=2, vocab_size=1000, max_position_embeddings=CLIP_TOKENS, projection_dim=6)
-    t5 = T5Config(vocab_size=len(t5_tokenizer), d_model=T5_WIDTH, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
-                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return dict(transformer=transformer.eval(), vae=vae.eval(),
-                text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=8, **clip)).eval(),
-                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=12, **clip)).eval(),
-                text_encoder_3=T5EncoderModel(t5).eval(), tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer,
-                tokenizer_3=t5_tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
 
 
 def without_t5(parts: dict) -> dict:
@@ -122,10 +94,7 @@ def test_reg_off_reproduces_the_sd3_pipeline(sd3_parts, t5, negative):
     encoder = our_encoder(parts)
     y, null = encoder(PROMPTS), encoder.null(negative)
     latents = torch.randn(len(PROMPTS), *LATENT, generator=torch.Generator().manual_seed(3))
-    call = dict(prompt_embeds=y["prompt_embeds"], pooled_prompt_embeds=y["pooled_projections"],
-                negative_prompt_embeds=null["prompt_embeds"].expand_as(y["prompt_embeds"]),
-                negative_pooled_prompt_embeds=null["pooled_projections"].expand_as(y["pooled_projections"]),
-                latents=latents, num_inference_steps=5, guidance_scale=4.5)
+    call = dict(**joint_prompt_embeds(y, null), latents=latents, num_inference_steps=5, guidance_scale=4.5)
     pipe = sd3_pipeline(parts)
     theirs_timesteps, our_timesteps = [], []
     hook = record_timesteps(parts["transformer"], theirs_timesteps)

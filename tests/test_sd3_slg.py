@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import check_flow_reg_by_hand
+from helpers import check_flow_reg_by_hand, joint_prompt_embeds
 
 from lightning_reg.diffusion.denoiser import Denoiser
 from lightning_reg.diffusion.samplers import get_sampler
@@ -74,10 +74,8 @@ def test_cfg_and_slg_reproduce_the_sd3_pipeline(sd3, layers):
     pipe.set_progress_bar_config(disable=True)
     theirs_calls, our_calls = [], []
     hook = skipping_calls(transformer, theirs_calls)
-    theirs = pipe(prompt_embeds=y["prompt_embeds"], pooled_prompt_embeds=y["pooled_projections"],
-                  negative_prompt_embeds=null["prompt_embeds"].expand_as(y["prompt_embeds"]),
-                  negative_pooled_prompt_embeds=null["pooled_projections"].expand_as(y["pooled_projections"]),
-                  latents=latents, num_inference_steps=STEPS, guidance_scale=W2, skip_guidance_layers=layers,
+    theirs = pipe(**joint_prompt_embeds(y, null), latents=latents, num_inference_steps=STEPS, guidance_scale=W2,
+                  skip_guidance_layers=layers,
                   output_type="latent").images
     hook.remove()
 

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import LATENT, PROMPTS, edit_json, refuse_edited_pipeline, reg_eps_by_hand
+from helpers import LATENT, PROMPTS, edit_json, make_sdxl_components, refuse_edited_pipeline, reg_eps_by_hand
 
 from lightning_reg.diffusion.latent import LatentCodec
 from lightning_reg.diffusion.predictions import eps_from_x0
@@ -24,40 +24,9 @@ from lightning_reg.sources.diffusers import load_text_to_image, schedule_from_sc
 
 PREDICTION_TYPES = ["epsilon", "v_prediction"]
 EULER = "diffusers:EulerDiscreteScheduler"
-# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json, the prediction type aside
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
-                  "num_train_timesteps": 1000, "sample_max_value": 1.0, "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
-                  "use_karras_sigmas": False}
 TIME_IDS = [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]  # the pipeline's default: 8x8 latents, VAE factor 2, no crop
 SHAPE = {"prompt_embeds": (16, 20), "text_embeds": (6,), "time_ids": (6,)}  # 16 tokens, widths 8 + 12, pooled 6
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_sdxl_components(tokenizer, prediction_type: str = "epsilon", seed: int = 0, projection_dim: int = 6) -> dict:
-    """SDXL-like components: a 2-level UNet with ``addition_embed_type="text_time"`` (added embedding: pooled 6 +
-    6 size ids x 4) and cross attention of width 8 + 12, the tiny SD VAE, a CLIP text encoder of width 8 and a
-    ``CLIPTextModelWithProjection`` of width 12 (projection 6), SDXL's Euler scheduler config."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=20,
-                                norm_num_groups=2, addition_embed_type="text_time", addition_time_embed_dim=4,
-                                projection_class_embeddings_input_dim=6 + 6 * 4)
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, norm_num_groups=2)
-    clip = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=16, num_attention_heads=2,
-                num_hidden_layers=2, vocab_size=1000, max_position_embeddings=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, **clip))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=12, projection_dim=projection_dim, **clip))
-    scheduler = EulerDiscreteScheduler.from_config({**SDXL_SCHEDULER, "prediction_type": prediction_type})
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
 
 
 def sdxl_pipeline(parts: dict, scheduler=None, force_zeros: bool = True):

@@ -168,7 +168,7 @@ def merge_rows(mask: Tensor, chosen: Tensor, others: Tensor) -> Tensor:
 
 
 def per_sample(v: Tensor, x: Tensor) -> Tensor:
-    """``v`` (a scalar or one value per sample, broadcastable against ``x``) as one value per sample, ``(B, 1, ...)``."""
+    """``v`` (a scalar or one value per sample, broadcastable against ``x``) as one value per sample (B, 1, ...)."""
     return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[:1] + (1,) * (x.ndim - 1)).clone()
 
 
