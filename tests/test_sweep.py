@@ -17,7 +17,7 @@ from lightning_reg.metrics.fronts import (CHAIN_COLUMNS, axis_limits, best_rows,
                                           fronts_figure, markdown_table, pareto_front, source_names, summary,
                                           write_table)
 from lightning_reg.metrics.fronts import main as fronts_main
-from lightning_reg.sampling.sweep import build_parser
+from lightning_reg.sampling.sweep import build_parser, sweep_settings
 from lightning_reg.sampling.sweep import main as sweep_main
 from lightning_reg.metrics.fronts import read_table
 
@@ -526,3 +526,14 @@ def test_every_reg_mode_has_a_line_style_of_its_own():
 
     assert set(REG_STYLES) == set(REG_MODES)
     assert len({repr(style) for style in REG_STYLES.values()}) == len(REG_STYLES)
+
+
+def test_shipped_guiders_sweep_builds_every_setting():
+    """The guiders sweep (#26): each rule guider, CFG++ and CFG + SLG at two weights, REG none / paper, >= 2,000
+    samples; every setting builds (make_guidance) and has a folder of its own."""
+    config = Path(__file__).parents[1] / "configs" / "sweep_mnist_guiders.yaml"
+    cfg = build_parser().parse_args(["--config", str(config)])
+    settings = sweep_settings(cfg.methods, cfg.reg, cfg.convention, cfg.guidance)
+    assert {s["method"] for s in settings} == {"cfg", "apg_mix", "fdg", "mambo_g", "tcfg", "cfgpp"}
+    assert len(settings) == 28 and list(cfg.reg) == ["none", "paper"] and cfg.num_samples >= 2000
+    assert sum("slg" in s for s in settings) == 4
