@@ -29,10 +29,10 @@ def test_every_benchmark_imports_and_prints_its_help():
     assert run.stdout.split() == [word for name in SCRIPTS for word in ("ok", name)]
 
 
-def test_reg_factor_error_rows_on_a_tiny_unet():
+def test_reg_factor_error_rows_on_a_tiny_unet(monkeypatch):
     """Every column of ``benchmarks/reg_factor_error.py`` along a 3-step chain; the carried factors have no
     previous step at the first row."""
-    sys.path.insert(0, str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     from reg_factor_error import COLUMNS, errors_along_chain
 
     from lightning_reg.diffusion.denoiser import Denoiser
@@ -50,11 +50,12 @@ def test_reg_factor_error_rows_on_a_tiny_unet():
     assert all(math.isfinite(row[c]) and row[c] > 0 for row in rows[1:] for c in COLUMNS)
 
 
-def test_transformer_cost_per_block_rows_at_a_tiny_width():
+def test_transformer_cost_per_block_rows_at_a_tiny_width(monkeypatch):
     """``benchmarks/transformer_cost.py``'s per-block measurement on tiny SD3 and Flux blocks: every pass of every
-    block in the tables; the forward saves nothing, the graph REG paper keeps is larger than what checkpointing
-    keeps (the block's inputs, bytes of the two token streams), and both grow with the tokens."""
-    sys.path.insert(0, str(BENCHMARKS))
+    block in the tables; the forward (CFG's pass) saves nothing, the graph REG paper keeps is larger than what
+    checkpointing keeps (exactly the block's inputs: both token streams and the time embedding, in each
+    precision), and both grow with the tokens."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     from transformer_cost import HELD, PASSES, PRECISIONS, BlockSpec, block_table, held_table, measure_blocks
 
     joint, flux = dict(num_attention_heads=2, attention_head_dim=8), dict(num_attention_heads=2, attention_head_dim=8,
@@ -75,3 +76,23 @@ def test_transformer_cost_per_block_rows_at_a_tiny_width():
     assert len(rows) == 2 + len(specs) * len(PASSES) and all(row.count("|") == 10 for row in rows)
     rows = held_table(specs, held).splitlines()
     assert len(rows) == 2 + len(specs) * len(PRECISIONS) * len(HELD) and all(row.count("|") == 9 for row in rows)
+
+
+def test_transformer_cost_extrapolation_adds_blocks_as_each_method_runs_them(monkeypatch):
+    """``extrapolate_step``: each added block costs the passes the method runs through it (CFG two forwards, REG
+    paper a forward and a forward + backward, checkpointed a forward and a checkpointed pass, graph_free three
+    forwards) and adds what the method holds of it; ratios are to CFG's sum. ``affine`` through two points."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from transformer_cost import METHODS, affine, extrapolate_step
+
+    passes = {"forward": {"wall": 1.0, "cpu": 1.0, "saved": 0},
+              "forward + backward": {"wall": 2.0, "cpu": 3.0, "saved": 10},
+              "checkpointed": {"wall": 3.0, "cpu": 4.0, "saved": 2}}
+    step = {method: {"wall": 4.0, "cpu": 4.0, "peak": 100, "saved": 0} for method in METHODS}
+    out = extrapolate_step(step, passes, blocks=2)
+    assert list(out) == ["cfg", "reg paper", "reg paper, ckpt", "reg graph_free"]
+    assert [out[m]["cpu"] for m in out] == [8.0, 12.0, 14.0, 10.0]
+    assert [out[m]["wall"] for m in out] == [8.0, 10.0, 12.0, 10.0]
+    assert [out[m]["cpu_ratio"] for m in out] == [1.0, 1.5, 1.75, 1.25]
+    assert [(out[m]["saved"], out[m]["peak"]) for m in out] == [(0, 100), (20, 120), (4, 104), (0, 100)]
+    assert affine((10, 18), 4, 12) == 26.0  # through (4, 10) and (8, 18): 2 + 2 x 12
