@@ -15,6 +15,10 @@ per step (medians over the batch of per-sample norms over all non-batch dimensio
 * ``short 1`` / ``short 2``: REG ``short`` (``reg_blocks`` 1 / 2): the autograd factor through the network's last
   one or two blocks only (``guidance/reg.py``, ``short_backward``).
 
+Then the schedule ``adaptive`` picks on its own chain (default tolerance and longest interval): the share of the
+batch's samples given a fresh factor at each step, and its mean, which sets the mode's cost between CFG's (0) and
+``graph_free``'s (1).
+
     python benchmarks/reg_factor_error.py --checkpoint checkpoints/runs/mnist/version_0/checkpoints/last.ckpt
     python benchmarks/reg_factor_error.py --dit DiT-S/8          # random weights (J is not symmetric there)
                                           [--batch 100] [--steps 20] [--w 1] [--threads 1]
@@ -29,7 +33,7 @@ import torch
 from guidance_cost import denoiser, public_dit
 
 from lightning_reg.diffusion.samplers import ddim
-from lightning_reg.guidance import ChainState, GuidanceStep, make_guidance
+from lightning_reg.guidance import ChainState, GuidanceStep, GuidedDenoiser, make_guidance
 from lightning_reg.guidance.reg import finite_difference_factor, paper_factor, reused_factor, short_backward
 from lightning_reg.sampling.engine import autocast
 from lightning_reg.sources import load_denoiser
@@ -81,6 +85,24 @@ def errors_along_chain(model, batch: int, steps: int, w: float, seed: int = 0) -
     return rows
 
 
+def adaptive_shares(model, batch: int, steps: int, w: float, seed: int = 0) -> list[float]:
+    """Per step of a CFG + REG ``adaptive`` DDIM chain, the share of samples whose factor was computed afresh (their
+    ``left`` reset to ``every - 1``; the others count down)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, *model.data_shape, generator=g)
+    guided = GuidedDenoiser(model, make_guidance("cfg", scale=w, reg="adaptive"), torch.arange(batch) % model.num_classes)
+    shares = []
+
+    def counted(x, t):
+        x0 = guided(x, t)
+        cache = guided.state.values["reg_factor"]
+        shares.append(float((cache["left"] == cache["every"] - 1).double().mean()))
+        return x0
+
+    ddim(counted, noise, model.schedule, steps)
+    return shares
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| step | t | progress | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (3 + len(COLUMNS))]
     for i, r in enumerate(rows):
@@ -106,6 +128,9 @@ def main(argv=None) -> None:
              else denoiser(public_dit(args.dit), torch.device("cpu")))
     print(f"{args.checkpoint or args.dit + ' (random weights)'}: batch {args.batch}, DDIM {args.steps}, w = {args.w}")
     print(table(errors_along_chain(model, args.batch, args.steps, args.w)))
+    shares = adaptive_shares(model, args.batch, args.steps, args.w)
+    print(f"adaptive: share of samples given a fresh factor per step: {' '.join(f'{v:.2f}' for v in shares)}; "
+          f"mean {statistics.mean(shares):.3f}")
 
 
 if __name__ == "__main__":

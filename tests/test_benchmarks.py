@@ -31,9 +31,9 @@ def test_every_benchmark_imports_and_prints_its_help():
 
 def test_reg_factor_error_rows_on_a_tiny_unet(monkeypatch):
     """Every column of ``benchmarks/reg_factor_error.py`` along a 3-step chain; the carried factors have no
-    previous step at the first row."""
+    previous step at the first row; adaptive's shares of fresh factors."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from reg_factor_error import COLUMNS, errors_along_chain
+    from reg_factor_error import COLUMNS, adaptive_shares, errors_along_chain
 
     from lightning_reg.diffusion.denoiser import Denoiser
     from lightning_reg.diffusion.predictions import Prediction
@@ -44,10 +44,13 @@ def test_reg_factor_error_rows_on_a_tiny_unet(monkeypatch):
     net = UNet(num_classes=2, image_size=8, channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                attention_resolutions=(), norm_groups=4)
     torch.nn.init.normal_(net.out[-1].weight, std=0.1)
-    rows = errors_along_chain(Denoiser(net, VPSchedule(1000), Prediction("eps")), batch=4, steps=3, w=1.0)
+    model = Denoiser(net, VPSchedule(1000), Prediction("eps"))
+    rows = errors_along_chain(model, batch=4, steps=3, w=1.0)
     assert len(rows) == 3 and all(set(COLUMNS) <= set(row) for row in rows)
     assert all(math.isnan(rows[0][c]) for c in ("reuse eps", "reuse x0", "graph_free reuse"))
     assert all(math.isfinite(row[c]) and row[c] > 0 for row in rows[1:] for c in COLUMNS)
+    shares = adaptive_shares(model, batch=4, steps=5, w=1.0)  # every chain starts with two fresh factors
+    assert len(shares) == 5 and shares[:2] == [1.0, 1.0] and all(v in (0, 0.25, 0.5, 0.75, 1) for v in shares)
 
 
 def test_transformer_cost_per_block_rows_at_a_tiny_width(monkeypatch):
