@@ -386,3 +386,15 @@ def joint_prompt_embeds(y: dict, null: dict) -> dict:
     return dict(prompt_embeds=y["prompt_embeds"], pooled_prompt_embeds=y["pooled_projections"],
                 negative_prompt_embeds=null["prompt_embeds"].expand_as(y["prompt_embeds"]),
                 negative_pooled_prompt_embeds=null["pooled_projections"].expand_as(y["pooled_projections"]))
+
+
+def check_prompt_parts(y: dict, null: dict, pipeline_embeds: tuple, pooled_key: str, shape: dict) -> None:
+    """Our prompt parts ``y`` and null parts ``null`` against a pipeline's ``encode_prompt`` output
+    ``(embeds, negative_embeds, pooled, negative_pooled)``: the prompts' bit for bit; the null prompt, encoded alone
+    (the pipeline's once a prompt), to float32 rounding of another batch size."""
+    embeds, negative_embeds, pooled, negative_pooled = pipeline_embeds
+    assert {key: tuple(value.shape[1:]) for key, value in y.items()} == shape
+    torch.testing.assert_close(y["prompt_embeds"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(y[pooled_key], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(null["prompt_embeds"].expand_as(embeds), negative_embeds)
+    torch.testing.assert_close(null[pooled_key].expand_as(pooled), negative_pooled)
